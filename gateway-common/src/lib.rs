@@ -1,0 +1,317 @@
+//! Map layouts, map names and pin paths shared by the gateway's kernel
+//! programs (`gateway-ebpf`), its loader (`gateway-user`) and the Envoy
+//! module (`envoy-module`).
+//!
+//! Every type here is `#[repr(C)]` without implicit padding, so the kernel
+//! and user space agree on the bytes. Addresses and ports are stored in
+//! network byte order, exactly as `bpf_sock_addr.user_ip4` / `user_port`
+//! carry them, so the eBPF side never converts.
+#![cfg_attr(not(any(feature = "user", test)), no_std)]
+
+#[cfg(feature = "user")]
+pub mod pinned;
+
+/// How many VIP CIDRs the kernel programs can match against.
+pub const MAX_VIP_CIDRS: usize = 8;
+
+/// Longest domain name the shared VIP table stores (RFC 1035 limit is 253
+/// characters in text form without the trailing dot).
+pub const MAX_DOMAIN_LEN: usize = 255;
+
+/// Capacity of the shared VIP table (a /16 pool holds 65,534 VIPs).
+pub const VIP_TABLE_CAPACITY: u32 = 65_536;
+
+/// Capacity of the per-socket and per-connection tables. They are LRU maps:
+/// an entry is only needed between a connect and the proxy's accept (TCP) or
+/// for the life of a DNS exchange (UDP), so the oldest entries may go.
+pub const CONNECTION_TABLE_CAPACITY: u32 = 65_536;
+
+/// Name of the single-entry array holding [`GatewayConfig`].
+pub const MAP_CONFIG: &str = "GW_CONFIG";
+/// Name of the per-CPU array of decision counters, indexed by [`Counter`].
+pub const MAP_COUNTERS: &str = "GW_COUNTERS";
+/// Name of the LRU map socket cookie → original destination.
+pub const MAP_SOCK_ORIG: &str = "GW_SOCK_ORIG";
+/// Name of the LRU map client address → original destination (what the
+/// proxy reads, keyed by the peer of its accepted socket).
+pub const MAP_ORIG_DST: &str = "GW_ORIG_DST";
+/// Name of the VIP table: VIP → [`VipRecord`]. It outlives the loader and
+/// Envoy so that VIPs stay stable across restarts.
+pub const MAP_VIPS: &str = "GW_VIPS";
+/// Name of the single-entry array holding [`LoaderInfo`].
+pub const MAP_LOADER: &str = "GW_LOADER";
+
+/// Every map the gateway pins, in the order `gateway status` shows them.
+pub const ALL_MAPS: [&str; 6] = [
+    MAP_CONFIG,
+    MAP_COUNTERS,
+    MAP_SOCK_ORIG,
+    MAP_ORIG_DST,
+    MAP_VIPS,
+    MAP_LOADER,
+];
+
+/// Maps that only make sense while a loader is attached; the loader removes
+/// their pins when it detaches. The VIP table is not among them: it is the
+/// state that must survive restarts.
+pub const TRANSIENT_MAPS: [&str; 5] = [
+    MAP_CONFIG,
+    MAP_COUNTERS,
+    MAP_SOCK_ORIG,
+    MAP_ORIG_DST,
+    MAP_LOADER,
+];
+
+/// Default directory (on bpffs) where the loader pins the maps and the Envoy
+/// module looks for them.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/dns-egress-gateway";
+
+/// An IPv4 socket address as the kernel hands it to cgroup programs: the
+/// address and the port both in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SockAddrV4 {
+    /// IPv4 address, network byte order (first octet in the lowest byte).
+    pub ip: u32,
+    /// Port, network byte order.
+    pub port: u16,
+    /// Explicit padding so the layout has no hidden bytes.
+    pub _pad: u16,
+}
+
+impl SockAddrV4 {
+    /// Builds an address from its octets and a host-order port.
+    pub const fn new(octets: [u8; 4], port: u16) -> Self {
+        Self {
+            ip: u32::from_ne_bytes(octets),
+            port: port.to_be(),
+            _pad: 0,
+        }
+    }
+
+    /// The address octets, in the order they are written.
+    pub const fn octets(&self) -> [u8; 4] {
+        self.ip.to_ne_bytes()
+    }
+
+    /// The port in host byte order.
+    pub const fn port_host(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+/// An IPv4 network: an address matches when `addr & mask == network`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct Ipv4Cidr {
+    /// Network address, network byte order, host bits zero.
+    pub network: u32,
+    /// Netmask, network byte order.
+    pub mask: u32,
+}
+
+impl Ipv4Cidr {
+    /// Builds a CIDR from an address and a prefix length (0..=32); host bits
+    /// of `octets` are cleared.
+    pub const fn new(octets: [u8; 4], prefix_len: u8) -> Self {
+        let host_mask: u32 = if prefix_len == 0 {
+            0
+        } else if prefix_len >= 32 {
+            u32::MAX
+        } else {
+            u32::MAX << (32 - prefix_len as u32)
+        };
+        let mask = host_mask.to_be();
+        Self {
+            network: u32::from_ne_bytes(octets) & mask,
+            mask,
+        }
+    }
+
+    /// Whether `ip` (network byte order) lies inside this network.
+    pub const fn contains(&self, ip: u32) -> bool {
+        ip & self.mask == self.network
+    }
+
+    /// Prefix length of the mask.
+    pub const fn prefix_len(&self) -> u32 {
+        u32::from_be(self.mask).leading_ones()
+    }
+}
+
+/// Set in [`GatewayConfig::flags`] once the loader has written a complete
+/// configuration; until then every program leaves traffic alone.
+pub const CONFIG_FLAG_ENABLED: u32 = 1;
+
+/// Runtime configuration of the kernel programs, written by the loader into
+/// the single entry of [`MAP_CONFIG`] before the programs are attached.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct GatewayConfig {
+    /// Where DNS (UDP port 53) goes: the proxy's DNS listener.
+    pub dns_target: SockAddrV4,
+    /// Where TCP connects to a VIP go: the proxy's TCP listener.
+    pub tcp_target: SockAddrV4,
+    /// [`CONFIG_FLAG_ENABLED`] and future flags.
+    pub flags: u32,
+    /// How many entries of `vip_cidrs` are in use.
+    pub vip_cidr_count: u32,
+    /// Networks whose TCP connects are redirected.
+    pub vip_cidrs: [Ipv4Cidr; MAX_VIP_CIDRS],
+}
+
+impl GatewayConfig {
+    /// Whether `ip` (network byte order) is inside one of the VIP networks.
+    #[inline(always)]
+    pub fn is_vip(&self, ip: u32) -> bool {
+        let mut i = 0;
+        while i < MAX_VIP_CIDRS {
+            if (i as u32) < self.vip_cidr_count && self.vip_cidrs[i].contains(ip) {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+/// One entry of the VIP table: the domain a VIP stands for.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct VipRecord {
+    /// Number of meaningful bytes in `domain`.
+    pub domain_len: u32,
+    /// Lower-case domain without trailing dot, ASCII.
+    pub domain: [u8; MAX_DOMAIN_LEN + 1],
+}
+
+/// What the loader tells `gateway status` about itself.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct LoaderInfo {
+    /// Process id of the loader that owns the attachments.
+    pub pid: u32,
+    /// Number of bytes used in `cgroup_path`.
+    pub cgroup_path_len: u32,
+    /// Seconds since the Unix epoch when the programs were attached.
+    pub attached_at: u64,
+    /// Path of the cgroup the programs are attached to (UTF-8).
+    pub cgroup_path: [u8; 256],
+}
+
+/// Decisions the kernel programs count, one slot each in [`MAP_COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// TCP connect to a VIP sent to the TCP target.
+    TcpRedirected = 0,
+    /// TCP connect outside the VIP networks, left alone.
+    TcpPassed = 1,
+    /// Connected UDP socket to port 53 sent to the DNS target.
+    UdpConnectRedirected = 2,
+    /// UDP datagram to port 53 sent to the DNS target.
+    UdpSendRedirected = 3,
+    /// UDP connect or datagram to another port, left alone.
+    UdpPassed = 4,
+    /// Other protocols and families, left alone.
+    OtherPassed = 5,
+    /// Reply source rewritten back to the server the application asked.
+    RecvRewritten = 6,
+    /// `getpeername` answer rewritten back to the original server.
+    PeerRewritten = 7,
+    /// Original destination recorded for the proxy at TCP connect.
+    OrigDstRecorded = 8,
+    /// A redirected TCP socket whose cookie entry was gone at TCP connect.
+    OrigDstMissing = 9,
+    /// A map update failed (map full or kernel refused).
+    MapUpdateFailed = 10,
+    /// Programs ran before the loader wrote a configuration.
+    NotConfigured = 11,
+}
+
+/// Number of counter slots.
+pub const COUNTER_COUNT: u32 = 12;
+
+impl Counter {
+    /// Every counter, in slot order.
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::TcpRedirected,
+        Counter::TcpPassed,
+        Counter::UdpConnectRedirected,
+        Counter::UdpSendRedirected,
+        Counter::UdpPassed,
+        Counter::OtherPassed,
+        Counter::RecvRewritten,
+        Counter::PeerRewritten,
+        Counter::OrigDstRecorded,
+        Counter::OrigDstMissing,
+        Counter::MapUpdateFailed,
+        Counter::NotConfigured,
+    ];
+
+    /// Stable snake_case name used by `gateway status`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::TcpRedirected => "tcp_redirected",
+            Counter::TcpPassed => "tcp_passed",
+            Counter::UdpConnectRedirected => "udp_connect_redirected",
+            Counter::UdpSendRedirected => "udp_send_redirected",
+            Counter::UdpPassed => "udp_passed",
+            Counter::OtherPassed => "other_passed",
+            Counter::RecvRewritten => "recv_rewritten",
+            Counter::PeerRewritten => "peer_rewritten",
+            Counter::OrigDstRecorded => "orig_dst_recorded",
+            Counter::OrigDstMissing => "orig_dst_missing",
+            Counter::MapUpdateFailed => "map_update_failed",
+            Counter::NotConfigured => "not_configured",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_matches_inside_and_not_outside() {
+        let cidr = Ipv4Cidr::new([10, 10, 0, 7], 24);
+        assert_eq!(cidr.network, u32::from_ne_bytes([10, 10, 0, 0]));
+        assert_eq!(cidr.prefix_len(), 24);
+        assert!(cidr.contains(u32::from_ne_bytes([10, 10, 0, 255])));
+        assert!(!cidr.contains(u32::from_ne_bytes([10, 10, 1, 0])));
+        assert!(Ipv4Cidr::new([0, 0, 0, 0], 0).contains(u32::from_ne_bytes([1, 2, 3, 4])));
+        assert!(!Ipv4Cidr::new([1, 2, 3, 4], 32).contains(u32::from_ne_bytes([1, 2, 3, 5])));
+    }
+
+    #[test]
+    fn sockaddr_keeps_network_order() {
+        let a = SockAddrV4::new([127, 0, 0, 1], 15001);
+        assert_eq!(a.octets(), [127, 0, 0, 1]);
+        assert_eq!(a.port_host(), 15001);
+        assert_eq!(a.port.to_ne_bytes(), 15001u16.to_be_bytes());
+    }
+
+    #[test]
+    fn config_is_vip_honours_count() {
+        let mut cfg = GatewayConfig::default();
+        cfg.vip_cidrs[0] = Ipv4Cidr::new([10, 10, 0, 0], 24);
+        cfg.vip_cidrs[1] = Ipv4Cidr::new([10, 20, 0, 0], 16);
+        cfg.vip_cidr_count = 1;
+        assert!(cfg.is_vip(u32::from_ne_bytes([10, 10, 0, 3])));
+        assert!(!cfg.is_vip(u32::from_ne_bytes([10, 20, 0, 3])));
+        cfg.vip_cidr_count = 2;
+        assert!(cfg.is_vip(u32::from_ne_bytes([10, 20, 9, 3])));
+    }
+
+    #[test]
+    fn counter_slots_are_dense() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+}

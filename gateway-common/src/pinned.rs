@@ -1,0 +1,318 @@
+//! Typed access to the maps the loader pins on bpffs, for every user-space
+//! party: the loader itself, `gateway status`, the Envoy module and tests.
+//!
+//! Maps are opened by path, so any process with the right privileges can
+//! read them without owning a program. Values cross the boundary as byte
+//! arrays converted with bytemuck, which checks the layouts at compile time.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use bytemuck::Pod;
+
+use crate::{
+    Counter, GatewayConfig, LoaderInfo, SockAddrV4, VipRecord, MAP_CONFIG, MAP_COUNTERS,
+    MAP_LOADER, MAP_ORIG_DST, MAP_SOCK_ORIG, MAP_VIPS, MAX_DOMAIN_LEN,
+};
+
+const SOCKADDR_SIZE: usize = size_of::<SockAddrV4>();
+const VIP_RECORD_SIZE: usize = size_of::<VipRecord>();
+const CONFIG_SIZE: usize = size_of::<GatewayConfig>();
+const LOADER_INFO_SIZE: usize = size_of::<LoaderInfo>();
+
+type SockAddrBytes = [u8; SOCKADDR_SIZE];
+type VipRecordBytes = [u8; VIP_RECORD_SIZE];
+
+/// Key and value sizes each pinned map must have; a pin with other sizes
+/// was left by an incompatible build.
+const EXPECTED_LAYOUTS: [(&str, u32, u32); 6] = [
+    (MAP_CONFIG, 4, CONFIG_SIZE as u32),
+    (MAP_COUNTERS, 4, 8),
+    (MAP_SOCK_ORIG, 8, SOCKADDR_SIZE as u32),
+    (MAP_ORIG_DST, SOCKADDR_SIZE as u32, SOCKADDR_SIZE as u32),
+    (MAP_VIPS, 4, VIP_RECORD_SIZE as u32),
+    (MAP_LOADER, 4, LOADER_INFO_SIZE as u32),
+];
+
+fn to_bytes<T: Pod, const N: usize>(value: &T) -> [u8; N] {
+    let mut out = [0u8; N];
+    let bytes = bytemuck::bytes_of(value);
+    // Sizes are tied by the constants above; a mismatch leaves zeros, which
+    // the compile-time asserts below rule out.
+    if bytes.len() == N {
+        out.copy_from_slice(bytes);
+    }
+    out
+}
+
+fn from_bytes<T: Pod, const N: usize>(bytes: &[u8; N]) -> T {
+    bytemuck::pod_read_unaligned(bytes)
+}
+
+const _: () = assert!(SOCKADDR_SIZE == 8);
+const _: () = assert!(VIP_RECORD_SIZE == 260);
+
+/// Converts a std socket address to the kernel's representation.
+pub fn sockaddr_from_std(addr: SocketAddrV4) -> SockAddrV4 {
+    SockAddrV4::new(addr.ip().octets(), addr.port())
+}
+
+/// Converts the kernel's representation to a std socket address.
+pub fn sockaddr_to_std(addr: SockAddrV4) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(addr.octets()), addr.port_host())
+}
+
+/// A directory on bpffs holding the gateway's pinned maps.
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    path: PathBuf,
+}
+
+impl PinDir {
+    /// Names the directory; nothing is opened yet.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    /// The directory itself.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Where the map called `name` is pinned.
+    pub fn map_path(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+
+    /// Whether the map called `name` is pinned here.
+    pub fn has(&self, name: &str) -> bool {
+        self.map_path(name).exists()
+    }
+
+    fn open(&self, name: &str) -> Result<MapData> {
+        let path = self.map_path(name);
+        MapData::from_pin(&path).with_context(|| {
+            format!(
+                "cannot open pinned map {} (is `gateway attach` or `gateway run` running with this pin directory?)",
+                path.display()
+            )
+        })
+    }
+
+    fn open_map(&self, name: &str) -> Result<Map> {
+        Map::from_map_data(self.open(name)?)
+            .with_context(|| format!("pinned map {name} has an unexpected type"))
+    }
+
+    /// Checks that every map already pinned here has the layout this build
+    /// expects, so a stale pin from another version fails with advice
+    /// instead of corrupting data.
+    pub fn check_layouts(&self) -> Result<()> {
+        for (name, key_size, value_size) in EXPECTED_LAYOUTS {
+            if !self.has(name) {
+                continue;
+            }
+            let info = self.open(name)?.info().with_context(|| format!("reading info of {name}"))?;
+            if info.key_size() != key_size || info.value_size() != value_size {
+                bail!(
+                    "pinned map {} has key/value sizes {}/{} but this build needs {}/{}: \
+                     it was left by another version; remove it with `gateway reset --pin-dir {}`",
+                    self.map_path(name).display(),
+                    info.key_size(),
+                    info.value_size(),
+                    key_size,
+                    value_size,
+                    self.path.display()
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration the kernel programs run with.
+    pub fn config(&self) -> Result<GatewayConfig> {
+        let array: Array<MapData, [u8; CONFIG_SIZE]> = self.open_map(MAP_CONFIG)?.try_into()?;
+        Ok(from_bytes(&array.get(&0, 0).context("reading the config entry")?))
+    }
+
+    /// Replaces the configuration the kernel programs run with.
+    pub fn set_config(&self, config: &GatewayConfig) -> Result<()> {
+        let mut array: Array<MapData, [u8; CONFIG_SIZE]> = self.open_map(MAP_CONFIG)?.try_into()?;
+        array
+            .set(0, to_bytes::<_, CONFIG_SIZE>(config), 0)
+            .context("writing the config entry")
+    }
+
+    /// What the loader recorded about itself.
+    pub fn loader_info(&self) -> Result<LoaderInfo> {
+        let array: Array<MapData, [u8; LOADER_INFO_SIZE]> = self.open_map(MAP_LOADER)?.try_into()?;
+        Ok(from_bytes(&array.get(&0, 0).context("reading the loader entry")?))
+    }
+
+    /// Records who attached the programs where.
+    pub fn set_loader_info(&self, info: &LoaderInfo) -> Result<()> {
+        let mut array: Array<MapData, [u8; LOADER_INFO_SIZE]> =
+            self.open_map(MAP_LOADER)?.try_into()?;
+        array
+            .set(0, to_bytes::<_, LOADER_INFO_SIZE>(info), 0)
+            .context("writing the loader entry")
+    }
+
+    /// Every counter summed over all CPUs.
+    pub fn counters(&self) -> Result<Vec<(Counter, u64)>> {
+        let array: PerCpuArray<MapData, u64> = self.open_map(MAP_COUNTERS)?.try_into()?;
+        Counter::ALL
+            .iter()
+            .map(|c| {
+                let per_cpu = array
+                    .get(&(*c as u32), 0)
+                    .with_context(|| format!("reading counter {}", c.name()))?;
+                Ok((*c, per_cpu.iter().sum()))
+            })
+            .collect()
+    }
+
+    /// The client address → original destination table.
+    pub fn orig_dst(&self) -> Result<OrigDstTable> {
+        Ok(OrigDstTable {
+            map: self.open_map(MAP_ORIG_DST)?.try_into()?,
+        })
+    }
+
+    /// The shared VIP table.
+    pub fn vips(&self) -> Result<VipTable> {
+        Ok(VipTable {
+            map: self.open_map(MAP_VIPS)?.try_into()?,
+        })
+    }
+
+    /// Removes every pin of the gateway in this directory, then the
+    /// directory if it is empty. Returns what was removed.
+    pub fn remove_all(&self) -> Result<Vec<PathBuf>> {
+        let mut removed = Vec::new();
+        for name in crate::ALL_MAPS {
+            let path = self.map_path(name);
+            if path.exists() {
+                fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+                removed.push(path);
+            }
+        }
+        if self.path.exists() && fs::read_dir(&self.path).map(|mut d| d.next().is_none()).unwrap_or(false) {
+            fs::remove_dir(&self.path)
+                .with_context(|| format!("removing {}", self.path.display()))?;
+            removed.push(self.path.clone());
+        }
+        Ok(removed)
+    }
+}
+
+/// Client (ip, port) → the destination it originally dialled, as recorded
+/// by the sockops program.
+pub struct OrigDstTable {
+    map: HashMap<MapData, SockAddrBytes, SockAddrBytes>,
+}
+
+impl OrigDstTable {
+    /// The original destination of the connection whose client side is
+    /// `client` (the peer address of the proxy's accepted socket).
+    pub fn lookup(&self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>> {
+        let key = to_bytes::<_, SOCKADDR_SIZE>(&sockaddr_from_std(client));
+        match self.map.get(&key, 0) {
+            Ok(value) => Ok(Some(sockaddr_to_std(from_bytes(&value)))),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("looking up the original destination"),
+        }
+    }
+
+    /// Records an original destination by hand (tests, or a proxy that
+    /// learned it elsewhere).
+    pub fn insert(&mut self, client: SocketAddrV4, original: SocketAddrV4) -> Result<()> {
+        let key = to_bytes::<_, SOCKADDR_SIZE>(&sockaddr_from_std(client));
+        let value = to_bytes::<_, SOCKADDR_SIZE>(&sockaddr_from_std(original));
+        self.map
+            .insert(key, value, 0)
+            .context("recording an original destination")
+    }
+
+    /// Every recorded (client, original destination) pair.
+    pub fn entries(&self) -> Result<Vec<(SocketAddrV4, SocketAddrV4)>> {
+        self.map
+            .iter()
+            .map(|item| {
+                let (k, v) = item.context("iterating original destinations")?;
+                Ok((
+                    sockaddr_to_std(from_bytes(&k)),
+                    sockaddr_to_std(from_bytes(&v)),
+                ))
+            })
+            .collect()
+    }
+}
+
+/// VIP → domain, shared by every Envoy worker, restarts of Envoy and the
+/// CLI.
+pub struct VipTable {
+    map: HashMap<MapData, [u8; 4], VipRecordBytes>,
+}
+
+impl VipTable {
+    /// The domain `vip` stands for, if allocated.
+    pub fn get(&self, vip: Ipv4Addr) -> Result<Option<String>> {
+        match self.map.get(&vip.octets(), 0) {
+            Ok(value) => Ok(Some(record_domain(&from_bytes(&value))?)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(e).context("looking up a VIP"),
+        }
+    }
+
+    /// Records that `vip` stands for `domain`.
+    pub fn insert(&mut self, vip: Ipv4Addr, domain: &str) -> Result<()> {
+        let bytes = domain.as_bytes();
+        if bytes.len() > MAX_DOMAIN_LEN {
+            bail!("domain {domain:?} is longer than {MAX_DOMAIN_LEN} bytes");
+        }
+        let mut record = VipRecord {
+            domain_len: bytes.len() as u32,
+            domain: [0; MAX_DOMAIN_LEN + 1],
+        };
+        record.domain[..bytes.len()].copy_from_slice(bytes);
+        self.map
+            .insert(vip.octets(), to_bytes::<_, VIP_RECORD_SIZE>(&record), 0)
+            .with_context(|| format!("recording VIP {vip} for {domain}"))
+    }
+
+    /// Forgets `vip`.
+    pub fn remove(&mut self, vip: Ipv4Addr) -> Result<()> {
+        self.map
+            .remove(&vip.octets())
+            .with_context(|| format!("removing VIP {vip}"))
+    }
+
+    /// Every (VIP, domain) pair.
+    pub fn entries(&self) -> Result<Vec<(Ipv4Addr, String)>> {
+        let mut out = self
+            .map
+            .iter()
+            .map(|item| {
+                let (k, v) = item.context("iterating the VIP table")?;
+                Ok((Ipv4Addr::from(k), record_domain(&from_bytes(&v))?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out.sort();
+        Ok(out)
+    }
+}
+
+fn record_domain(record: &VipRecord) -> Result<String> {
+    let len = record.domain_len as usize;
+    let bytes = record
+        .domain
+        .get(..len)
+        .context("VIP record has a domain length beyond its buffer")?;
+    String::from_utf8(bytes.to_vec()).context("VIP record holds a domain that is not UTF-8")
+}

@@ -1,0 +1,303 @@
+//! The programs and the maps they own. Every map is pinned by name under the
+//! loader's pin directory, so a restarted loader or Envoy finds the same
+//! tables again (see `gateway_common::ALL_MAPS`).
+
+use aya_ebpf::{
+    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
+    helpers::bpf_get_socket_cookie,
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    programs::{SockAddrContext, SockOpsContext},
+    EbpfContext,
+};
+use aya_log_ebpf::debug;
+use gateway_common::{
+    Counter, GatewayConfig, LoaderInfo, SockAddrV4, VipRecord, CONFIG_FLAG_ENABLED,
+    CONNECTION_TABLE_CAPACITY, COUNTER_COUNT, VIP_TABLE_CAPACITY,
+};
+
+const AF_INET: u32 = 2;
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+/// Port 53 as `user_port` carries it (network byte order in the low half).
+const DNS_PORT: u16 = 53u16.to_be();
+/// Hash map flag: allocate entries on demand instead of up front.
+const BPF_F_NO_PREALLOC: u32 = 1;
+/// cgroup sock_addr programs return 1 to let the syscall proceed.
+const ALLOW: i32 = 1;
+
+/// Written by the loader before attaching; read-only for the programs.
+#[map]
+static GW_CONFIG: Array<GatewayConfig> = Array::pinned(1, 0);
+
+/// One slot per `Counter`, per CPU, so counting needs no atomics.
+#[map]
+static GW_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
+
+/// Socket cookie → the destination the application asked for. Filled at
+/// connect/sendmsg time; read by sockops (TCP) and by recvmsg/getpeername
+/// to undo the rewrite. LRU: a socket's entry is needed for its whole life
+/// (getpeername may be called at any time), and the kernel gives cgroup
+/// programs no close hook for UDP, so the oldest entries are evicted.
+#[map]
+static GW_SOCK_ORIG: LruHashMap<u64, SockAddrV4> =
+    LruHashMap::pinned(CONNECTION_TABLE_CAPACITY, 0);
+
+/// Client (ip, port) → original destination, for the proxy. LRU rather
+/// than delete-on-close: a client may close before the proxy has read the
+/// entry (short request, then FIN), and a delete at close would race with
+/// the accept. A reused client port simply overwrites its old entry.
+#[map]
+static GW_ORIG_DST: LruHashMap<SockAddrV4, SockAddrV4> =
+    LruHashMap::pinned(CONNECTION_TABLE_CAPACITY, 0);
+
+/// VIP → domain, written by the Envoy module. Owned here so that the
+/// loader creates and pins it and it outlives Envoy restarts.
+#[map]
+static GW_VIPS: HashMap<u32, VipRecord> = HashMap::pinned(VIP_TABLE_CAPACITY, BPF_F_NO_PREALLOC);
+
+/// Who attached the programs where; written by the loader for `status`.
+#[map]
+static GW_LOADER: Array<LoaderInfo> = Array::pinned(1, 0);
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(slot) = GW_COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: the slot belongs to the current CPU and programs are not
+        // preempted by another program on the same CPU while it runs.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+fn config() -> Option<&'static GatewayConfig> {
+    match GW_CONFIG.get(0) {
+        Some(cfg) if cfg.flags & CONFIG_FLAG_ENABLED != 0 => Some(cfg),
+        _ => {
+            count(Counter::NotConfigured);
+            None
+        }
+    }
+}
+
+/// Fields of the socket address a cgroup program sees.
+struct Destination {
+    family: u32,
+    protocol: u32,
+    ip: u32,
+    port: u16,
+}
+
+#[inline(always)]
+fn destination(ctx: &SockAddrContext) -> Destination {
+    let sa = ctx.sock_addr;
+    // SAFETY: the kernel hands a valid bpf_sock_addr for the program's run;
+    // these fields are readable by every cgroup sock_addr attach type.
+    unsafe {
+        Destination {
+            family: (*sa).user_family,
+            protocol: (*sa).protocol,
+            ip: (*sa).user_ip4,
+            port: (*sa).user_port as u16,
+        }
+    }
+}
+
+#[inline(always)]
+fn socket_cookie<C: EbpfContext>(ctx: &C) -> u64 {
+    // SAFETY: bpf_get_socket_cookie accepts sock_addr and sock_ops contexts.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// Rewrites the destination to `target` after remembering the original
+/// under the socket's cookie. Returns false (and leaves the socket alone)
+/// when the original cannot be recorded: a redirect that can never be
+/// undone would break the application worse than no redirect.
+#[inline(always)]
+fn redirect(ctx: &SockAddrContext, dest: &Destination, target: SockAddrV4) -> bool {
+    let original = SockAddrV4 {
+        ip: dest.ip,
+        port: dest.port,
+        _pad: 0,
+    };
+    if GW_SOCK_ORIG
+        .insert(&socket_cookie(ctx), &original, 0)
+        .is_err()
+    {
+        count(Counter::MapUpdateFailed);
+        return false;
+    }
+    let sa = ctx.sock_addr;
+    // SAFETY: user_ip4/user_port are writable in connect4 and sendmsg4.
+    unsafe {
+        (*sa).user_ip4 = target.ip;
+        (*sa).user_port = target.port as u32;
+    }
+    true
+}
+
+#[inline(always)]
+fn is_target(dest: &Destination, target: &SockAddrV4) -> bool {
+    dest.ip == target.ip && dest.port == target.port
+}
+
+/// TCP to a VIP → TCP target; connected UDP to port 53 → DNS target.
+#[cgroup_sock_addr(connect4)]
+pub fn gw_connect4(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = config() else {
+        return ALLOW;
+    };
+    let dest = destination(&ctx);
+    if dest.family != AF_INET {
+        count(Counter::OtherPassed);
+        return ALLOW;
+    }
+    match dest.protocol {
+        IPPROTO_TCP => {
+            if cfg.is_vip(dest.ip) && redirect(&ctx, &dest, cfg.tcp_target) {
+                count(Counter::TcpRedirected);
+                debug!(
+                    &ctx,
+                    "tcp connect to {:i}:{} redirected",
+                    dest.ip.to_ne_bytes(),
+                    u16::from_be(dest.port)
+                );
+            } else {
+                count(Counter::TcpPassed);
+            }
+        }
+        IPPROTO_UDP => {
+            if dest.port == DNS_PORT
+                && !is_target(&dest, &cfg.dns_target)
+                && redirect(&ctx, &dest, cfg.dns_target)
+            {
+                count(Counter::UdpConnectRedirected);
+                debug!(
+                    &ctx,
+                    "udp connect to {:i}:53 redirected",
+                    dest.ip.to_ne_bytes()
+                );
+            } else {
+                count(Counter::UdpPassed);
+            }
+        }
+        _ => count(Counter::OtherPassed),
+    }
+    ALLOW
+}
+
+/// Unconnected UDP datagrams to port 53 → DNS target.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn gw_sendmsg4(ctx: SockAddrContext) -> i32 {
+    let Some(cfg) = config() else {
+        return ALLOW;
+    };
+    let dest = destination(&ctx);
+    if dest.family == AF_INET
+        && dest.port == DNS_PORT
+        && !is_target(&dest, &cfg.dns_target)
+        && redirect(&ctx, &dest, cfg.dns_target)
+    {
+        count(Counter::UdpSendRedirected);
+        debug!(
+            &ctx,
+            "udp datagram to {:i}:53 redirected",
+            dest.ip.to_ne_bytes()
+        );
+    } else {
+        count(Counter::UdpPassed);
+    }
+    ALLOW
+}
+
+/// When the address a socket reports is one of the redirect targets and the
+/// socket was redirected, report the original destination instead.
+#[inline(always)]
+fn restore_original(ctx: &SockAddrContext, counter: Counter) {
+    let Some(cfg) = config() else {
+        return;
+    };
+    let dest = destination(ctx);
+    if !is_target(&dest, &cfg.dns_target) && !is_target(&dest, &cfg.tcp_target) {
+        return;
+    }
+    // SAFETY: the value is copied out at once; LRU eviction of a concurrent
+    // entry can at worst hand us another socket's address, never bad memory.
+    let Some(original) = (unsafe { GW_SOCK_ORIG.get(&socket_cookie(ctx)) }).copied() else {
+        return;
+    };
+    let sa = ctx.sock_addr;
+    // SAFETY: user_ip4/user_port are writable in recvmsg4 and getpeername4.
+    unsafe {
+        (*sa).user_ip4 = original.ip;
+        (*sa).user_port = original.port as u32;
+    }
+    count(counter);
+}
+
+/// Replies from the DNS target appear to come from the server the
+/// application asked.
+#[cgroup_sock_addr(recvmsg4)]
+pub fn gw_recvmsg4(ctx: SockAddrContext) -> i32 {
+    restore_original(&ctx, Counter::RecvRewritten);
+    // recvmsg programs must return 1.
+    ALLOW
+}
+
+/// `getpeername` on a redirected socket reports the original destination.
+#[cgroup_sock_addr(getpeername4)]
+pub fn gw_getpeername4(ctx: SockAddrContext) -> i32 {
+    restore_original(&ctx, Counter::PeerRewritten);
+    ALLOW
+}
+
+/// At TCP_CONNECT_CB the client's port is assigned and the cookie is the
+/// one connect4 saw: publish the original destination keyed by the client
+/// address for the proxy.
+#[sock_ops]
+pub fn gw_sockops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB && ctx.family() == AF_INET {
+        record_original_destination(&ctx);
+    }
+    1
+}
+
+#[inline(always)]
+fn record_original_destination(ctx: &SockOpsContext) {
+    let Some(cfg) = config() else {
+        return;
+    };
+    // remote_port carries the network-order port in its upper 16 bits.
+    let remote_port = (ctx.remote_port() >> 16) as u16;
+    if ctx.remote_ip4() != cfg.tcp_target.ip || remote_port != cfg.tcp_target.port {
+        return;
+    }
+    // SAFETY: the value is copied out at once (see restore_original).
+    let Some(original) = (unsafe { GW_SOCK_ORIG.get(&socket_cookie(ctx)) }).copied() else {
+        // Someone dialled the proxy directly: nothing to record.
+        count(Counter::OrigDstMissing);
+        return;
+    };
+    let client = SockAddrV4 {
+        ip: ctx.local_ip4(),
+        port: (ctx.local_port() as u16).to_be(),
+        _pad: 0,
+    };
+    if GW_ORIG_DST.insert(&client, &original, 0).is_ok() {
+        count(Counter::OrigDstRecorded);
+    } else {
+        count(Counter::MapUpdateFailed);
+    }
+}
+
+/// The kernel program license; GPL-compatible so that every helper the
+/// programs and aya-log use is available.
+#[no_mangle]
+#[link_section = "license"]
+pub static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

@@ -1,0 +1,42 @@
+//! Making sure the pin directory lives on a mounted bpffs.
+
+use std::{fs, path::Path};
+
+use anyhow::{bail, Context as _, Result};
+use nix::{
+    mount::{mount, MsFlags},
+    sys::statfs::{statfs, BPF_FS_MAGIC},
+};
+
+/// Where bpffs is conventionally mounted.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
+
+fn is_bpffs(path: &Path) -> bool {
+    statfs(path)
+        .map(|s| s.filesystem_type() == BPF_FS_MAGIC)
+        .unwrap_or(false)
+}
+
+/// Mounts bpffs at /sys/fs/bpf when the pin directory is below it and it is
+/// not mounted yet, then creates the pin directory. Fails with advice when
+/// the directory is elsewhere and not on bpffs.
+pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
+    let root = Path::new(BPFFS_ROOT);
+    if pin_dir.starts_with(root) && !is_bpffs(root) {
+        fs::create_dir_all(root).with_context(|| format!("creating {BPFFS_ROOT}"))?;
+        mount(Some("bpf"), root, Some("bpf"), MsFlags::empty(), None::<&str>).with_context(
+            || format!("mounting bpffs at {BPFFS_ROOT} (needs CAP_SYS_ADMIN; or mount it yourself: mount -t bpf bpf {BPFFS_ROOT})"),
+        )?;
+        log::info!("mounted bpffs at {BPFFS_ROOT}");
+    }
+    fs::create_dir_all(pin_dir)
+        .with_context(|| format!("creating the pin directory {}", pin_dir.display()))?;
+    if !is_bpffs(pin_dir) {
+        bail!(
+            "pin directory {} is not on a bpffs mount; choose a directory under {BPFFS_ROOT} \
+             or mount bpffs there (mount -t bpf bpf <dir>)",
+            pin_dir.display()
+        );
+    }
+    Ok(())
+}

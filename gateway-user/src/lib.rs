@@ -1,0 +1,10 @@
+//! The gateway's privileged user-space side: loading and attaching the
+//! kernel programs to a cgroup, pinning the maps the Envoy module reads,
+//! and reporting what is attached where.
+
+pub mod addr;
+pub mod bpffs;
+pub mod cgroup;
+pub mod kernel_log;
+pub mod loader;
+pub mod status;

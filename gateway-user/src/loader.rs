@@ -1,0 +1,260 @@
+//! Loading the kernel programs, configuring them through their pinned
+//! config map and attaching them to a cgroup. Dropping an [`Attached`]
+//! detaches everything.
+
+use std::{
+    fs::File,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::{
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    Ebpf, EbpfLoader,
+};
+use gateway_common::{
+    pinned::{sockaddr_from_std, PinDir},
+    GatewayConfig, LoaderInfo, CONFIG_FLAG_ENABLED, MAX_VIP_CIDRS,
+};
+
+use crate::{addr::Cidr, bpffs, cgroup};
+
+/// The eBPF object built by build.rs, embedded so the binary is
+/// self-contained.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/gateway-ebpf"));
+
+/// The programs in the object, in attach order. sockops comes first so
+/// that no redirected connect can happen before its destination is
+/// recorded.
+pub const PROGRAMS: [&str; 5] = [
+    "gw_sockops",
+    "gw_recvmsg4",
+    "gw_getpeername4",
+    "gw_sendmsg4",
+    "gw_connect4",
+];
+
+/// What `gateway attach` is asked to do.
+#[derive(Clone, Debug)]
+pub struct AttachRequest {
+    /// cgroup v2 directory whose processes are gated.
+    pub cgroup: PathBuf,
+    /// Networks whose TCP connects go to `tcp_to`.
+    pub vip_cidrs: Vec<Cidr>,
+    /// DNS listener of the proxy.
+    pub dns_to: SocketAddrV4,
+    /// TCP listener of the proxy.
+    pub tcp_to: SocketAddrV4,
+    /// bpffs directory for the maps.
+    pub pin_dir: PathBuf,
+    /// Accept the root cgroup.
+    pub allow_root_cgroup: bool,
+}
+
+/// Programs attached to a cgroup. Keeps the links alive; dropping it
+/// detaches them.
+pub struct Attached {
+    ebpf: Ebpf,
+    pin_dir: PinDir,
+    cgroup: PathBuf,
+}
+
+impl Attached {
+    /// The cgroup the programs are attached to.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// The loaded object, e.g. to start forwarding kernel logs.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    /// Detaches the programs and marks the pins as no longer owned. The
+    /// maps stay pinned (the VIP table must survive restarts); `gateway
+    /// reset` removes them.
+    pub fn detach(self) -> Result<()> {
+        let Attached { ebpf, pin_dir, cgroup } = self;
+        // Dropping the object drops the link file descriptors, which
+        // detaches every program.
+        drop(ebpf);
+        let mut info = pin_dir.loader_info()?;
+        info.pid = 0;
+        pin_dir.set_loader_info(&info)?;
+        let mut config = pin_dir.config()?;
+        config.flags &= !CONFIG_FLAG_ENABLED;
+        pin_dir.set_config(&config)?;
+        log::info!("detached from {}", cgroup.display());
+        Ok(())
+    }
+}
+
+/// Removes the pinned maps of a stopped gateway; refuses while the loader
+/// that owns them is alive. Returns the removed paths.
+pub fn reset(pin_dir: &Path) -> Result<Vec<PathBuf>> {
+    let pins = PinDir::new(pin_dir);
+    ensure_not_owned(&pins)?;
+    pins.remove_all()
+}
+
+/// Builds the kernel configuration from a request.
+pub fn kernel_config(request: &AttachRequest) -> Result<GatewayConfig> {
+    if request.vip_cidrs.is_empty() {
+        bail!("at least one --vip-cidr is needed");
+    }
+    if request.vip_cidrs.len() > MAX_VIP_CIDRS {
+        bail!(
+            "{} VIP CIDRs given; the kernel programs match at most {MAX_VIP_CIDRS}",
+            request.vip_cidrs.len()
+        );
+    }
+    for cidr in &request.vip_cidrs {
+        for target in [request.dns_to, request.tcp_to] {
+            if cidr.contains(*target.ip()) {
+                bail!(
+                    "VIP CIDR {cidr} contains the proxy address {target}: connections to the proxy \
+                     itself would be redirected"
+                );
+            }
+        }
+    }
+    let mut config = GatewayConfig {
+        dns_target: sockaddr_from_std(request.dns_to),
+        tcp_target: sockaddr_from_std(request.tcp_to),
+        flags: CONFIG_FLAG_ENABLED,
+        vip_cidr_count: request.vip_cidrs.len() as u32,
+        ..Default::default()
+    };
+    for (slot, cidr) in config.vip_cidrs.iter_mut().zip(&request.vip_cidrs) {
+        *slot = cidr.to_kernel();
+    }
+    Ok(config)
+}
+
+/// Whether the process `pid` still exists (0 means "nobody").
+pub fn process_alive(pid: u32) -> bool {
+    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Refuses to take over a pin directory that a live loader still owns.
+fn ensure_not_owned(pin_dir: &PinDir) -> Result<()> {
+    if !pin_dir.has(gateway_common::MAP_LOADER) {
+        return Ok(());
+    }
+    let info = pin_dir.loader_info()?;
+    if info.pid != std::process::id() && process_alive(info.pid) {
+        bail!(
+            "pin directory {} is owned by a running gateway (pid {}); stop it first or choose another --pin-dir",
+            pin_dir.path().display(),
+            info.pid
+        );
+    }
+    Ok(())
+}
+
+/// Kernel log level for aya-log: above `info` only when the operator asked
+/// for debug output, so that redirects cost no ring-buffer writes by
+/// default.
+fn kernel_log_level() -> u8 {
+    match log::max_level() {
+        log::LevelFilter::Trace => 5,
+        log::LevelFilter::Debug => 4,
+        log::LevelFilter::Info => 3,
+        log::LevelFilter::Warn => 2,
+        log::LevelFilter::Error => 1,
+        log::LevelFilter::Off => 0,
+    }
+}
+
+fn privilege_hint(err: &anyhow::Error) -> String {
+    let text = format!("{err:#}");
+    if text.contains("Operation not permitted") || text.contains("EPERM") {
+        " (the loader needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, or root; with \
+         CAP_SYS_ADMIN it can also mount bpffs)"
+            .to_owned()
+    } else {
+        String::new()
+    }
+}
+
+/// Loads the programs, writes the configuration, and attaches them.
+pub fn attach(request: &AttachRequest) -> Result<Attached> {
+    let config = kernel_config(request)?;
+    let cgroup_path = cgroup::validate(&request.cgroup, request.allow_root_cgroup)?;
+    bpffs::prepare_pin_dir(&request.pin_dir)?;
+    let pin_dir = PinDir::new(&request.pin_dir);
+    ensure_not_owned(&pin_dir)?;
+    pin_dir.check_layouts()?;
+
+    let log_level = kernel_log_level();
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&request.pin_dir)
+        .override_global("AYA_LOG_LEVEL", &log_level, false)
+        .load(EBPF_OBJECT)
+        .map_err(anyhow::Error::from)
+        .map_err(|e| {
+            let hint = privilege_hint(&e);
+            e.context(format!("loading the eBPF object{hint}"))
+        })?;
+
+    // Configure before attaching, so the first redirected socket already
+    // sees the targets.
+    pin_dir
+        .set_config(&config)
+        .context("writing the kernel configuration")?;
+
+    let cgroup_file = File::open(&cgroup_path)
+        .with_context(|| format!("opening cgroup {}", cgroup_path.display()))?;
+    for name in PROGRAMS {
+        attach_program(&mut ebpf, name, &cgroup_file)
+            .map_err(|e| {
+                let hint = privilege_hint(&e);
+                e.context(format!("attaching {name} to {}{hint}", cgroup_path.display()))
+            })?;
+    }
+
+    let mut info = LoaderInfo {
+        pid: std::process::id(),
+        cgroup_path_len: 0,
+        attached_at: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        cgroup_path: [0; 256],
+    };
+    let path_bytes = cgroup_path.as_os_str().as_encoded_bytes();
+    let len = path_bytes.len().min(info.cgroup_path.len());
+    info.cgroup_path[..len].copy_from_slice(&path_bytes[..len]);
+    info.cgroup_path_len = len as u32;
+    pin_dir.set_loader_info(&info)?;
+
+    Ok(Attached {
+        ebpf,
+        pin_dir,
+        cgroup: cgroup_path,
+    })
+}
+
+/// Attach mode for every program. On kernels with cgroup bpf_links (5.7+)
+/// aya creates a link, the kernel requires flags 0 for it and links always
+/// coexist with other programs on the cgroup, so this is not exclusive.
+const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+fn attach_program(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> Result<()> {
+    let program = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from the eBPF object"))?;
+    if name == "gw_sockops" {
+        let program: &mut SockOps = program.try_into()?;
+        program.load()?;
+        program.attach(cgroup, ATTACH_MODE)?;
+    } else {
+        let program: &mut CgroupSockAddr = program.try_into()?;
+        program.load()?;
+        program.attach(cgroup, ATTACH_MODE)?;
+    }
+    log::debug!("attached {name}");
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! `gateway`: the privileged side of the DNS egress gateway.
+
+use std::{net::SocketAddrV4, path::PathBuf, process::ExitCode};
+
+use anyhow::{Context as _, Result};
+use clap::{Parser, Subcommand};
+use gateway_common::DEFAULT_PIN_DIR;
+use gateway_user::{
+    addr::{parse_cidr, parse_socket_addr, Cidr},
+    loader::{self, AttachRequest},
+    status,
+};
+use tokio::signal::unix::{signal, SignalKind};
+
+/// Transparent egress by domain name: eBPF cgroup programs send the DNS
+/// queries and VIP connections of a cgroup's processes to a local Envoy,
+/// which answers with virtual IPs and tunnels each connection to the
+/// upstream its domain is configured for. No iptables, no NAT.
+#[derive(Parser, Debug)]
+#[command(name = "gateway", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (error, warn, info, debug, trace, or env_logger syntax).
+    #[arg(long, global = true, env = "GATEWAY_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Load the eBPF programs, pin their maps and attach them to a cgroup;
+    /// runs in the foreground and detaches on SIGINT/SIGTERM.
+    ///
+    /// Needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON (and
+    /// CAP_SYS_ADMIN if bpffs must be mounted).
+    Attach {
+        /// cgroup v2 directory whose processes are gated, e.g.
+        /// /sys/fs/cgroup/myapp. The root cgroup is refused.
+        #[arg(long)]
+        cgroup: PathBuf,
+        /// Network of virtual IPs whose TCP connects go to --tcp-to
+        /// (repeatable, up to 8), e.g. 10.10.0.0/24.
+        #[arg(long = "vip-cidr", required = true, value_parser = parse_cidr)]
+        vip_cidrs: Vec<Cidr>,
+        /// Envoy's DNS listener: UDP to port 53 goes here.
+        #[arg(long, value_parser = parse_socket_addr)]
+        dns_to: SocketAddrV4,
+        /// Envoy's TCP listener: connects to a VIP go here.
+        #[arg(long, value_parser = parse_socket_addr)]
+        tcp_to: SocketAddrV4,
+        /// bpffs directory for the maps Envoy reads.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Allow attaching to the root cgroup (redirects the whole host).
+        #[arg(long)]
+        force_root_cgroup: bool,
+    },
+    /// Show what is attached where, the kernel counters, the recorded
+    /// original destinations and the VIP table.
+    Status {
+        /// bpffs directory the maps are pinned in.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove the pinned maps (including the VIP table) left after a
+    /// gateway stopped. Refuses while a gateway still owns them.
+    Reset {
+        /// bpffs directory the maps are pinned in.
+        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        pin_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        .parse_filters(&cli.log)
+        .format_timestamp_millis()
+        .init();
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("gateway: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Attach {
+            cgroup,
+            vip_cidrs,
+            dns_to,
+            tcp_to,
+            pin_dir,
+            force_root_cgroup,
+        } => {
+            let request = AttachRequest {
+                cgroup,
+                vip_cidrs,
+                dns_to,
+                tcp_to,
+                pin_dir,
+                allow_root_cgroup: force_root_cgroup,
+            };
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting the async runtime")?
+                .block_on(attach_foreground(request))
+        }
+        Command::Status { pin_dir, json } => {
+            let status = status::read(&pin_dir)?;
+            if json {
+                println!("{}", status::to_json(&status)?);
+            } else {
+                print!("{}", status::render(&status));
+            }
+            Ok(())
+        }
+        Command::Reset { pin_dir } => reset(&pin_dir),
+    }
+}
+
+async fn attach_foreground(request: AttachRequest) -> Result<()> {
+    let mut attached = loader::attach(&request)?;
+    let log_task = gateway_user::kernel_log::forward(attached.ebpf_mut());
+    log::info!(
+        "attached to {}: DNS to {}, VIP connects ({}) to {}; maps pinned in {}; Ctrl-C or SIGTERM detaches",
+        attached.cgroup().display(),
+        request.dns_to,
+        request
+            .vip_cidrs
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        request.tcp_to,
+        request.pin_dir.display()
+    );
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = sigint.recv() => log::info!("SIGINT received, detaching"),
+        _ = sigterm.recv() => log::info!("SIGTERM received, detaching"),
+    }
+    if let Some(task) = log_task {
+        task.abort();
+    }
+    attached.detach()
+}
+
+fn reset(pin_dir: &std::path::Path) -> Result<()> {
+    let removed = loader::reset(pin_dir)?;
+    if removed.is_empty() {
+        println!("nothing to remove in {}", pin_dir.display());
+    }
+    for path in removed {
+        println!("removed {}", path.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! `gateway status`: what is attached where, the counters, the recorded
+//! original destinations and the VIP table, read from the pins.
+
+use std::{net::Ipv4Addr, path::Path};
+
+use anyhow::{Context as _, Result};
+use gateway_common::{pinned::{sockaddr_to_std, PinDir}, CONFIG_FLAG_ENABLED, MAP_CONFIG};
+use serde::Serialize;
+
+/// Everything `status` reports, serialisable for `--json`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// The pin directory read.
+    pub pin_dir: String,
+    /// True when a live loader has the programs attached.
+    pub attached: bool,
+    /// The loader's own record, if any.
+    pub loader: Option<LoaderStatus>,
+    /// The kernel configuration in force.
+    pub config: Option<ConfigStatus>,
+    /// Kernel decision counters, summed over CPUs.
+    pub counters: Vec<(String, u64)>,
+    /// Recorded original destinations: client → destination.
+    pub original_destinations: Vec<(String, String)>,
+    /// Allocated VIPs and their domains.
+    pub vips: Vec<(String, String)>,
+}
+
+/// The loader's record.
+#[derive(Debug, Serialize)]
+pub struct LoaderStatus {
+    /// Process id, 0 once it detached.
+    pub pid: u32,
+    /// Whether that process still exists.
+    pub alive: bool,
+    /// The cgroup the programs were attached to.
+    pub cgroup: String,
+    /// Unix time of the attach.
+    pub attached_at: u64,
+}
+
+/// The kernel configuration.
+#[derive(Debug, Serialize)]
+pub struct ConfigStatus {
+    /// Whether the programs act at all.
+    pub enabled: bool,
+    /// DNS redirect target.
+    pub dns_to: String,
+    /// TCP redirect target.
+    pub tcp_to: String,
+    /// VIP networks.
+    pub vip_cidrs: Vec<String>,
+}
+
+/// Reads the status from the pins in `pin_dir`.
+pub fn read(pin_dir: &Path) -> Result<Status> {
+    let pins = PinDir::new(pin_dir);
+    let mut status = Status {
+        pin_dir: pin_dir.display().to_string(),
+        attached: false,
+        loader: None,
+        config: None,
+        counters: Vec::new(),
+        original_destinations: Vec::new(),
+        vips: Vec::new(),
+    };
+    if !pins.has(MAP_CONFIG) {
+        return Ok(status);
+    }
+    let info = pins.loader_info()?;
+    let alive = crate::loader::process_alive(info.pid);
+    let len = (info.cgroup_path_len as usize).min(info.cgroup_path.len());
+    status.loader = Some(LoaderStatus {
+        pid: info.pid,
+        alive,
+        cgroup: String::from_utf8_lossy(&info.cgroup_path[..len]).into_owned(),
+        attached_at: info.attached_at,
+    });
+    let config = pins.config()?;
+    let enabled = config.flags & CONFIG_FLAG_ENABLED != 0;
+    status.attached = alive && enabled;
+    status.config = Some(ConfigStatus {
+        enabled,
+        dns_to: sockaddr_to_std(config.dns_target).to_string(),
+        tcp_to: sockaddr_to_std(config.tcp_target).to_string(),
+        vip_cidrs: config
+            .vip_cidrs
+            .iter()
+            .take(config.vip_cidr_count as usize)
+            .map(|c| format!("{}/{}", Ipv4Addr::from(c.network.to_ne_bytes()), c.prefix_len()))
+            .collect(),
+    });
+    status.counters = pins
+        .counters()?
+        .into_iter()
+        .map(|(c, n)| (c.name().to_owned(), n))
+        .collect();
+    status.original_destinations = pins
+        .orig_dst()?
+        .entries()?
+        .into_iter()
+        .map(|(client, orig)| (client.to_string(), orig.to_string()))
+        .collect();
+    status.vips = pins
+        .vips()?
+        .entries()?
+        .into_iter()
+        .map(|(vip, domain)| (vip.to_string(), domain))
+        .collect();
+    Ok(status)
+}
+
+/// Renders the status for a person.
+pub fn render(status: &Status) -> String {
+    let mut out = String::new();
+    let mut line = |s: String| {
+        out.push_str(&s);
+        out.push('\n');
+    };
+    line(format!("pin directory: {}", status.pin_dir));
+    match &status.loader {
+        None => {
+            line("nothing pinned here: start `gateway attach` or `gateway run`".to_owned());
+            return out;
+        }
+        Some(l) => line(format!(
+            "attached: {} (loader pid {}{}, cgroup {})",
+            if status.attached { "yes" } else { "no" },
+            l.pid,
+            if l.alive { "" } else { ", not running" },
+            l.cgroup
+        )),
+    }
+    if let Some(c) = &status.config {
+        line(format!(
+            "dns -> {}  tcp -> {}  vip cidrs: {}",
+            c.dns_to,
+            c.tcp_to,
+            c.vip_cidrs.join(", ")
+        ));
+    }
+    line("counters:".to_owned());
+    for (name, n) in &status.counters {
+        line(format!("  {name:<24} {n}"));
+    }
+    line(format!("original destinations ({}):", status.original_destinations.len()));
+    for (client, orig) in &status.original_destinations {
+        line(format!("  {client:<22} -> {orig}"));
+    }
+    line(format!("vips ({}):", status.vips.len()));
+    for (vip, domain) in &status.vips {
+        line(format!("  {vip:<16} {domain}"));
+    }
+    out
+}
+
+/// JSON for scripts and tests.
+pub fn to_json(status: &Status) -> Result<String> {
+    serde_json::to_string_pretty(status).context("serialising the status")
+}
