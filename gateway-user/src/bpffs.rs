@@ -29,14 +29,19 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
         )?;
         log::info!("mounted bpffs at {BPFFS_ROOT}");
     }
-    fs::create_dir_all(pin_dir)
-        .with_context(|| format!("creating the pin directory {}", pin_dir.display()))?;
-    if !is_bpffs(pin_dir) {
+    // Check before creating anything, so a wrong path leaves no directory.
+    let existing = pin_dir
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
+    if !is_bpffs(existing) {
         bail!(
             "pin directory {} is not on a bpffs mount; choose a directory under {BPFFS_ROOT} \
              or mount bpffs there (mount -t bpf bpf <dir>)",
             pin_dir.display()
         );
     }
+    fs::create_dir_all(pin_dir)
+        .with_context(|| format!("creating the pin directory {}", pin_dir.display()))?;
     Ok(())
 }

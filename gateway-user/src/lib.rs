@@ -7,4 +7,5 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod kernel_log;
 pub mod loader;
+pub mod privileges;
 pub mod status;

@@ -171,8 +171,9 @@ fn kernel_log_level() -> u8 {
 fn privilege_hint(err: &anyhow::Error) -> String {
     let text = format!("{err:#}");
     if text.contains("Operation not permitted") || text.contains("EPERM") {
-        " (the loader needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON, or root; with \
-         CAP_SYS_ADMIN it can also mount bpffs)"
+        " (the capabilities are present, so something else refuses bpf(): a container's \
+         seccomp profile (try --security-opt seccomp=unconfined), kernel lockdown, or \
+         kernel.unprivileged_bpf_disabled with a user namespace)"
             .to_owned()
     } else {
         String::new()
@@ -183,6 +184,7 @@ fn privilege_hint(err: &anyhow::Error) -> String {
 pub fn attach(request: &AttachRequest) -> Result<Attached> {
     let config = kernel_config(request)?;
     let cgroup_path = cgroup::validate(&request.cgroup, request.allow_root_cgroup)?;
+    crate::privileges::check_attach()?;
     bpffs::prepare_pin_dir(&request.pin_dir)?;
     let pin_dir = PinDir::new(&request.pin_dir);
     ensure_not_owned(&pin_dir)?;

@@ -1,0 +1,376 @@
+//! The kernel programs on the real kernel: each test runs in its own network
+//! namespace (only `lo`) with its own child cgroup and pin directory, and
+//! drives unmodified Python socket code as the application.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddr, SocketAddrV4, TcpListener, UdpSocket},
+    process::Command,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        mpsc, Arc,
+    },
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use gateway_common::pinned::PinDir;
+use nix::sys::signal::Signal;
+use tests::{
+    cgroup2_root, enter_private_netns, gateway_bin, prerequisites_met, repo_root, Loader,
+    TestCgroup,
+};
+
+const DNS_TO: &str = "127.0.0.1:15053";
+const TCP_TO: &str = "127.0.0.1:15001";
+const VIP_CIDR: &str = "10.10.0.0/24";
+const WAIT: Duration = Duration::from_secs(5);
+
+fn addr(text: &str) -> SocketAddrV4 {
+    text.parse().expect("test address literal")
+}
+
+/// Prerequisites, a private network namespace and a fresh cgroup; `None`
+/// means "skipped" (never in CI).
+fn setup() -> Result<Option<TestCgroup>> {
+    if !prerequisites_met(&[]) {
+        return Ok(None);
+    }
+    enter_private_netns()?;
+    Ok(Some(TestCgroup::new()?))
+}
+
+/// Runs tests/clients/probe.py (plain socket calls) and parses its line.
+fn probe(cgroup: Option<&TestCgroup>, kind: &str, host: &str, port: u16) -> Result<serde_json::Value> {
+    let script = repo_root().join("tests/clients/probe.py");
+    let script = script.to_string_lossy().into_owned();
+    let port = port.to_string();
+    let args = [script.as_str(), kind, host, port.as_str()];
+    let out = match cgroup {
+        Some(cg) => cg.run("python3", &args)?,
+        None => Command::new("python3").args(args).output()?,
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).with_context(|| {
+        format!(
+            "probe output {stdout:?}, stderr {:?}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// A TCP listener standing in for Envoy's TCP listener: answers "pong"
+/// and reports the peer address of every accepted connection.
+struct TcpServer {
+    peers: mpsc::Receiver<SocketAddr>,
+    stop: Arc<AtomicBool>,
+}
+
+impl TcpServer {
+    fn start(at: &str) -> Result<Self> {
+        let listener = TcpListener::bind(at).with_context(|| format!("binding {at}"))?;
+        listener.set_nonblocking(true)?;
+        let (tx, peers) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, peer)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_read_timeout(Some(WAIT));
+                        let mut buf = [0u8; 4];
+                        let _ = conn.read_exact(&mut buf);
+                        let _ = conn.write_all(b"pong");
+                        let _ = tx.send(peer);
+                    }
+                    Err(_) => thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        Ok(Self { peers, stop })
+    }
+
+    fn next_peer(&self) -> Option<SocketAddr> {
+        self.peers.recv_timeout(WAIT).ok()
+    }
+
+    fn no_more_peers(&self) -> bool {
+        self.peers.recv_timeout(Duration::from_millis(300)).is_err()
+    }
+}
+
+impl Drop for TcpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A UDP server that replies `reply` to every datagram and reports sources.
+struct UdpServer {
+    sources: mpsc::Receiver<SocketAddr>,
+    stop: Arc<AtomicBool>,
+}
+
+impl UdpServer {
+    fn start(at: &str, reply: &'static [u8]) -> Result<Self> {
+        let socket = UdpSocket::bind(at).with_context(|| format!("binding {at}"))?;
+        socket.set_read_timeout(Some(Duration::from_millis(50)))?;
+        let (tx, sources) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !stopped.load(Ordering::Relaxed) {
+                if let Ok((_, src)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(reply, src);
+                    let _ = tx.send(src);
+                }
+            }
+        });
+        Ok(Self { sources, stop })
+    }
+
+    fn next_source(&self) -> Option<SocketAddr> {
+        self.sources.recv_timeout(WAIT).ok()
+    }
+
+    fn no_more_sources(&self) -> bool {
+        self.sources.recv_timeout(Duration::from_millis(300)).is_err()
+    }
+}
+
+impl Drop for UdpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn attach(cgroup: &TestCgroup) -> Result<Loader> {
+    Loader::attach(cgroup, &[VIP_CIDR], addr(DNS_TO), addr(TCP_TO))
+}
+
+#[test]
+fn tcp_connect_to_vip_reaches_proxy_and_original_destination_is_recovered() -> Result<()> {
+    let Some(cgroup) = setup()? else { return Ok(()) };
+    let proxy = TcpServer::start(TCP_TO)?;
+    let loader = attach(&cgroup)?;
+
+    let seen = probe(Some(&cgroup), "tcp", "10.10.0.7", 443)?;
+    assert_eq!(seen["ok"], true, "client could not connect: {seen}");
+    assert_eq!(seen["reply"], "pong", "client did not reach the proxy: {seen}");
+    assert_eq!(seen["peer"], "10.10.0.7:443", "getpeername must show the VIP");
+
+    let accepted = proxy.next_peer().context("the proxy accepted nothing")?;
+    assert_eq!(accepted.to_string(), seen["local"].as_str().unwrap_or_default());
+    let SocketAddr::V4(accepted) = accepted else {
+        panic!("IPv4 peer expected, got {accepted}");
+    };
+
+    // Another process (this test, not the loader) recovers the original
+    // destination from the pinned map, given only the accepted peer.
+    let original = PinDir::new(loader.pin_dir()).orig_dst()?.lookup(accepted)?;
+    assert_eq!(original, Some(addr("10.10.0.7:443")));
+
+    // And so does the CLI.
+    let status = loader.status()?;
+    let recorded = status["original_destinations"]
+        .as_array()
+        .context("original_destinations")?;
+    assert!(
+        recorded.iter().any(|pair| pair[0] == accepted.to_string().as_str()
+            && pair[1] == "10.10.0.7:443"),
+        "status does not show the original destination: {status}"
+    );
+    assert_eq!(loader.counter("tcp_redirected")?, 1);
+    assert_eq!(loader.counter("orig_dst_recorded")?, 1);
+    Ok(())
+}
+
+#[test]
+fn dns_queries_are_redirected_and_replies_carry_the_original_server() -> Result<()> {
+    let Some(cgroup) = setup()? else { return Ok(()) };
+    let dns = UdpServer::start(DNS_TO, b"answer")?;
+    let loader = attach(&cgroup)?;
+
+    let sendto = probe(Some(&cgroup), "udp-sendto", "203.0.113.53", 53)?;
+    assert_eq!(sendto["ok"], true, "sendto query failed: {sendto}");
+    assert_eq!(sendto["reply"], "answer");
+    assert_eq!(sendto["from"], "203.0.113.53:53", "reply must look like it came from the server asked");
+    let source = dns.next_source().context("the DNS target received nothing")?;
+    assert_eq!(source.ip().to_string(), "127.0.0.1");
+
+    let connected = probe(Some(&cgroup), "udp-connected", "198.51.100.7", 53)?;
+    assert_eq!(connected["ok"], true, "connected query failed: {connected}");
+    assert_eq!(connected["reply"], "answer");
+    assert_eq!(connected["from"], "198.51.100.7:53");
+    assert_eq!(connected["peer"], "198.51.100.7:53", "getpeername must show the server asked");
+    dns.next_source().context("the DNS target received no connected query")?;
+
+    assert_eq!(loader.counter("udp_send_redirected")?, 1);
+    assert_eq!(loader.counter("udp_connect_redirected")?, 1);
+    assert!(loader.counter("recv_rewritten")? >= 2);
+    assert!(loader.counter("peer_rewritten")? >= 1);
+    Ok(())
+}
+
+#[test]
+fn traffic_the_configuration_does_not_name_is_left_alone() -> Result<()> {
+    let Some(cgroup) = setup()? else { return Ok(()) };
+    let proxy = TcpServer::start(TCP_TO)?;
+    let dns = UdpServer::start(DNS_TO, b"answer")?;
+    let other_udp = UdpServer::start("127.0.0.1:5353", b"direct")?;
+    let loader = attach(&cgroup)?;
+
+    // TCP outside the VIP CIDRs: not redirected, so in a namespace with
+    // only lo it cannot be routed.
+    let outside = probe(Some(&cgroup), "tcp", "10.20.0.1", 443)?;
+    assert_eq!(outside["ok"], false, "connect outside the VIP CIDR succeeded: {outside}");
+    assert!(proxy.no_more_peers(), "a non-VIP connect reached the proxy");
+    assert_eq!(loader.counter("tcp_passed")?, 1);
+
+    // UDP to another port goes where it was sent.
+    let mdns = probe(Some(&cgroup), "udp-sendto", "127.0.0.1", 5353)?;
+    assert_eq!(mdns["reply"], "direct", "UDP to port 5353 was diverted: {mdns}");
+    assert_eq!(mdns["from"], "127.0.0.1:5353");
+    other_udp.next_source().context("port 5353 server received nothing")?;
+
+    // A process outside the cgroup is untouched.
+    let tcp_outside_cgroup = probe(None, "tcp", "10.10.0.7", 443)?;
+    assert_eq!(tcp_outside_cgroup["ok"], false, "{tcp_outside_cgroup}");
+    let dns_outside_cgroup = probe(None, "udp-sendto", "203.0.113.53", 53)?;
+    assert_eq!(dns_outside_cgroup["ok"], false, "{dns_outside_cgroup}");
+    assert!(proxy.no_more_peers(), "a process outside the cgroup reached the proxy");
+    assert!(dns.no_more_sources(), "a process outside the cgroup reached the DNS target");
+
+    assert_eq!(loader.counter("tcp_redirected")?, 0);
+    assert_eq!(loader.counter("udp_send_redirected")?, 0);
+    assert!(loader.counter("udp_passed")? >= 1);
+    Ok(())
+}
+
+fn assert_detaches_on(signal: Signal) -> Result<()> {
+    let Some(cgroup) = setup()? else { return Ok(()) };
+    let mut loader = attach(&cgroup)?;
+    let attached = cgroup.attached_programs()?;
+    for expected in [
+        "gw_connect4",
+        "gw_sendmsg4",
+        "gw_recvmsg4",
+        "gw_getpeername4",
+        "gw_sockops",
+    ] {
+        assert!(
+            attached.iter().any(|l| l.contains(expected)),
+            "{expected} not attached: {attached:?}"
+        );
+    }
+    let (status, output) = loader.stop_with(signal)?;
+    assert!(status.success(), "gateway attach exited with {status} on {signal}:\n{output}");
+    assert!(output.contains("detached"), "no detach message:\n{output}");
+    assert_eq!(cgroup.attached_programs()?, Vec::<String>::new());
+    let status = loader.status()?;
+    assert_eq!(status["attached"], false, "{status}");
+    // The maps stay pinned for the next start (documented), until reset.
+    assert!(PinDir::new(loader.pin_dir()).has(gateway_common::MAP_VIPS));
+    Ok(())
+}
+
+#[test]
+fn stopping_with_sigint_leaves_nothing_attached() -> Result<()> {
+    assert_detaches_on(Signal::SIGINT)
+}
+
+#[test]
+fn stopping_with_sigterm_leaves_nothing_attached() -> Result<()> {
+    assert_detaches_on(Signal::SIGTERM)
+}
+
+#[test]
+fn restarted_loader_reuses_the_pinned_tables() -> Result<()> {
+    let Some(cgroup) = setup()? else { return Ok(()) };
+    let mut first = attach(&cgroup)?;
+    PinDir::new(first.pin_dir())
+        .vips()?
+        .insert("10.10.0.9".parse()?, "kept.example.com")?;
+    first.stop_with(Signal::SIGTERM)?;
+    let second = Loader::attach_with_pin_dir(
+        &cgroup,
+        &[VIP_CIDR],
+        addr(DNS_TO),
+        addr(TCP_TO),
+        first.pin_dir(),
+    )?;
+    let vips = second.status()?["vips"].clone();
+    assert_eq!(vips, serde_json::json!([["10.10.0.9", "kept.example.com"]]));
+    Ok(())
+}
+
+/// Runs `gateway <args>` and returns (exit code, stderr).
+fn gateway(args: &[&str]) -> Result<(i32, String)> {
+    let out = Command::new(gateway_bin()).args(args).output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn bad_command_line_input_gets_a_clear_error() -> Result<()> {
+    if !prerequisites_met(&[]) {
+        return Ok(());
+    }
+    let cgroup = TestCgroup::new()?;
+    let cg = cgroup.path().to_string_lossy().into_owned();
+    let root = cgroup2_root()?.to_string_lossy().into_owned();
+    let base = |cgroup: &str, cidr: &str, dns: &str| -> Vec<String> {
+        [
+            "attach", "--cgroup", cgroup, "--vip-cidr", cidr, "--dns-to", dns, "--tcp-to",
+            TCP_TO, "--pin-dir", "/tmp/not-bpffs-gateway-test",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (base("/nonexistent/cgroup", VIP_CIDR, DNS_TO), "does not exist"),
+        (base(&cg, "10.10.0.1/24", DNS_TO), "did you mean 10.10.0.0/24"),
+        (base(&cg, "10.10.0.0/40", DNS_TO), "must be 0 to 32"),
+        (base(&cg, "banana", DNS_TO), "expected an IPv4 network"),
+        (base(&cg, VIP_CIDR, "127.0.0.1"), "like 127.0.0.1:15053"),
+        (base(&cg, "127.0.0.0/8", DNS_TO), "contains the proxy address"),
+        (base(&root, VIP_CIDR, DNS_TO), "root cgroup"),
+        (base(&cg, VIP_CIDR, DNS_TO), "not on a bpffs mount"),
+        (
+            vec!["attach".into(), "--cgroup".into(), cg.clone()],
+            "required",
+        ),
+        (vec!["frobnicate".into()], "unrecognized subcommand"),
+    ];
+    for (args, expected) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, stderr) = gateway(&args)?;
+        assert_ne!(code, 0, "gateway {args:?} succeeded");
+        assert!(
+            stderr.contains(expected),
+            "gateway {args:?}: expected {expected:?} in:\n{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "gateway {args:?} panicked:\n{stderr}");
+    }
+    assert_eq!(cgroup.attached_programs()?, Vec::<String>::new());
+
+    // Without privileges: a clear list of what is missing.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(gateway_bin())
+        .args(base(&cg, VIP_CIDR, DNS_TO))
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("insufficient privileges: missing CAP_BPF"),
+        "unprivileged attach: {stderr}"
+    );
+    Ok(())
+}
