@@ -1,0 +1,1 @@
+//! Running the real Envoy in tests (owned by the Envoy-module work).
