@@ -117,7 +117,10 @@ impl PinDir {
             if !self.has(name) {
                 continue;
             }
-            let info = self.open(name)?.info().with_context(|| format!("reading info of {name}"))?;
+            let info = self
+                .open(name)?
+                .info()
+                .with_context(|| format!("reading info of {name}"))?;
             if info.key_size() != key_size || info.value_size() != value_size {
                 bail!(
                     "pinned map {} has key/value sizes {}/{} but this build needs {}/{}: \
@@ -137,7 +140,9 @@ impl PinDir {
     /// The configuration the kernel programs run with.
     pub fn config(&self) -> Result<GatewayConfig> {
         let array: Array<MapData, [u8; CONFIG_SIZE]> = self.open_map(MAP_CONFIG)?.try_into()?;
-        Ok(from_bytes(&array.get(&0, 0).context("reading the config entry")?))
+        Ok(from_bytes(
+            &array.get(&0, 0).context("reading the config entry")?,
+        ))
     }
 
     /// Replaces the configuration the kernel programs run with.
@@ -150,8 +155,11 @@ impl PinDir {
 
     /// What the loader recorded about itself.
     pub fn loader_info(&self) -> Result<LoaderInfo> {
-        let array: Array<MapData, [u8; LOADER_INFO_SIZE]> = self.open_map(MAP_LOADER)?.try_into()?;
-        Ok(from_bytes(&array.get(&0, 0).context("reading the loader entry")?))
+        let array: Array<MapData, [u8; LOADER_INFO_SIZE]> =
+            self.open_map(MAP_LOADER)?.try_into()?;
+        Ok(from_bytes(
+            &array.get(&0, 0).context("reading the loader entry")?,
+        ))
     }
 
     /// Records who attached the programs where.
@@ -202,7 +210,11 @@ impl PinDir {
                 removed.push(path);
             }
         }
-        if self.path.exists() && fs::read_dir(&self.path).map(|mut d| d.next().is_none()).unwrap_or(false) {
+        if self.path.exists()
+            && fs::read_dir(&self.path)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(false)
+        {
             fs::remove_dir(&self.path)
                 .with_context(|| format!("removing {}", self.path.display()))?;
             removed.push(self.path.clone());

@@ -40,8 +40,7 @@ static GW_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
 /// (getpeername may be called at any time), and the kernel gives cgroup
 /// programs no close hook for UDP, so the oldest entries are evicted.
 #[map]
-static GW_SOCK_ORIG: LruHashMap<u64, SockAddrV4> =
-    LruHashMap::pinned(CONNECTION_TABLE_CAPACITY, 0);
+static GW_SOCK_ORIG: LruHashMap<u64, SockAddrV4> = LruHashMap::pinned(CONNECTION_TABLE_CAPACITY, 0);
 
 /// Client (ip, port) → original destination, for the proxy. LRU rather
 /// than delete-on-close: a client may close before the proxy has read the

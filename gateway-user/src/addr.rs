@@ -35,18 +35,20 @@ impl std::fmt::Display for Cidr {
 /// Parses `a.b.c.d/len`; host bits must be zero so that a typo such as
 /// `10.10.0.1/24` is caught rather than silently widened.
 pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
-    let (ip, len) = text
-        .split_once('/')
-        .ok_or_else(|| format!("{text:?} is not a CIDR: expected an IPv4 network like 10.10.0.0/24"))?;
+    let (ip, len) = text.split_once('/').ok_or_else(|| {
+        format!("{text:?} is not a CIDR: expected an IPv4 network like 10.10.0.0/24")
+    })?;
     let ip: Ipv4Addr = ip
         .parse()
         .map_err(|_| format!("{text:?} is not a CIDR: {ip:?} is not an IPv4 address"))?;
-    let prefix_len: u8 = len
-        .parse()
-        .ok()
-        .filter(|l| *l <= 32)
-        .ok_or_else(|| format!("{text:?} is not a CIDR: prefix length {len:?} must be 0 to 32"))?;
-    let cidr = Cidr { network: ip, prefix_len };
+    let prefix_len: u8 =
+        len.parse().ok().filter(|l| *l <= 32).ok_or_else(|| {
+            format!("{text:?} is not a CIDR: prefix length {len:?} must be 0 to 32")
+        })?;
+    let cidr = Cidr {
+        network: ip,
+        prefix_len,
+    };
     let network = Ipv4Addr::from(cidr.to_kernel().network.to_ne_bytes());
     if network != ip {
         return Err(format!(
@@ -80,7 +82,9 @@ mod tests {
         assert!(!c.contains(Ipv4Addr::new(10, 10, 1, 0)));
         assert!(parse_cidr("10.10.0.0").unwrap_err().contains("expected"));
         assert!(parse_cidr("10.10.0.0/33").unwrap_err().contains("0 to 32"));
-        assert!(parse_cidr("10.10.0.1/24").unwrap_err().contains("10.10.0.0/24"));
+        assert!(parse_cidr("10.10.0.1/24")
+            .unwrap_err()
+            .contains("10.10.0.0/24"));
         assert!(parse_cidr("ten/8").unwrap_err().contains("not an IPv4"));
     }
 
@@ -90,7 +94,11 @@ mod tests {
             parse_socket_addr("127.0.0.1:15053").expect("valid"),
             "127.0.0.1:15053".parse().expect("literal")
         );
-        assert!(parse_socket_addr("127.0.0.1").unwrap_err().contains("like 127.0.0.1:15053"));
-        assert!(parse_socket_addr("127.0.0.1:0").unwrap_err().contains("port 0"));
+        assert!(parse_socket_addr("127.0.0.1")
+            .unwrap_err()
+            .contains("like 127.0.0.1:15053"));
+        assert!(parse_socket_addr("127.0.0.1:0")
+            .unwrap_err()
+            .contains("port 0"));
     }
 }

@@ -76,7 +76,11 @@ impl Attached {
     /// maps stay pinned (the VIP table must survive restarts); `gateway
     /// reset` removes them.
     pub fn detach(self) -> Result<()> {
-        let Attached { ebpf, pin_dir, cgroup } = self;
+        let Attached {
+            ebpf,
+            pin_dir,
+            cgroup,
+        } = self;
         // Dropping the object drops the link file descriptors, which
         // detaches every program.
         drop(ebpf);
@@ -210,11 +214,13 @@ pub fn attach(request: &AttachRequest) -> Result<Attached> {
     let cgroup_file = File::open(&cgroup_path)
         .with_context(|| format!("opening cgroup {}", cgroup_path.display()))?;
     for name in PROGRAMS {
-        attach_program(&mut ebpf, name, &cgroup_file)
-            .map_err(|e| {
-                let hint = privilege_hint(&e);
-                e.context(format!("attaching {name} to {}{hint}", cgroup_path.display()))
-            })?;
+        attach_program(&mut ebpf, name, &cgroup_file).map_err(|e| {
+            let hint = privilege_hint(&e);
+            e.context(format!(
+                "attaching {name} to {}{hint}",
+                cgroup_path.display()
+            ))
+        })?;
     }
 
     let mut info = LoaderInfo {

@@ -63,10 +63,14 @@ mod tests {
 
     #[test]
     fn sys_admin_covers_bpf_and_perfmon_but_not_net_admin() {
-        assert_eq!(missing_for_attach(1 << CAP_SYS_ADMIN), vec!["CAP_NET_ADMIN"]);
+        assert_eq!(
+            missing_for_attach(1 << CAP_SYS_ADMIN),
+            vec!["CAP_NET_ADMIN"]
+        );
         assert!(missing_for_attach((1 << CAP_SYS_ADMIN) | (1 << CAP_NET_ADMIN)).is_empty());
         assert!(
-            missing_for_attach((1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_NET_ADMIN)).is_empty()
+            missing_for_attach((1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_NET_ADMIN))
+                .is_empty()
         );
         assert_eq!(
             missing_for_attach(0),

@@ -4,7 +4,10 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use anyhow::{Context as _, Result};
-use gateway_common::{pinned::{sockaddr_to_std, PinDir}, CONFIG_FLAG_ENABLED, MAP_CONFIG};
+use gateway_common::{
+    pinned::{sockaddr_to_std, PinDir},
+    CONFIG_FLAG_ENABLED, MAP_CONFIG,
+};
 use serde::Serialize;
 
 /// Everything `status` reports, serialisable for `--json`.
@@ -87,7 +90,13 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
             .vip_cidrs
             .iter()
             .take(config.vip_cidr_count as usize)
-            .map(|c| format!("{}/{}", Ipv4Addr::from(c.network.to_ne_bytes()), c.prefix_len()))
+            .map(|c| {
+                format!(
+                    "{}/{}",
+                    Ipv4Addr::from(c.network.to_ne_bytes()),
+                    c.prefix_len()
+                )
+            })
             .collect(),
     });
     status.counters = pins
@@ -143,7 +152,10 @@ pub fn render(status: &Status) -> String {
     for (name, n) in &status.counters {
         line(format!("  {name:<24} {n}"));
     }
-    line(format!("original destinations ({}):", status.original_destinations.len()));
+    line(format!(
+        "original destinations ({}):",
+        status.original_destinations.len()
+    ));
     for (client, orig) in &status.original_destinations {
         line(format!("  {client:<22} -> {orig}"));
     }

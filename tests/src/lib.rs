@@ -52,7 +52,9 @@ pub fn target_dir() -> PathBuf {
 
 /// True when running under CI, where a missing prerequisite is a failure.
 pub fn in_ci() -> bool {
-    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+    std::env::var("CI")
+        .map(|v| v == "true" || v == "1")
+        .unwrap_or(false)
 }
 
 /// Checks what the real-kernel tests need. Returns false (after saying why)
@@ -68,7 +70,10 @@ pub fn prerequisites_met(extra_files: &[PathBuf]) -> bool {
     }
     for bin in [gateway_bin()].iter().chain(extra_files) {
         if !bin.exists() {
-            missing.push(format!("{} (run `cargo xtask test`, which builds it)", bin.display()));
+            missing.push(format!(
+                "{} (run `cargo xtask test`, which builds it)",
+                bin.display()
+            ));
         }
     }
     for tool in ["ip", "bpftool", "python3"] {
@@ -222,8 +227,14 @@ impl Guarded {
         let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
         let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
         for stream in [
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
         ]
         .into_iter()
         .flatten()
@@ -366,15 +377,19 @@ impl Loader {
         let mut process = Guarded::spawn("gateway attach", cmd)?;
         let loader_pid = process.pid();
         let pins = pin_dir.clone();
-        let attached = wait_for("gateway attach to be ready", Duration::from_secs(20), || {
-            if !process.is_running() {
-                bail!("gateway attach exited early:\n{}", process.output());
-            }
-            let status = status_json(&pins)?;
-            let ready = status["attached"].as_bool() == Some(true)
-                && status["loader"]["pid"].as_u64() == Some(u64::from(loader_pid));
-            Ok(ready.then_some(()))
-        });
+        let attached = wait_for(
+            "gateway attach to be ready",
+            Duration::from_secs(20),
+            || {
+                if !process.is_running() {
+                    bail!("gateway attach exited early:\n{}", process.output());
+                }
+                let status = status_json(&pins)?;
+                let ready = status["attached"].as_bool() == Some(true)
+                    && status["loader"]["pid"].as_u64() == Some(u64::from(loader_pid));
+                Ok(ready.then_some(()))
+            },
+        );
         let loader = Self { process, pin_dir };
         attached?;
         Ok(loader)

@@ -42,7 +42,12 @@ fn setup() -> Result<Option<TestCgroup>> {
 }
 
 /// Runs tests/clients/probe.py (plain socket calls) and parses its line.
-fn probe(cgroup: Option<&TestCgroup>, kind: &str, host: &str, port: u16) -> Result<serde_json::Value> {
+fn probe(
+    cgroup: Option<&TestCgroup>,
+    kind: &str,
+    host: &str,
+    port: u16,
+) -> Result<serde_json::Value> {
     let script = repo_root().join("tests/clients/probe.py");
     let script = script.to_string_lossy().into_owned();
     let port = port.to_string();
@@ -137,7 +142,9 @@ impl UdpServer {
     }
 
     fn no_more_sources(&self) -> bool {
-        self.sources.recv_timeout(Duration::from_millis(300)).is_err()
+        self.sources
+            .recv_timeout(Duration::from_millis(300))
+            .is_err()
     }
 }
 
@@ -153,17 +160,28 @@ fn attach(cgroup: &TestCgroup) -> Result<Loader> {
 
 #[test]
 fn tcp_connect_to_vip_reaches_proxy_and_original_destination_is_recovered() -> Result<()> {
-    let Some(cgroup) = setup()? else { return Ok(()) };
+    let Some(cgroup) = setup()? else {
+        return Ok(());
+    };
     let proxy = TcpServer::start(TCP_TO)?;
     let loader = attach(&cgroup)?;
 
     let seen = probe(Some(&cgroup), "tcp", "10.10.0.7", 443)?;
     assert_eq!(seen["ok"], true, "client could not connect: {seen}");
-    assert_eq!(seen["reply"], "pong", "client did not reach the proxy: {seen}");
-    assert_eq!(seen["peer"], "10.10.0.7:443", "getpeername must show the VIP");
+    assert_eq!(
+        seen["reply"], "pong",
+        "client did not reach the proxy: {seen}"
+    );
+    assert_eq!(
+        seen["peer"], "10.10.0.7:443",
+        "getpeername must show the VIP"
+    );
 
     let accepted = proxy.next_peer().context("the proxy accepted nothing")?;
-    assert_eq!(accepted.to_string(), seen["local"].as_str().unwrap_or_default());
+    assert_eq!(
+        accepted.to_string(),
+        seen["local"].as_str().unwrap_or_default()
+    );
     let SocketAddr::V4(accepted) = accepted else {
         panic!("IPv4 peer expected, got {accepted}");
     };
@@ -179,8 +197,9 @@ fn tcp_connect_to_vip_reaches_proxy_and_original_destination_is_recovered() -> R
         .as_array()
         .context("original_destinations")?;
     assert!(
-        recorded.iter().any(|pair| pair[0] == accepted.to_string().as_str()
-            && pair[1] == "10.10.0.7:443"),
+        recorded
+            .iter()
+            .any(|pair| pair[0] == accepted.to_string().as_str() && pair[1] == "10.10.0.7:443"),
         "status does not show the original destination: {status}"
     );
     assert_eq!(loader.counter("tcp_redirected")?, 1);
@@ -190,23 +209,34 @@ fn tcp_connect_to_vip_reaches_proxy_and_original_destination_is_recovered() -> R
 
 #[test]
 fn dns_queries_are_redirected_and_replies_carry_the_original_server() -> Result<()> {
-    let Some(cgroup) = setup()? else { return Ok(()) };
+    let Some(cgroup) = setup()? else {
+        return Ok(());
+    };
     let dns = UdpServer::start(DNS_TO, b"answer")?;
     let loader = attach(&cgroup)?;
 
     let sendto = probe(Some(&cgroup), "udp-sendto", "203.0.113.53", 53)?;
     assert_eq!(sendto["ok"], true, "sendto query failed: {sendto}");
     assert_eq!(sendto["reply"], "answer");
-    assert_eq!(sendto["from"], "203.0.113.53:53", "reply must look like it came from the server asked");
-    let source = dns.next_source().context("the DNS target received nothing")?;
+    assert_eq!(
+        sendto["from"], "203.0.113.53:53",
+        "reply must look like it came from the server asked"
+    );
+    let source = dns
+        .next_source()
+        .context("the DNS target received nothing")?;
     assert_eq!(source.ip().to_string(), "127.0.0.1");
 
     let connected = probe(Some(&cgroup), "udp-connected", "198.51.100.7", 53)?;
     assert_eq!(connected["ok"], true, "connected query failed: {connected}");
     assert_eq!(connected["reply"], "answer");
     assert_eq!(connected["from"], "198.51.100.7:53");
-    assert_eq!(connected["peer"], "198.51.100.7:53", "getpeername must show the server asked");
-    dns.next_source().context("the DNS target received no connected query")?;
+    assert_eq!(
+        connected["peer"], "198.51.100.7:53",
+        "getpeername must show the server asked"
+    );
+    dns.next_source()
+        .context("the DNS target received no connected query")?;
 
     assert_eq!(loader.counter("udp_send_redirected")?, 1);
     assert_eq!(loader.counter("udp_connect_redirected")?, 1);
@@ -217,7 +247,9 @@ fn dns_queries_are_redirected_and_replies_carry_the_original_server() -> Result<
 
 #[test]
 fn traffic_the_configuration_does_not_name_is_left_alone() -> Result<()> {
-    let Some(cgroup) = setup()? else { return Ok(()) };
+    let Some(cgroup) = setup()? else {
+        return Ok(());
+    };
     let proxy = TcpServer::start(TCP_TO)?;
     let dns = UdpServer::start(DNS_TO, b"answer")?;
     let other_udp = UdpServer::start("127.0.0.1:5353", b"direct")?;
@@ -226,23 +258,37 @@ fn traffic_the_configuration_does_not_name_is_left_alone() -> Result<()> {
     // TCP outside the VIP CIDRs: not redirected, so in a namespace with
     // only lo it cannot be routed.
     let outside = probe(Some(&cgroup), "tcp", "10.20.0.1", 443)?;
-    assert_eq!(outside["ok"], false, "connect outside the VIP CIDR succeeded: {outside}");
+    assert_eq!(
+        outside["ok"], false,
+        "connect outside the VIP CIDR succeeded: {outside}"
+    );
     assert!(proxy.no_more_peers(), "a non-VIP connect reached the proxy");
     assert_eq!(loader.counter("tcp_passed")?, 1);
 
     // UDP to another port goes where it was sent.
     let mdns = probe(Some(&cgroup), "udp-sendto", "127.0.0.1", 5353)?;
-    assert_eq!(mdns["reply"], "direct", "UDP to port 5353 was diverted: {mdns}");
+    assert_eq!(
+        mdns["reply"], "direct",
+        "UDP to port 5353 was diverted: {mdns}"
+    );
     assert_eq!(mdns["from"], "127.0.0.1:5353");
-    other_udp.next_source().context("port 5353 server received nothing")?;
+    other_udp
+        .next_source()
+        .context("port 5353 server received nothing")?;
 
     // A process outside the cgroup is untouched.
     let tcp_outside_cgroup = probe(None, "tcp", "10.10.0.7", 443)?;
     assert_eq!(tcp_outside_cgroup["ok"], false, "{tcp_outside_cgroup}");
     let dns_outside_cgroup = probe(None, "udp-sendto", "203.0.113.53", 53)?;
     assert_eq!(dns_outside_cgroup["ok"], false, "{dns_outside_cgroup}");
-    assert!(proxy.no_more_peers(), "a process outside the cgroup reached the proxy");
-    assert!(dns.no_more_sources(), "a process outside the cgroup reached the DNS target");
+    assert!(
+        proxy.no_more_peers(),
+        "a process outside the cgroup reached the proxy"
+    );
+    assert!(
+        dns.no_more_sources(),
+        "a process outside the cgroup reached the DNS target"
+    );
 
     assert_eq!(loader.counter("tcp_redirected")?, 0);
     assert_eq!(loader.counter("udp_send_redirected")?, 0);
@@ -251,7 +297,9 @@ fn traffic_the_configuration_does_not_name_is_left_alone() -> Result<()> {
 }
 
 fn assert_detaches_on(signal: Signal) -> Result<()> {
-    let Some(cgroup) = setup()? else { return Ok(()) };
+    let Some(cgroup) = setup()? else {
+        return Ok(());
+    };
     let mut loader = attach(&cgroup)?;
     let attached = cgroup.attached_programs()?;
     for expected in [
@@ -267,7 +315,10 @@ fn assert_detaches_on(signal: Signal) -> Result<()> {
         );
     }
     let (status, output) = loader.stop_with(signal)?;
-    assert!(status.success(), "gateway attach exited with {status} on {signal}:\n{output}");
+    assert!(
+        status.success(),
+        "gateway attach exited with {status} on {signal}:\n{output}"
+    );
     assert!(output.contains("detached"), "no detach message:\n{output}");
     assert_eq!(cgroup.attached_programs()?, Vec::<String>::new());
     let status = loader.status()?;
@@ -289,7 +340,9 @@ fn stopping_with_sigterm_leaves_nothing_attached() -> Result<()> {
 
 #[test]
 fn restarted_loader_reuses_the_pinned_tables() -> Result<()> {
-    let Some(cgroup) = setup()? else { return Ok(()) };
+    let Some(cgroup) = setup()? else {
+        return Ok(());
+    };
     let mut first = attach(&cgroup)?;
     PinDir::new(first.pin_dir())
         .vips()?
@@ -326,20 +379,38 @@ fn bad_command_line_input_gets_a_clear_error() -> Result<()> {
     let root = cgroup2_root()?.to_string_lossy().into_owned();
     let base = |cgroup: &str, cidr: &str, dns: &str| -> Vec<String> {
         [
-            "attach", "--cgroup", cgroup, "--vip-cidr", cidr, "--dns-to", dns, "--tcp-to",
-            TCP_TO, "--pin-dir", "/tmp/not-bpffs-gateway-test",
+            "attach",
+            "--cgroup",
+            cgroup,
+            "--vip-cidr",
+            cidr,
+            "--dns-to",
+            dns,
+            "--tcp-to",
+            TCP_TO,
+            "--pin-dir",
+            "/tmp/not-bpffs-gateway-test",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect()
     };
     let cases: Vec<(Vec<String>, &str)> = vec![
-        (base("/nonexistent/cgroup", VIP_CIDR, DNS_TO), "does not exist"),
-        (base(&cg, "10.10.0.1/24", DNS_TO), "did you mean 10.10.0.0/24"),
+        (
+            base("/nonexistent/cgroup", VIP_CIDR, DNS_TO),
+            "does not exist",
+        ),
+        (
+            base(&cg, "10.10.0.1/24", DNS_TO),
+            "did you mean 10.10.0.0/24",
+        ),
         (base(&cg, "10.10.0.0/40", DNS_TO), "must be 0 to 32"),
         (base(&cg, "banana", DNS_TO), "expected an IPv4 network"),
         (base(&cg, VIP_CIDR, "127.0.0.1"), "like 127.0.0.1:15053"),
-        (base(&cg, "127.0.0.0/8", DNS_TO), "contains the proxy address"),
+        (
+            base(&cg, "127.0.0.0/8", DNS_TO),
+            "contains the proxy address",
+        ),
         (base(&root, VIP_CIDR, DNS_TO), "root cgroup"),
         (base(&cg, VIP_CIDR, DNS_TO), "not on a bpffs mount"),
         (
@@ -356,7 +427,10 @@ fn bad_command_line_input_gets_a_clear_error() -> Result<()> {
             stderr.contains(expected),
             "gateway {args:?}: expected {expected:?} in:\n{stderr}"
         );
-        assert!(!stderr.contains("panicked"), "gateway {args:?} panicked:\n{stderr}");
+        assert!(
+            !stderr.contains("panicked"),
+            "gateway {args:?} panicked:\n{stderr}"
+        );
     }
     assert_eq!(cgroup.attached_programs()?, Vec::<String>::new());
 

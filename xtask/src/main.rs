@@ -1,1 +1,45 @@
-fn main() {}
+//! Developer and CI automation for the DNS egress gateway: `cargo xtask
+//! <command>`. Every command installs what it needs first.
+
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cargo xtask",
+    about = "Set up, test, demo and benchmark the gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Install every prerequisite (Debian packages, nightly rust-src,
+    /// bpf-linker for nightly's LLVM, Envoy 1.40 into .tools/); idempotent.
+    Setup,
+    /// Set up, build, lint, and run all tests (needs root for the real
+    /// kernel and Envoy tests; with CI=true nothing may be skipped).
+    Test(test::TestArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup => setup::setup(),
+        Command::Test(args) => test::test(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

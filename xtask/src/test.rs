@@ -1,0 +1,43 @@
+//! `cargo xtask test`: the one command that installs what is missing,
+//! builds, lints and runs every test (unit and real kernel + real Envoy).
+
+use anyhow::Result;
+
+use crate::{
+    setup,
+    util::{cargo, run},
+};
+
+/// Options of the test command.
+#[derive(clap::Args, Debug)]
+pub struct TestArgs {
+    /// Skip `cargo fmt --check` and clippy (quicker local iterations).
+    #[arg(long)]
+    pub no_lint: bool,
+    /// Extra arguments for the test binaries (e.g. a test name filter).
+    #[arg(last = true)]
+    pub test_args: Vec<String>,
+}
+
+/// Runs setup, the build, the lints and the tests.
+pub fn test(args: &TestArgs) -> Result<()> {
+    setup::setup()?;
+    if !args.no_lint {
+        run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    }
+    // The tests start the binaries, so build them all first.
+    run(cargo().args(["build", "--workspace"]))?;
+    if !args.no_lint {
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    run(cargo()
+        .args(["test", "--workspace", "--no-fail-fast", "--"])
+        .args(&args.test_args))
+}
