@@ -9,6 +9,8 @@
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
 
 #[cfg(feature = "user")]
+pub mod pattern;
+#[cfg(feature = "user")]
 pub mod pinned;
 
 /// How many VIP CIDRs the kernel programs can match against.

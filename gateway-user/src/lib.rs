@@ -5,7 +5,12 @@
 pub mod addr;
 pub mod bpffs;
 pub mod cgroup;
+pub mod config;
+pub mod envoy_bootstrap;
+pub mod exec;
 pub mod kernel_log;
 pub mod loader;
 pub mod privileges;
+pub mod run;
 pub mod status;
+pub mod supervisor;

@@ -184,10 +184,20 @@ fn privilege_hint(err: &anyhow::Error) -> String {
     }
 }
 
-/// Loads the programs, writes the configuration, and attaches them.
-pub fn attach(request: &AttachRequest) -> Result<Attached> {
+/// Programs loaded and maps pinned and configured, not yet attached: the
+/// moment to start Envoy, which opens the pinned maps, before any traffic
+/// is redirected to it.
+pub struct Loaded {
+    ebpf: Ebpf,
+    pin_dir: PinDir,
+    cgroup: PathBuf,
+}
+
+/// Checks the request, loads the programs, pins the maps and writes the
+/// kernel configuration.
+pub fn load(request: &AttachRequest) -> Result<Loaded> {
     let config = kernel_config(request)?;
-    let cgroup_path = cgroup::validate(&request.cgroup, request.allow_root_cgroup)?;
+    let cgroup = cgroup::validate(&request.cgroup, request.allow_root_cgroup)?;
     crate::privileges::check_attach()?;
     bpffs::prepare_pin_dir(&request.pin_dir)?;
     let pin_dir = PinDir::new(&request.pin_dir);
@@ -195,7 +205,7 @@ pub fn attach(request: &AttachRequest) -> Result<Attached> {
     pin_dir.check_layouts()?;
 
     let log_level = kernel_log_level();
-    let mut ebpf = EbpfLoader::new()
+    let ebpf = EbpfLoader::new()
         .default_map_pin_directory(&request.pin_dir)
         .override_global("AYA_LOG_LEVEL", &log_level, false)
         .load(EBPF_OBJECT)
@@ -204,45 +214,64 @@ pub fn attach(request: &AttachRequest) -> Result<Attached> {
             let hint = privilege_hint(&e);
             e.context(format!("loading the eBPF object{hint}"))
         })?;
-
     // Configure before attaching, so the first redirected socket already
     // sees the targets.
     pin_dir
         .set_config(&config)
         .context("writing the kernel configuration")?;
-
-    let cgroup_file = File::open(&cgroup_path)
-        .with_context(|| format!("opening cgroup {}", cgroup_path.display()))?;
-    for name in PROGRAMS {
-        attach_program(&mut ebpf, name, &cgroup_file).map_err(|e| {
-            let hint = privilege_hint(&e);
-            e.context(format!(
-                "attaching {name} to {}{hint}",
-                cgroup_path.display()
-            ))
-        })?;
-    }
-
-    let mut info = LoaderInfo {
-        pid: std::process::id(),
-        cgroup_path_len: 0,
-        attached_at: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
-        cgroup_path: [0; 256],
-    };
-    let path_bytes = cgroup_path.as_os_str().as_encoded_bytes();
-    let len = path_bytes.len().min(info.cgroup_path.len());
-    info.cgroup_path[..len].copy_from_slice(&path_bytes[..len]);
-    info.cgroup_path_len = len as u32;
-    pin_dir.set_loader_info(&info)?;
-
-    Ok(Attached {
+    Ok(Loaded {
         ebpf,
         pin_dir,
-        cgroup: cgroup_path,
+        cgroup,
     })
+}
+
+impl Loaded {
+    /// The pinned maps.
+    pub fn pin_dir(&self) -> &PinDir {
+        &self.pin_dir
+    }
+
+    /// Attaches every program to the cgroup and records the loader.
+    pub fn attach(self) -> Result<Attached> {
+        let Loaded {
+            mut ebpf,
+            pin_dir,
+            cgroup,
+        } = self;
+        let cgroup_file = File::open(&cgroup)
+            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        for name in PROGRAMS {
+            attach_program(&mut ebpf, name, &cgroup_file).map_err(|e| {
+                let hint = privilege_hint(&e);
+                e.context(format!("attaching {name} to {}{hint}", cgroup.display()))
+            })?;
+        }
+        let mut info = LoaderInfo {
+            pid: std::process::id(),
+            cgroup_path_len: 0,
+            attached_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            cgroup_path: [0; 256],
+        };
+        let path_bytes = cgroup.as_os_str().as_encoded_bytes();
+        let len = path_bytes.len().min(info.cgroup_path.len());
+        info.cgroup_path[..len].copy_from_slice(&path_bytes[..len]);
+        info.cgroup_path_len = len as u32;
+        pin_dir.set_loader_info(&info)?;
+        Ok(Attached {
+            ebpf,
+            pin_dir,
+            cgroup,
+        })
+    }
+}
+
+/// Loads and attaches in one step (`gateway attach`).
+pub fn attach(request: &AttachRequest) -> Result<Attached> {
+    load(request)?.attach()
 }
 
 /// Attach mode for every program. On kernels with cgroup bpf_links (5.7+)

@@ -1,0 +1,339 @@
+//! The one configuration file of the whole gateway (TOML): the cgroup to
+//! gate, the VIP range, the domain patterns with their metadata, the
+//! upstream clusters, the fallback resolvers and the listeners. The kernel
+//! configuration and Envoy's bootstrap are both derived from it, so nothing
+//! is written twice.
+
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::addr::{parse_cidr, parse_socket_addr, Cidr};
+
+/// The built-in configuration: the seed's example (`*.aws.com` → cluster_1
+/// with an auth token, `example.com` → cluster_2).
+pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
+
+/// The whole gateway configuration, as written in the file.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFile {
+    /// The cgroup v2 directory whose processes are gated: absolute, or
+    /// relative to the cgroup v2 mount. Created by `gateway run` if
+    /// missing (and removed again when it stops).
+    pub cgroup: PathBuf,
+    /// bpffs directory for the shared maps.
+    #[serde(default = "default_pin_dir")]
+    pub pin_dir: PathBuf,
+    /// Listener addresses of the generated Envoy.
+    #[serde(default)]
+    pub listeners: Listeners,
+    /// DNS behaviour: VIP range, TTL, fallback resolvers.
+    pub dns: Dns,
+    /// Domain patterns and their metadata; the `cluster` key picks the
+    /// upstream.
+    pub domains: Vec<Domain>,
+    /// Upstream HTTP CONNECT proxies.
+    pub clusters: Vec<Cluster>,
+    /// What every CONNECT carries.
+    #[serde(default)]
+    pub tunnel: Tunnel,
+}
+
+fn default_pin_dir() -> PathBuf {
+    PathBuf::from(gateway_common::DEFAULT_PIN_DIR)
+}
+
+/// Where Envoy listens.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listeners {
+    /// UDP DNS listener (the kernel sends port-53 traffic here).
+    pub dns: String,
+    /// TCP listener (the kernel sends VIP connects here).
+    pub tcp: String,
+    /// Envoy admin interface (stats, readiness); keep it on loopback.
+    pub admin: String,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Self {
+            dns: "127.0.0.1:15053".into(),
+            tcp: "127.0.0.1:15001".into(),
+            admin: "127.0.0.1:15000".into(),
+        }
+    }
+}
+
+/// DNS settings.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dns {
+    /// VIP range, e.g. "10.10.0.0/24".
+    pub vip_cidr: String,
+    /// TTL of VIP answers, seconds.
+    #[serde(default = "default_ttl")]
+    pub ttl: u32,
+    /// Resolvers for names that match no pattern ("ip:port"); empty means
+    /// the nameservers of /etc/resolv.conf.
+    #[serde(default)]
+    pub fallback: Vec<String>,
+}
+
+fn default_ttl() -> u32 {
+    300
+}
+
+/// One domain pattern.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Domain {
+    /// "example.com" (exact) or "*.example.com" (any subdomain).
+    pub domain: String,
+    /// String values exposed as filter state; `cluster` names the upstream.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// One upstream HTTP CONNECT proxy.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    /// Name the domains' `metadata.cluster` refers to.
+    pub name: String,
+    /// "ip:port" of the proxy.
+    pub address: String,
+}
+
+/// CONNECT tunnelling settings.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tunnel {
+    /// Header name → metadata key: added to every CONNECT with the value
+    /// of that key for the connection's domain (e.g. X-Auth-Token =
+    /// "auth_token").
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// A validated configuration, with parsed addresses.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file as written (for generating Envoy's bootstrap).
+    pub file: GatewayFile,
+    /// The VIP range.
+    pub vip_cidr: Cidr,
+    /// DNS listener.
+    pub dns_listener: SocketAddrV4,
+    /// TCP listener.
+    pub tcp_listener: SocketAddrV4,
+    /// Admin listener.
+    pub admin_listener: SocketAddrV4,
+    /// Fallback resolvers (from the file or /etc/resolv.conf).
+    pub fallback: Vec<SocketAddrV4>,
+    /// Cluster addresses by name.
+    pub clusters: BTreeMap<String, SocketAddrV4>,
+}
+
+/// Reads and validates a configuration file, or the built-in default.
+pub fn load(path: Option<&Path>) -> Result<Config> {
+    let (text, origin) = match path {
+        Some(p) => (
+            fs::read_to_string(p)
+                .with_context(|| format!("reading the configuration {}", p.display()))?,
+            p.display().to_string(),
+        ),
+        None => (DEFAULT_CONFIG.to_owned(), "the built-in default configuration".to_owned()),
+    };
+    parse(&text).with_context(|| format!("invalid configuration in {origin}"))
+}
+
+/// Parses and validates configuration text; errors name the field.
+pub fn parse(text: &str) -> Result<Config> {
+    let file: GatewayFile = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+    validate(file)
+}
+
+fn field<T>(name: &str, result: std::result::Result<T, String>) -> Result<T> {
+    result.map_err(|e| anyhow::anyhow!("{name}: {e}"))
+}
+
+fn validate(file: GatewayFile) -> Result<Config> {
+    if file.cgroup.as_os_str().is_empty() || file.cgroup.components().any(|c| c == std::path::Component::ParentDir) {
+        bail!("cgroup: {:?} must name a cgroup directory (absolute, or relative to the cgroup v2 mount) without '..'", file.cgroup);
+    }
+    let vip_cidr = field("dns.vip_cidr", parse_cidr(&file.dns.vip_cidr))?;
+    if vip_cidr.prefix_len > 30 {
+        bail!(
+            "dns.vip_cidr: /{} leaves no usable VIPs (network and broadcast are never handed out); use /30 or shorter",
+            vip_cidr.prefix_len
+        );
+    }
+    if vip_cidr.prefix_len < 16 {
+        bail!(
+            "dns.vip_cidr: /{} is larger than the VIP table (65,536 entries); use /16 or longer",
+            vip_cidr.prefix_len
+        );
+    }
+    if file.dns.ttl == 0 || file.dns.ttl > 86_400 {
+        bail!("dns.ttl: {} must be between 1 and 86400 seconds", file.dns.ttl);
+    }
+    let dns_listener = field("listeners.dns", parse_socket_addr(&file.listeners.dns))?;
+    let tcp_listener = field("listeners.tcp", parse_socket_addr(&file.listeners.tcp))?;
+    let admin_listener = field("listeners.admin", parse_socket_addr(&file.listeners.admin))?;
+    for (name, addr) in [
+        ("listeners.dns", dns_listener),
+        ("listeners.tcp", tcp_listener),
+        ("listeners.admin", admin_listener),
+    ] {
+        if vip_cidr.contains(*addr.ip()) {
+            bail!("{name}: {addr} lies inside dns.vip_cidr {vip_cidr}");
+        }
+    }
+    if tcp_listener == admin_listener {
+        bail!("listeners.admin: {admin_listener} is also listeners.tcp");
+    }
+    let fallback = if file.dns.fallback.is_empty() {
+        system_resolvers()?
+    } else {
+        file.dns
+            .fallback
+            .iter()
+            .enumerate()
+            .map(|(i, r)| field(&format!("dns.fallback[{i}]"), parse_socket_addr(r)))
+            .collect::<Result<_>>()?
+    };
+
+    let mut clusters = BTreeMap::new();
+    if file.clusters.is_empty() {
+        bail!("clusters: at least one upstream cluster is needed");
+    }
+    for (i, c) in file.clusters.iter().enumerate() {
+        if c.name.is_empty() || !c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || "_-.".contains(ch)) {
+            bail!("clusters[{i}].name: {:?} must be non-empty letters, digits, '_', '-' or '.'", c.name);
+        }
+        let address = field(&format!("clusters[{i}].address"), parse_socket_addr(&c.address))?;
+        if clusters.insert(c.name.clone(), address).is_some() {
+            bail!("clusters[{i}].name: {:?} is defined twice", c.name);
+        }
+    }
+
+    if file.domains.is_empty() {
+        bail!("domains: at least one domain pattern is needed");
+    }
+    let mut seen = BTreeMap::new();
+    for (i, d) in file.domains.iter().enumerate() {
+        let normalized = field(
+            &format!("domains[{i}].domain"),
+            gateway_common::pattern::validate_pattern(&d.domain),
+        )?;
+        if let Some(first) = seen.insert(normalized.clone(), i) {
+            bail!("domains[{i}].domain: {:?} repeats domains[{first}]", d.domain);
+        }
+        match d.metadata.get("cluster") {
+            None => bail!(
+                "domains[{i}].metadata.cluster: missing; name one of the clusters ({})",
+                clusters.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+            Some(name) if !clusters.contains_key(name) => bail!(
+                "domains[{i}].metadata.cluster: {name:?} is not a defined cluster ({})",
+                clusters.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+            Some(_) => {}
+        }
+    }
+    for (header, key) in &file.tunnel.headers {
+        if header.is_empty() || !header.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            bail!("tunnel.headers: {header:?} is not a valid header name");
+        }
+        if !file.domains.iter().any(|d| d.metadata.contains_key(key)) {
+            bail!("tunnel.headers.{header}: no domain has metadata key {key:?}");
+        }
+    }
+
+    Ok(Config {
+        file,
+        vip_cidr,
+        dns_listener,
+        tcp_listener,
+        admin_listener,
+        fallback,
+        clusters,
+    })
+}
+
+/// The IPv4 nameservers of /etc/resolv.conf, port 53.
+fn system_resolvers() -> Result<Vec<SocketAddrV4>> {
+    let text = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let found: Vec<SocketAddrV4> = text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .filter_map(|ip| ip.trim().parse::<Ipv4Addr>().ok())
+        .map(|ip| SocketAddrV4::new(ip, 53))
+        .collect();
+    if found.is_empty() {
+        bail!("dns.fallback: empty, and /etc/resolv.conf names no IPv4 nameserver; list resolvers for unmatched names");
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with(replace: &str, by: &str) -> String {
+        assert!(DEFAULT_CONFIG.contains(replace), "default config lacks {replace:?}");
+        DEFAULT_CONFIG.replacen(replace, by, 1)
+    }
+
+    fn error_of(text: &str) -> String {
+        format!("{:#}", parse(text).expect_err("configuration must be rejected"))
+    }
+
+    #[test]
+    fn default_configuration_is_valid_and_is_the_seed_example() {
+        let config = parse(DEFAULT_CONFIG).expect("default is valid");
+        assert_eq!(config.vip_cidr.to_string(), "10.10.0.0/24");
+        let patterns: Vec<_> = config.file.domains.iter().map(|d| d.domain.as_str()).collect();
+        assert_eq!(patterns, ["*.aws.com", "example.com"]);
+        assert_eq!(config.file.domains[0].metadata["cluster"], "cluster_1");
+        assert_eq!(config.file.domains[0].metadata["auth_token"], "abc123");
+        assert_eq!(config.file.domains[1].metadata["cluster"], "cluster_2");
+        assert_eq!(config.clusters.len(), 2);
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases = [
+            (with("10.10.0.0/24", "10.10.0.1/24"), "dns.vip_cidr"),
+            (with("10.10.0.0/24", "10.10.0.0/31"), "dns.vip_cidr"),
+            (with("ttl = 300", "ttl = 0"), "dns.ttl"),
+            (with("127.0.0.1:15053", "localhost:53"), "listeners.dns"),
+            (with("127.0.0.1:15001", "10.10.0.5:15001"), "listeners.tcp"),
+            (with("\"*.aws.com\"", "\"*.*.aws.com\""), "domains[0].domain"),
+            (with("\"example.com\"", "\"exa mple.com\""), "domains[1].domain"),
+            (with("cluster = \"cluster_2\"", "cluster = \"nowhere\""), "domains[1].metadata.cluster"),
+            (with("127.0.0.1:18001", "127.0.0.1"), "clusters[0].address"),
+            (with("name = \"cluster_2\"", "name = \"cluster_1\""), "clusters[1].name"),
+            (with("cgroup = ", "cgroupz = "), "unknown field `cgroupz`"),
+            (with("\"auth_token\"", "\"missing_key\""), "tunnel.headers.X-Auth-Token"),
+        ];
+        for (text, field) in cases {
+            let err = error_of(&text);
+            assert!(err.contains(field), "expected {field:?} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn toml_syntax_errors_say_where() {
+        let err = error_of("cgroup = ");
+        assert!(err.contains("line 1"), "{err}");
+    }
+}

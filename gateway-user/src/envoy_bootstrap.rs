@@ -1,0 +1,217 @@
+//! Envoy's bootstrap, generated from the gateway configuration: a UDP DNS
+//! listener (`dns_gateway`, then Envoy's `dns_filter` as fallback) and a
+//! TCP listener (`cache_lookup`, then tcp_proxy tunnelling over HTTP
+//! CONNECT to the cluster the domain's metadata names). The listeners and
+//! filters are those of the seed design; only the capture differs (eBPF
+//! instead of iptables, so no `original_dst` listener filter).
+
+use serde_json::{json, Value};
+
+use crate::config::Config;
+
+/// Name under which Envoy loads the module (`lib<name>.so`), as in the seed.
+pub const MODULE_NAME: &str = "connectivity_envoy_module";
+
+/// Cluster tcp_proxy falls back to when no domain matched: it does not
+/// exist, so such a connection is closed and counted by tcp_proxy.
+pub const NO_MATCH_CLUSTER: &str = "no_matching_domain";
+
+fn socket_address(addr: std::net::SocketAddrV4, udp: bool) -> Value {
+    let mut sa = json!({
+        "address": addr.ip().to_string(),
+        "port_value": addr.port(),
+    });
+    if udp {
+        sa["protocol"] = json!("UDP");
+    }
+    json!({ "socket_address": sa })
+}
+
+fn dynamic_module(filter_name: &str) -> Value {
+    json!({
+        "dynamic_module_config": { "name": MODULE_NAME, "do_not_close": true },
+        "filter_name": filter_name,
+    })
+}
+
+/// The `dns_gateway` filter configuration (the seed's schema plus `ttl`
+/// and `pin_dir`).
+pub fn dns_gateway_config(config: &Config) -> Value {
+    let domains: Vec<Value> = config
+        .file
+        .domains
+        .iter()
+        .map(|d| json!({ "domain": d.domain, "metadata": d.metadata }))
+        .collect();
+    json!({
+        "base_ip": config.vip_cidr.network.to_string(),
+        "prefix_len": config.vip_cidr.prefix_len,
+        "ttl": config.file.dns.ttl,
+        "pin_dir": config.file.pin_dir.display().to_string(),
+        "domains": domains,
+    })
+}
+
+fn dns_listener(config: &Config) -> Value {
+    let mut gateway = dynamic_module("dns_gateway");
+    gateway["@type"] =
+        json!("type.googleapis.com/envoy.extensions.filters.udp.dynamic_modules.v3.DynamicModuleUdpListenerFilter");
+    gateway["filter_config"] = json!({
+        "@type": "type.googleapis.com/google.protobuf.Struct",
+        "value": dns_gateway_config(config),
+    });
+    let resolvers: Vec<Value> = config
+        .fallback
+        .iter()
+        .map(|r| socket_address(*r, true))
+        .collect();
+    json!({
+        "name": "dns_listener",
+        "address": socket_address(config.dns_listener, true),
+        "listener_filters": [
+            { "name": "envoy.filters.udp_listener.dynamic_modules", "typed_config": gateway },
+            {
+                "name": "envoy.filters.udp_listener.dns_filter",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.udp.dns_filter.v3.DnsFilterConfig",
+                    "stat_prefix": "dns_fallback",
+                    "client_config": {
+                        "max_pending_lookups": 256,
+                        "resolver_timeout": "2s",
+                        "dns_resolution_config": {
+                            "resolvers": resolvers,
+                            "dns_resolver_options": { "no_default_search_domain": true },
+                        },
+                    },
+                    "server_config": { "inline_dns_table": {} },
+                },
+            },
+        ],
+    })
+}
+
+fn tcp_listener(config: &Config) -> Value {
+    let mut lookup = dynamic_module("cache_lookup");
+    lookup["@type"] =
+        json!("type.googleapis.com/envoy.extensions.filters.network.dynamic_modules.v3.DynamicModuleNetworkFilter");
+    lookup["filter_config"] = json!({
+        "@type": "type.googleapis.com/google.protobuf.Struct",
+        "value": { "pin_dir": config.file.pin_dir.display().to_string() },
+    });
+    let headers: Vec<Value> = config
+        .file
+        .tunnel
+        .headers
+        .iter()
+        .map(|(header, key)| {
+            json!({ "header": {
+                "key": header,
+                "value": format!("%FILTER_STATE(envoy.dns_gateway.metadata.{key}:PLAIN)%"),
+            }})
+        })
+        .collect();
+    json!({
+        "name": "tcp_listener",
+        "address": socket_address(config.tcp_listener, false),
+        "filter_chains": [{ "filters": [
+            { "name": "envoy.filters.network.dynamic_modules", "typed_config": lookup },
+            {
+                "name": "envoy.filters.network.set_filter_state",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.set_filter_state.v3.Config",
+                    "on_new_connection": [{
+                        "object_key": "envoy.tcp_proxy.cluster",
+                        "format_string": { "text_format_source": {
+                            "inline_string": "%FILTER_STATE(envoy.dns_gateway.metadata.cluster:PLAIN)%",
+                        }},
+                    }],
+                },
+            },
+            {
+                "name": "envoy.filters.network.tcp_proxy",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                    "stat_prefix": "egress",
+                    "cluster": NO_MATCH_CLUSTER,
+                    "tunneling_config": {
+                        "hostname": "%FILTER_STATE(envoy.dns_gateway.domain:PLAIN)%:%FILTER_STATE(envoy.dns_gateway.port:PLAIN)%",
+                        "headers_to_add": headers,
+                    },
+                },
+            },
+        ]}],
+    })
+}
+
+fn clusters(config: &Config) -> Vec<Value> {
+    config
+        .clusters
+        .iter()
+        .map(|(name, addr)| {
+            json!({
+                "name": name,
+                "type": "STATIC",
+                "connect_timeout": "5s",
+                "load_assignment": {
+                    "cluster_name": name,
+                    "endpoints": [{ "lb_endpoints": [{ "endpoint": {
+                        "address": socket_address(*addr, false),
+                    }}]}],
+                },
+            })
+        })
+        .collect()
+}
+
+/// The whole bootstrap.
+pub fn bootstrap(config: &Config) -> Value {
+    json!({
+        "node": { "id": "dns-egress-gateway", "cluster": "dns-egress-gateway" },
+        "admin": { "address": socket_address(config.admin_listener, false) },
+        "static_resources": {
+            "listeners": [dns_listener(config), tcp_listener(config)],
+            "clusters": clusters(config),
+        },
+    })
+}
+
+/// The bootstrap as text; JSON is valid YAML, so it may be saved as either.
+pub fn render(config: &Config) -> String {
+    serde_json::to_string_pretty(&bootstrap(config)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+
+    #[test]
+    fn bootstrap_follows_the_configuration() {
+        let config = config::parse(config::DEFAULT_CONFIG).expect("default config");
+        let b = bootstrap(&config);
+        let listeners = &b["static_resources"]["listeners"];
+        assert_eq!(listeners[0]["address"]["socket_address"]["port_value"], 15053);
+        assert_eq!(listeners[0]["address"]["socket_address"]["protocol"], "UDP");
+        let gw = &listeners[0]["listener_filters"][0]["typed_config"];
+        assert_eq!(gw["dynamic_module_config"]["name"], MODULE_NAME);
+        assert_eq!(gw["filter_name"], "dns_gateway");
+        assert_eq!(gw["filter_config"]["value"]["base_ip"], "10.10.0.0");
+        assert_eq!(gw["filter_config"]["value"]["prefix_len"], 24);
+        assert_eq!(gw["filter_config"]["value"]["domains"][0]["domain"], "*.aws.com");
+        let tcp = &listeners[1]["filter_chains"][0]["filters"];
+        assert_eq!(tcp[0]["typed_config"]["filter_name"], "cache_lookup");
+        let headers = &tcp[2]["typed_config"]["tunneling_config"]["headers_to_add"];
+        assert_eq!(headers[0]["header"]["key"], "X-Auth-Token");
+        assert_eq!(
+            headers[0]["header"]["value"],
+            "%FILTER_STATE(envoy.dns_gateway.metadata.auth_token:PLAIN)%"
+        );
+        let names: Vec<_> = b["static_resources"]["clusters"]
+            .as_array()
+            .expect("clusters")
+            .iter()
+            .map(|c| c["name"].as_str().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(names, ["cluster_1", "cluster_2"]);
+    }
+}

@@ -1,0 +1,220 @@
+//! `gateway run`: the whole gateway from one configuration file. Loads the
+//! kernel programs and pins the maps, starts Envoy with the module on a
+//! generated bootstrap, attaches the programs once Envoy is ready,
+//! supervises Envoy, and on SIGINT/SIGTERM stops Envoy and detaches.
+
+use std::{
+    fs,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _, Result};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{
+    cgroup, config,
+    envoy_bootstrap::{self, MODULE_NAME},
+    kernel_log,
+    loader::{self, AttachRequest, Attached},
+    supervisor::{self, EnvoyCommand},
+};
+
+/// Options of `gateway run` beyond the configuration file.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Configuration file; the built-in default when absent.
+    pub config: Option<PathBuf>,
+    /// Replaces `dns.fallback` of the configuration.
+    pub fallback: Vec<SocketAddrV4>,
+    /// Envoy binary; found automatically when absent.
+    pub envoy: Option<PathBuf>,
+    /// Directory with the module's shared library.
+    pub module_dir: Option<PathBuf>,
+    /// Where the generated bootstrap is written.
+    pub state_dir: PathBuf,
+    /// Envoy's log level.
+    pub envoy_log_level: String,
+    /// Envoy worker threads.
+    pub concurrency: u32,
+}
+
+/// The configuration with command-line overrides applied.
+pub fn effective_config(path: Option<&Path>, fallback: &[SocketAddrV4]) -> Result<config::Config> {
+    let mut config = config::load(path)?;
+    if !fallback.is_empty() {
+        config.fallback = fallback.to_vec();
+        config.file.dns.fallback = fallback.iter().map(ToString::to_string).collect();
+    }
+    Ok(config)
+}
+
+fn executable_dir() -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()?
+        .parent()
+        .map(Path::to_path_buf)
+}
+
+/// Finds Envoy: `--envoy`, `$ENVOY_BIN`, the repository's `.tools/bin/envoy`
+/// (when the gateway runs from `target/<profile>`), then `envoy` on PATH.
+pub fn find_envoy(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(path) = explicit {
+        if path.is_file() {
+            return Ok(path.to_path_buf());
+        }
+        bail!("--envoy {}: no such file", path.display());
+    }
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    if let Some(p) = std::env::var_os("ENVOY_BIN") {
+        candidates.push(p.into());
+    }
+    if let Some(dir) = executable_dir() {
+        candidates.push(dir.join("../../.tools/bin/envoy"));
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        candidates.extend(std::env::split_paths(&path).map(|d| d.join("envoy")));
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .context("Envoy not found: pass --envoy <path>, set ENVOY_BIN, or run `cargo xtask setup` (installs Envoy 1.40 into .tools/bin)")
+}
+
+/// Finds the directory holding `libconnectivity_envoy_module.so`:
+/// `--module-dir`, `$ENVOY_DYNAMIC_MODULES_SEARCH_PATH`, then the gateway
+/// binary's own directory (where cargo puts both).
+pub fn find_module_dir(explicit: Option<&Path>) -> Result<PathBuf> {
+    let file = format!("lib{MODULE_NAME}.so");
+    let candidates: Vec<PathBuf> = explicit
+        .map(Path::to_path_buf)
+        .into_iter()
+        .chain(std::env::var_os("ENVOY_DYNAMIC_MODULES_SEARCH_PATH").map(PathBuf::from))
+        .chain(executable_dir())
+        .collect();
+    candidates
+        .iter()
+        .find(|d| d.join(&file).is_file())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "the Envoy module {file} is not in {}: build it with `cargo build -p envoy-module` or pass --module-dir",
+                candidates
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+}
+
+async fn shutdown_signal() {
+    let (Ok(mut sigint), Ok(mut sigterm)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        log::error!("cannot install signal handlers; stop the gateway with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = sigint.recv() => log::info!("SIGINT received, stopping"),
+        _ = sigterm.recv() => log::info!("SIGTERM received, stopping"),
+    }
+}
+
+/// Runs the gateway until SIGINT/SIGTERM.
+pub async fn run(options: RunOptions) -> Result<()> {
+    let config = effective_config(options.config.as_deref(), &options.fallback)?;
+    let envoy_binary = find_envoy(options.envoy.as_deref())?;
+    let module_dir = find_module_dir(options.module_dir.as_deref())?;
+    let cgroup_path = cgroup::resolve(&config.file.cgroup)?;
+    cgroup::ensure_outside(&cgroup_path)?;
+
+    fs::create_dir_all(&options.state_dir)
+        .with_context(|| format!("creating the state directory {}", options.state_dir.display()))?;
+    let bootstrap = options.state_dir.join("envoy.json");
+    fs::write(&bootstrap, envoy_bootstrap::render(&config))
+        .with_context(|| format!("writing {}", bootstrap.display()))?;
+
+    let created_cgroup = cgroup::ensure_exists(&cgroup_path)?;
+    let result = run_with_cgroup(&config, &options, &cgroup_path, EnvoyCommand {
+        binary: envoy_binary,
+        bootstrap,
+        module_dir,
+        admin: config.admin_listener,
+        log_level: options.envoy_log_level.clone(),
+        concurrency: options.concurrency,
+    })
+    .await;
+    if created_cgroup {
+        match cgroup::remove_if_empty(&cgroup_path) {
+            Ok(true) => log::info!("removed cgroup {}", cgroup_path.display()),
+            Ok(false) => log::warn!(
+                "cgroup {} still has processes; left in place (they are no longer redirected)",
+                cgroup_path.display()
+            ),
+            Err(err) => log::warn!("{err:#}"),
+        }
+    }
+    result
+}
+
+async fn run_with_cgroup(
+    config: &config::Config,
+    options: &RunOptions,
+    cgroup_path: &Path,
+    envoy: EnvoyCommand,
+) -> Result<()> {
+    let request = AttachRequest {
+        cgroup: cgroup_path.to_path_buf(),
+        vip_cidrs: vec![config.vip_cidr],
+        dns_to: config.dns_listener,
+        tcp_to: config.tcp_listener,
+        pin_dir: config.file.pin_dir.clone(),
+        allow_root_cgroup: false,
+    };
+    // Pins exist before Envoy starts, so the module finds the shared VIP
+    // table; programs attach only once Envoy listens, so no query is
+    // redirected to nothing.
+    let mut loaded = Some(loader::load(&request)?);
+    let mut attached: Option<Attached> = None;
+    let mut log_task = None;
+    log::info!(
+        "starting Envoy {} (bootstrap {}, module from {})",
+        envoy.binary.display(),
+        envoy.bootstrap.display(),
+        envoy.module_dir.display()
+    );
+    let supervised = supervisor::supervise(
+        &envoy,
+        || {
+            let loaded = loaded.take().context("programs already attached")?;
+            let mut done = loaded.attach()?;
+            log_task = kernel_log::forward(done.ebpf_mut());
+            log::info!(
+                "gateway ready: {} is gated (DNS → {}, {} → {}); run programs in it with `gateway exec{} -- <command>`; `gateway status` shows the state",
+                cgroup_path.display(),
+                config.dns_listener,
+                config.vip_cidr,
+                config.tcp_listener,
+                options
+                    .config
+                    .as_ref()
+                    .map(|c| format!(" --config {}", c.display()))
+                    .unwrap_or_default(),
+            );
+            attached = Some(done);
+            Ok(())
+        },
+        shutdown_signal(),
+    )
+    .await;
+    if let Some(task) = log_task {
+        task.abort();
+    }
+    let detached = match attached {
+        Some(a) => a.detach(),
+        None => Ok(()),
+    };
+    supervised.and(detached)
+}

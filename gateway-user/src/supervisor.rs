@@ -1,0 +1,184 @@
+//! Running Envoy as a supervised child: its output goes to the gateway's
+//! log, an unexpected exit is followed by a restart with backoff, and a
+//! shutdown stops it gracefully (SIGTERM, then SIGKILL).
+
+use std::{
+    future::Future,
+    net::SocketAddrV4,
+    path::PathBuf,
+    process::{ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use nix::{
+    sys::signal::{kill, Signal},
+    unistd::Pid,
+};
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
+    net::TcpStream,
+    process::{Child, Command},
+};
+
+/// How long Envoy gets to become ready after each start.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long Envoy gets to exit after SIGTERM before SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Restart backoff bounds; the backoff resets after a stable run.
+const MIN_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+const STABLE_RUN: Duration = Duration::from_secs(60);
+
+/// How to start Envoy.
+#[derive(Clone, Debug)]
+pub struct EnvoyCommand {
+    /// The envoy binary.
+    pub binary: PathBuf,
+    /// The generated bootstrap.
+    pub bootstrap: PathBuf,
+    /// Directory holding `libconnectivity_envoy_module.so`.
+    pub module_dir: PathBuf,
+    /// Envoy's admin address, for readiness checks.
+    pub admin: SocketAddrV4,
+    /// Envoy's `-l` log level.
+    pub log_level: String,
+    /// Worker threads.
+    pub concurrency: u32,
+}
+
+impl EnvoyCommand {
+    fn spawn(&self) -> Result<Child> {
+        let mut child = Command::new(&self.binary)
+            .arg("-c")
+            .arg(&self.bootstrap)
+            .args(["-l", &self.log_level])
+            .args(["--concurrency", &self.concurrency.to_string()])
+            // No shared-memory hot restart: the gateway restarts Envoy
+            // itself, and several gateways may run on one host.
+            .arg("--disable-hot-restart")
+            .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", &self.module_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        for stream in [
+            child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(stream).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    log::info!(target: "envoy", "{line}");
+                }
+            });
+        }
+        Ok(child)
+    }
+}
+
+/// GETs `path` from Envoy's admin interface; returns the body.
+pub async fn admin_get(admin: SocketAddrV4, path: &str) -> Result<String> {
+    let mut stream = TcpStream::connect(admin)
+        .await
+        .with_context(|| format!("connecting to Envoy's admin at {admin}"))?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .context("malformed admin response")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("admin {path}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_owned())
+}
+
+async fn wait_ready(admin: SocketAddrV4, child: &mut Child) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(body) = admin_get(admin, "/ready").await {
+            if body.trim() == "LIVE" {
+                return Ok(());
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("Envoy exited with {status} before becoming ready (its log is above)");
+        }
+        if Instant::now() > deadline {
+            bail!("Envoy did not become ready within {READY_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn stop(child: &mut Child) -> Result<Option<ExitStatus>> {
+    let Some(pid) = child.id() else {
+        return Ok(None);
+    };
+    let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+    match tokio::time::timeout(STOP_TIMEOUT, child.wait()).await {
+        Ok(status) => Ok(Some(status?)),
+        Err(_) => {
+            log::warn!("Envoy ignored SIGTERM for {STOP_TIMEOUT:?}; killing it");
+            child.kill().await?;
+            Ok(Some(child.wait().await?))
+        }
+    }
+}
+
+/// Starts Envoy, waits until it is ready, then calls `on_ready` once and
+/// keeps Envoy running until `shutdown` completes. A first start that
+/// fails is an error (bad bootstrap, missing module); later exits are
+/// restarted with exponential backoff.
+pub async fn supervise(
+    envoy: &EnvoyCommand,
+    on_ready: impl FnOnce() -> Result<()>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    let mut child = envoy.spawn()?;
+    if let Err(err) = wait_ready(envoy.admin, &mut child).await {
+        let _ = stop(&mut child).await;
+        return Err(err);
+    }
+    log::info!("Envoy is ready (pid {})", child.id().unwrap_or(0));
+    on_ready()?;
+    tokio::pin!(shutdown);
+    let mut backoff = MIN_BACKOFF;
+    let mut started = Instant::now();
+    loop {
+        tokio::select! {
+            () = &mut shutdown => {
+                if let Some(status) = stop(&mut child).await? {
+                    log::info!("Envoy stopped ({status})");
+                }
+                return Ok(());
+            }
+            status = child.wait() => {
+                let status = status.context("waiting for Envoy")?;
+                if started.elapsed() > STABLE_RUN {
+                    backoff = MIN_BACKOFF;
+                }
+                log::error!("Envoy exited unexpectedly ({status}); restarting in {backoff:?}; the VIP table is kept in the pinned map");
+                tokio::select! {
+                    () = &mut shutdown => return Ok(()),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+                child = envoy.spawn()?;
+                started = Instant::now();
+                match wait_ready(envoy.admin, &mut child).await {
+                    Ok(()) => log::info!("Envoy restarted and ready (pid {})", child.id().unwrap_or(0)),
+                    Err(err) => log::error!("restarted Envoy is not ready: {err:#}"),
+                }
+            }
+        }
+    }
+}
