@@ -12,6 +12,9 @@ use crate::config::Config;
 /// Name under which Envoy loads the module (`lib<name>.so`), as in the seed.
 pub const MODULE_NAME: &str = "connectivity_envoy_module";
 
+/// Bound on Envoy's downstream connections (DNS is UDP and not counted).
+pub const MAX_DOWNSTREAM_CONNECTIONS: u32 = 50_000;
+
 /// Cluster tcp_proxy falls back to when no domain matched: it does not
 /// exist, so such a connection is closed and counted by tcp_proxy.
 pub const NO_MATCH_CLUSTER: &str = "no_matching_domain";
@@ -78,9 +81,13 @@ fn dns_listener(config: &Config) -> Value {
                     "client_config": {
                         "max_pending_lookups": 256,
                         "resolver_timeout": "2s",
-                        "dns_resolution_config": {
-                            "resolvers": resolvers,
-                            "dns_resolver_options": { "no_default_search_domain": true },
+                        "typed_dns_resolver_config": {
+                            "name": "envoy.network.dns_resolver.cares",
+                            "typed_config": {
+                                "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
+                                "resolvers": resolvers,
+                                "dns_resolver_options": { "no_default_search_domain": true },
+                            },
                         },
                     },
                     "server_config": { "inline_dns_table": {} },
@@ -168,6 +175,13 @@ pub fn bootstrap(config: &Config) -> Value {
     json!({
         "node": { "id": "dns-egress-gateway", "cluster": "dns-egress-gateway" },
         "admin": { "address": socket_address(config.admin_listener, false) },
+        "overload_manager": { "resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+            },
+        }]},
         "static_resources": {
             "listeners": [dns_listener(config), tcp_listener(config)],
             "clusters": clusters(config),

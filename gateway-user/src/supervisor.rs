@@ -82,20 +82,21 @@ impl EnvoyCommand {
     }
 }
 
-/// GETs `path` from Envoy's admin interface; returns the body.
+/// GETs `path` from Envoy's admin interface (HTTP/1.1: Envoy refuses
+/// HTTP/1.0 by default); returns the raw body, which may be chunked.
 pub async fn admin_get(admin: SocketAddrV4, path: &str) -> Result<String> {
     let mut stream = TcpStream::connect(admin)
         .await
         .with_context(|| format!("connecting to Envoy's admin at {admin}"))?;
     stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {admin}\r\n\r\n").as_bytes())
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes())
         .await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
     let (head, body) = response
         .split_once("\r\n\r\n")
         .context("malformed admin response")?;
-    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+    if !head.starts_with("HTTP/1.1 200") {
         bail!("admin {path}: {}", head.lines().next().unwrap_or_default());
     }
     Ok(body.to_owned())
@@ -105,7 +106,7 @@ async fn wait_ready(admin: SocketAddrV4, child: &mut Child) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Ok(body) = admin_get(admin, "/ready").await {
-            if body.trim() == "LIVE" {
+            if body.lines().any(|l| l.trim() == "LIVE") {
                 return Ok(());
             }
         }

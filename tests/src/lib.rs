@@ -4,6 +4,7 @@
 //! has nothing but `lo`.
 
 pub mod envoy;
+pub mod scenario;
 
 use std::{
     fs,

@@ -1,6 +1,7 @@
 //! Developer and CI automation for the DNS egress gateway: `cargo xtask
 //! <command>`. Every command installs what it needs first.
 
+mod demo;
 mod setup;
 mod test;
 mod util;
@@ -24,6 +25,9 @@ enum Command {
     /// Install every prerequisite (Debian packages, nightly rust-src,
     /// bpf-linker for nightly's LLVM, Envoy 1.40 into .tools/); idempotent.
     Setup,
+    /// The seed's scenario end to end on the built-in configuration, inside
+    /// a private network namespace (root; installs what is missing).
+    Demo,
     /// Set up, build, lint, and run all tests (needs root for the real
     /// kernel and Envoy tests; with CI=true nothing may be skipped).
     Test(test::TestArgs),
@@ -33,6 +37,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Setup => setup::setup(),
+        Command::Demo => demo::demo(),
         Command::Test(args) => test::test(&args),
     };
     match result {

@@ -1,0 +1,233 @@
+//! The seed's manual test as a reusable scenario: two HTTP CONNECT
+//! upstreams (cluster_1 on 18001, cluster_2 on 18002), a stub fallback
+//! resolver on 127.0.0.1:5353, and `gateway run`. Used by the end-to-end
+//! tests and by `cargo xtask demo`. Call it only inside a private network
+//! namespace ([`crate::enter_private_netns`]).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Output},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use nix::sys::signal::Signal;
+
+use crate::{gateway_bin, repo_root, status_json, unique_name, wait_for, Guarded};
+
+/// Where the stub resolver listens; the scenario passes it as `--fallback`.
+pub const FALLBACK: &str = "127.0.0.1:5353";
+/// The name the stub resolver knows, and its answer (TEST-NET-1).
+pub const FALLBACK_NAME: &str = "github.com";
+/// The stub resolver's answer for [`FALLBACK_NAME`].
+pub const FALLBACK_ANSWER: &str = "192.0.2.10";
+/// Envoy's admin address in the built-in configuration.
+pub const ADMIN: &str = "127.0.0.1:15000";
+
+/// The upstreams of the built-in configuration: (cluster, port).
+pub const UPSTREAMS: [(&str, u16); 2] = [("cluster_1", 18001), ("cluster_2", 18002)];
+
+/// A running seed scenario; dropping it stops everything.
+pub struct SeedScenario {
+    work_dir: PathBuf,
+    config_path: Option<PathBuf>,
+    pin_dir: PathBuf,
+    cgroup: PathBuf,
+    gateway: Guarded,
+    _upstreams: Vec<Guarded>,
+    _resolver: Guarded,
+}
+
+/// The built-in configuration, as `gateway default-config` prints it.
+pub fn default_config_text() -> Result<String> {
+    let out = Command::new(gateway_bin()).arg("default-config").output()?;
+    if !out.status.success() {
+        bail!("gateway default-config failed");
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+fn python(script: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new("python3");
+    cmd.arg("-u")
+        .arg(repo_root().join("tests/clients").join(script))
+        .args(args);
+    cmd
+}
+
+impl SeedScenario {
+    /// Starts the scenario. With `config_text`, the gateway runs on that
+    /// configuration (written to a file); without, on the built-in default
+    /// (cgroup `dns-egress-gateway`, pins in the default directory).
+    pub fn start(config_text: Option<String>) -> Result<Self> {
+        let work_dir = std::env::temp_dir().join(unique_name("gw-scenario"));
+        fs::create_dir_all(&work_dir)?;
+        let mut upstreams = Vec::new();
+        for (name, port) in UPSTREAMS {
+            let log = work_dir.join(format!("{name}.jsonl"));
+            let port = port.to_string();
+            upstreams.push(Guarded::spawn(
+                name,
+                python(
+                    "upstream.py",
+                    &["--name", name, "--port", &port, "--log", &log.to_string_lossy()],
+                ),
+            )?);
+        }
+        let resolver = Guarded::spawn(
+            "stub resolver",
+            python(
+                "stub_resolver.py",
+                &["--port", "5353", "--record", &format!("{FALLBACK_NAME}={FALLBACK_ANSWER}")],
+            ),
+        )?;
+
+        let text = match &config_text {
+            Some(t) => t.clone(),
+            None => default_config_text()?,
+        };
+        let table: toml::Table = text.parse().context("parsing the scenario configuration")?;
+        let pin_dir = PathBuf::from(
+            table
+                .get("pin_dir")
+                .and_then(|v| v.as_str())
+                .unwrap_or(gateway_common::DEFAULT_PIN_DIR),
+        );
+        let cgroup_name = table
+            .get("cgroup")
+            .and_then(|v| v.as_str())
+            .context("configuration without cgroup")?;
+        let cgroup = if Path::new(&cgroup_name).is_absolute() {
+            PathBuf::from(cgroup_name)
+        } else {
+            crate::cgroup2_root()?.join(cgroup_name)
+        };
+
+        let config_path = match config_text {
+            Some(t) => {
+                let path = work_dir.join("gateway.toml");
+                fs::write(&path, t)?;
+                Some(path)
+            }
+            None => None,
+        };
+        let mut cmd = Command::new(gateway_bin());
+        cmd.arg("run");
+        if let Some(path) = &config_path {
+            cmd.arg("--config").arg(path);
+        }
+        cmd.args(["--fallback", FALLBACK, "--envoy-log-level", "warn", "--state-dir"])
+            .arg(work_dir.join("state"));
+        let mut gateway = Guarded::spawn("gateway run", cmd)?;
+        let pins = pin_dir.clone();
+        let ready = wait_for("gateway run to be ready", Duration::from_secs(60), || {
+            if !gateway.is_running() {
+                bail!("gateway run exited:\n{}", gateway.output());
+            }
+            Ok((gateway.output().contains("gateway ready")
+                && status_json(&pins)?["attached"] == true)
+                .then_some(()))
+        });
+        if let Err(err) = ready {
+            bail!("{err:#}\ngateway output:\n{}", gateway.output());
+        }
+        Ok(Self {
+            work_dir,
+            config_path,
+            pin_dir,
+            cgroup,
+            gateway,
+            _upstreams: upstreams,
+            _resolver: resolver,
+        })
+    }
+
+    /// The gated cgroup.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// What `gateway run` printed so far.
+    pub fn gateway_output(&self) -> String {
+        self.gateway.output()
+    }
+
+    /// The pid of `gateway run`.
+    pub fn gateway_pid(&self) -> u32 {
+        self.gateway.pid()
+    }
+
+    /// Runs an unmodified program in the gated cgroup through `gateway exec`.
+    pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output> {
+        let mut cmd = Command::new(gateway_bin());
+        cmd.arg("exec");
+        if let Some(path) = &self.config_path {
+            cmd.arg("--config").arg(path);
+        }
+        cmd.arg("--").arg(program).args(args);
+        cmd.output()
+            .with_context(|| format!("gateway exec -- {program}"))
+    }
+
+    /// Every CONNECT an upstream received: {cluster, connect, headers}.
+    pub fn upstream_requests(&self, cluster: &str) -> Result<Vec<serde_json::Value>> {
+        let path = self.work_dir.join(format!("{cluster}.jsonl"));
+        let text = fs::read_to_string(&path).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).context("upstream log line"))
+            .collect()
+    }
+
+    /// The Envoy process `gateway run` supervises, if one runs.
+    pub fn envoy_pid(&self) -> Option<u32> {
+        let out = Command::new("pgrep")
+            .args(["-P", &self.gateway.pid().to_string(), "-x", "envoy"])
+            .output()
+            .ok()?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// GET from Envoy's admin interface (with curl).
+    pub fn admin_get(path: &str) -> Result<String> {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "5"])
+            .arg(format!("http://{ADMIN}{path}"))
+            .output()
+            .context("running curl against Envoy's admin")?;
+        if !out.status.success() {
+            bail!("admin {path}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Stops `gateway run` with SIGTERM; returns its status and output.
+    pub fn stop(&mut self) -> Result<(ExitStatus, String)> {
+        let status = self.gateway.stop(Signal::SIGTERM, Duration::from_secs(20))?;
+        Ok((status, self.gateway.output()))
+    }
+}
+
+impl Drop for SeedScenario {
+    fn drop(&mut self) {
+        if self.gateway.is_running() {
+            let _ = self.gateway.stop(Signal::SIGTERM, Duration::from_secs(20));
+        }
+        let _ = Command::new(gateway_bin())
+            .args(["reset", "--pin-dir"])
+            .arg(&self.pin_dir)
+            .output();
+        let _ = fs::remove_dir(&self.cgroup);
+        let _ = fs::remove_dir_all(&self.work_dir);
+    }
+}

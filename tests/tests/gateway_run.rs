@@ -1,0 +1,241 @@
+//! `gateway run` end to end: the real kernel, the real Envoy 1.40 with the
+//! module, and unmodified clients (dig, curl, getent, Python), each test in
+//! its own network namespace with its own cgroup and pin directory.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{Context as _, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tests::{
+    enter_private_netns, gateway_bin, prerequisites_met,
+    scenario::{default_config_text, SeedScenario, FALLBACK_ANSWER, FALLBACK_NAME},
+    tools_dir, unique_name, wait_for,
+};
+
+fn module_so() -> std::path::PathBuf {
+    tests::target_dir()
+        .join("debug")
+        .join("libconnectivity_envoy_module.so")
+}
+
+/// The built-in configuration with this test's own cgroup and pin dir.
+fn test_config() -> Result<String> {
+    let name = unique_name("gw-run");
+    let text = default_config_text()?;
+    Ok(text
+        .replacen(
+            "cgroup = \"dns-egress-gateway\"",
+            &format!("cgroup = \"{name}\""),
+            1,
+        )
+        .replacen(
+            "pin_dir = \"/sys/fs/bpf/dns-egress-gateway\"",
+            &format!("pin_dir = \"/sys/fs/bpf/{name}\""),
+            1,
+        ))
+}
+
+fn start() -> Result<Option<SeedScenario>> {
+    let needs = [tools_dir().join("bin/envoy"), module_so()];
+    if !prerequisites_met(&needs) {
+        return Ok(None);
+    }
+    for tool in ["dig", "curl", "getent", "pgrep"] {
+        if tests::which(tool).is_none() {
+            assert!(!tests::in_ci(), "{tool} missing (run cargo xtask setup)");
+            eprintln!("SKIPPED: {tool} missing");
+            return Ok(None);
+        }
+    }
+    enter_private_netns()?;
+    Ok(Some(SeedScenario::start(Some(test_config()?))?))
+}
+
+fn stdout_of(output: std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+fn dig(scenario: &SeedScenario, name: &str) -> Result<String> {
+    Ok(stdout_of(scenario.exec(
+        "dig",
+        &["+short", "+tries=2", "+time=3", name],
+    )?))
+}
+
+fn curl(scenario: &SeedScenario, args: &[&str]) -> Result<String> {
+    let mut all = vec!["-sS", "--max-time", "10"];
+    all.extend_from_slice(args);
+    let out = scenario.exec("curl", &all)?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+#[test]
+fn seed_scenario_runs_without_iptables() -> Result<()> {
+    let Some(scenario) = start()? else { return Ok(()) };
+
+    // Sequential VIPs from the configured range, stable per name.
+    assert_eq!(dig(&scenario, "one.s3.aws.com")?, "10.10.0.1");
+    assert_eq!(dig(&scenario, "two.s3.aws.com")?, "10.10.0.2");
+    assert_eq!(dig(&scenario, "example.com")?, "10.10.0.3");
+    assert_eq!(dig(&scenario, "ONE.s3.aws.com.")?, "10.10.0.1");
+    // No pattern matches: the fallback resolver answers.
+    assert_eq!(dig(&scenario, FALLBACK_NAME)?, FALLBACK_ANSWER);
+
+    let body = curl(&scenario, &["http://s3.aws.com./"])?;
+    assert!(body.starts_with("cluster_1\n"), "curl s3.aws.com: {body}");
+    let body = curl(&scenario, &["http://example.com./"])?;
+    assert!(body.starts_with("cluster_2\n"), "curl example.com: {body}");
+
+    let one = scenario.upstream_requests("cluster_1")?;
+    assert_eq!(one.len(), 1, "cluster_1 received {one:?}");
+    assert_eq!(one[0]["connect"], "s3.aws.com:80");
+    assert_eq!(one[0]["headers"]["x-auth-token"], "abc123");
+    let two = scenario.upstream_requests("cluster_2")?;
+    assert_eq!(two.len(), 1, "cluster_2 received {two:?}");
+    assert_eq!(two[0]["connect"], "example.com:80");
+    assert_eq!(two[0]["headers"]["x-auth-token"], "def456");
+    Ok(())
+}
+
+#[test]
+fn system_resolver_clients_resolve_and_connect() -> Result<()> {
+    let Some(scenario) = start()? else { return Ok(()) };
+
+    let getent = stdout_of(scenario.exec("getent", &["hosts", "bucket-1.s3.aws.com"])?);
+    assert!(
+        getent.starts_with("10.10.0.") && getent.contains("bucket-1.s3.aws.com"),
+        "getent hosts: {getent:?}"
+    );
+
+    // getaddrinfo sends A and AAAA in parallel; AAAA gets NODATA, so only
+    // the VIP comes back, and the connection goes through.
+    let script = r#"
+import socket, urllib.request
+infos = socket.getaddrinfo("bucket-2.s3.aws.com", 80, socket.AF_UNSPEC, socket.SOCK_STREAM)
+addrs = sorted({i[4][0] for i in infos})
+body = urllib.request.urlopen("http://bucket-2.s3.aws.com/", timeout=10).read().decode()
+print(",".join(addrs))
+print(body.splitlines()[0])
+"#;
+    let out = scenario.exec("python3", &["-c", script])?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        lines.len(),
+        2,
+        "python: {stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(lines[0].starts_with("10.10.0.") && !lines[0].contains(','), "getaddrinfo gave {}", lines[0]);
+    assert_eq!(lines[1], "cluster_1");
+    let requests = scenario.upstream_requests("cluster_1")?;
+    assert!(requests.iter().any(|r| r["connect"] == "bucket-2.s3.aws.com:80"), "{requests:?}");
+    Ok(())
+}
+
+#[test]
+fn processes_outside_the_cgroup_are_untouched() -> Result<()> {
+    let Some(scenario) = start()? else { return Ok(()) };
+    // Outside the cgroup, DNS goes where resolv.conf says, which in a
+    // namespace with only lo is nowhere.
+    let out = Command::new("dig")
+        .args(["+short", "+tries=1", "+time=1", "one.s3.aws.com"])
+        .output()?;
+    assert!(!stdout_of(out).starts_with("10.10.0."), "dig outside the cgroup got a VIP");
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "3", "http://10.10.0.1/"])
+        .output()?;
+    assert!(!out.status.success(), "curl to a VIP outside the cgroup succeeded");
+    assert!(scenario.upstream_requests("cluster_1")?.is_empty());
+    // Meanwhile the gated cgroup works.
+    assert_eq!(dig(&scenario, "one.s3.aws.com")?, "10.10.0.1");
+    Ok(())
+}
+
+#[test]
+fn envoy_killed_is_restarted_and_cached_vips_keep_working() -> Result<()> {
+    let Some(scenario) = start()? else { return Ok(()) };
+    let vip = dig(&scenario, "s3.aws.com")?;
+    assert!(vip.starts_with("10.10.0."), "dig gave {vip:?}");
+
+    let first = scenario.envoy_pid().context("no Envoy under gateway run")?;
+    kill(Pid::from_raw(first as i32), Signal::SIGKILL)?;
+    let second = wait_for("Envoy to be restarted", Duration::from_secs(30), || {
+        Ok(scenario.envoy_pid().filter(|p| *p != first))
+    })?;
+    wait_for("the restarted Envoy to be ready", Duration::from_secs(30), || {
+        Ok(SeedScenario::admin_get("/ready")
+            .ok()
+            .filter(|b| b.contains("LIVE")))
+    })?;
+    assert!(scenario.gateway_output().contains("restarting"), "no restart logged");
+
+    // A client holding the answer from before the kill connects with it.
+    let resolve = format!("s3.aws.com:80:{vip}");
+    let body = curl(&scenario, &["--resolve", &resolve, "http://s3.aws.com/"])?;
+    assert!(body.starts_with("cluster_1\n"), "after restart: {body}");
+    // And the name still resolves to the same VIP.
+    assert_eq!(dig(&scenario, "s3.aws.com")?, vip);
+    assert!(Path::new(&format!("/proc/{second}")).exists());
+    Ok(())
+}
+
+#[test]
+fn stopping_gateway_run_leaves_nothing_behind() -> Result<()> {
+    let Some(mut scenario) = start()? else { return Ok(()) };
+    assert_eq!(dig(&scenario, "one.s3.aws.com")?, "10.10.0.1");
+    let envoy = scenario.envoy_pid().context("no Envoy under gateway run")?;
+    let cgroup = scenario.cgroup().to_path_buf();
+    assert!(cgroup.is_dir());
+
+    let (status, output) = scenario.stop()?;
+    assert!(status.success(), "gateway run exited with {status}:\n{output}");
+    assert!(!Path::new(&format!("/proc/{envoy}")).exists(), "Envoy {envoy} still runs");
+    assert!(!cgroup.exists(), "the cgroup gateway run created is still there");
+    let status = tests::status_json(scenario.pin_dir())?;
+    assert_eq!(status["attached"], false);
+    // Documented: the VIP table stays pinned for the next start.
+    assert_eq!(status["vips"][0][1], "one.s3.aws.com");
+    Ok(())
+}
+
+#[test]
+fn invalid_configuration_files_name_the_field() -> Result<()> {
+    if !gateway_bin().exists() {
+        assert!(!tests::in_ci(), "gateway binary missing");
+        return Ok(());
+    }
+    let dir = std::env::temp_dir().join(unique_name("gw-badconfig"));
+    std::fs::create_dir_all(&dir)?;
+    let text = default_config_text()?;
+    let cases = [
+        (text.replace("10.10.0.0/24", "10.10.0.0/33"), "dns.vip_cidr"),
+        (text.replace("\"*.aws.com\"", "\"*.*.aws.com\""), "domains[0].domain"),
+        (text.replace("cluster = \"cluster_2\"", "cluster = \"cluster_9\""), "domains[1].metadata.cluster"),
+        (text.replace("127.0.0.1:18001", "127.0.0.1:99999"), "clusters[0].address"),
+        (text.replace("[dns]", "[dns]\nbogus = 1"), "unknown field `bogus`"),
+        ("cgroup = [".to_owned(), "line 1"),
+    ];
+    for (i, (config, field)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad-{i}.toml"));
+        std::fs::write(&path, config)?;
+        for command in ["run", "envoy-config"] {
+            let out = Command::new(gateway_bin())
+                .arg(command)
+                .arg("--config")
+                .arg(&path)
+                .output()?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "gateway {command} accepted case {i}");
+            assert!(stderr.contains(field), "gateway {command} case {i}: expected {field:?} in {stderr}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
