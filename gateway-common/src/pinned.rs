@@ -199,6 +199,28 @@ impl PinDir {
         })
     }
 
+    /// Lets members of group `gid` use the maps without any capability:
+    /// the directory becomes group-searchable and each pin group
+    /// read-write (opening a pinned map asks for read and write access).
+    /// This is how Envoy runs unprivileged next to a privileged loader.
+    pub fn share_with_group(&self, gid: u32) -> Result<()> {
+        use std::os::unix::fs::{chown, PermissionsExt as _};
+        let share = |path: &Path, mode: u32| -> Result<()> {
+            chown(path, None, Some(gid))
+                .with_context(|| format!("giving group {gid} access to {}", path.display()))?;
+            fs::set_permissions(path, fs::Permissions::from_mode(mode))
+                .with_context(|| format!("chmod {mode:o} {}", path.display()))
+        };
+        share(&self.path, 0o750)?;
+        for name in crate::ALL_MAPS {
+            let path = self.map_path(name);
+            if path.exists() {
+                share(&path, 0o660)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Removes every pin of the gateway in this directory, then the
     /// directory if it is empty. Returns what was removed.
     pub fn remove_all(&self) -> Result<Vec<PathBuf>> {

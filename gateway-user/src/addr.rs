@@ -58,6 +58,46 @@ pub fn parse_cidr(text: &str) -> Result<Cidr, String> {
     Ok(cidr)
 }
 
+/// Resolves a group name or number to a gid.
+pub fn parse_group(text: &str) -> Result<u32, String> {
+    if let Ok(gid) = text.parse::<u32>() {
+        return Ok(gid);
+    }
+    match nix::unistd::Group::from_name(text) {
+        Ok(Some(group)) => Ok(group.gid.as_raw()),
+        Ok(None) => Err(format!("no group named {text:?}")),
+        Err(e) => Err(format!("looking up group {text:?}: {e}")),
+    }
+}
+
+/// A user to run Envoy as: its uid and primary gid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    /// The name given.
+    pub name: String,
+    /// Its user id.
+    pub uid: u32,
+    /// Its primary group id.
+    pub gid: u32,
+}
+
+/// Resolves a user name or number.
+pub fn parse_user(text: &str) -> Result<RunAs, String> {
+    let user = match text.parse::<u32>() {
+        Ok(uid) => nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)),
+        Err(_) => nix::unistd::User::from_name(text),
+    };
+    match user {
+        Ok(Some(u)) => Ok(RunAs {
+            name: text.to_owned(),
+            uid: u.uid.as_raw(),
+            gid: u.gid.as_raw(),
+        }),
+        Ok(None) => Err(format!("no user named {text:?}")),
+        Err(e) => Err(format!("looking up user {text:?}: {e}")),
+    }
+}
+
 /// Parses `a.b.c.d:port` with a non-zero port.
 pub fn parse_socket_addr(text: &str) -> Result<SocketAddrV4, String> {
     let addr: SocketAddrV4 = text.parse().map_err(|_| {

@@ -150,7 +150,10 @@ pub fn load(path: Option<&Path>) -> Result<Config> {
                 .with_context(|| format!("reading the configuration {}", p.display()))?,
             p.display().to_string(),
         ),
-        None => (DEFAULT_CONFIG.to_owned(), "the built-in default configuration".to_owned()),
+        None => (
+            DEFAULT_CONFIG.to_owned(),
+            "the built-in default configuration".to_owned(),
+        ),
     };
     parse(&text).with_context(|| format!("invalid configuration in {origin}"))
 }
@@ -166,7 +169,12 @@ fn field<T>(name: &str, result: std::result::Result<T, String>) -> Result<T> {
 }
 
 fn validate(file: GatewayFile) -> Result<Config> {
-    if file.cgroup.as_os_str().is_empty() || file.cgroup.components().any(|c| c == std::path::Component::ParentDir) {
+    if file.cgroup.as_os_str().is_empty()
+        || file
+            .cgroup
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+    {
         bail!("cgroup: {:?} must name a cgroup directory (absolute, or relative to the cgroup v2 mount) without '..'", file.cgroup);
     }
     let vip_cidr = field("dns.vip_cidr", parse_cidr(&file.dns.vip_cidr))?;
@@ -183,7 +191,10 @@ fn validate(file: GatewayFile) -> Result<Config> {
         );
     }
     if file.dns.ttl == 0 || file.dns.ttl > 86_400 {
-        bail!("dns.ttl: {} must be between 1 and 86400 seconds", file.dns.ttl);
+        bail!(
+            "dns.ttl: {} must be between 1 and 86400 seconds",
+            file.dns.ttl
+        );
     }
     let dns_listener = field("listeners.dns", parse_socket_addr(&file.listeners.dns))?;
     let tcp_listener = field("listeners.tcp", parse_socket_addr(&file.listeners.tcp))?;
@@ -216,10 +227,21 @@ fn validate(file: GatewayFile) -> Result<Config> {
         bail!("clusters: at least one upstream cluster is needed");
     }
     for (i, c) in file.clusters.iter().enumerate() {
-        if c.name.is_empty() || !c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || "_-.".contains(ch)) {
-            bail!("clusters[{i}].name: {:?} must be non-empty letters, digits, '_', '-' or '.'", c.name);
+        if c.name.is_empty()
+            || !c
+                .name
+                .chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || "_-.".contains(ch))
+        {
+            bail!(
+                "clusters[{i}].name: {:?} must be non-empty letters, digits, '_', '-' or '.'",
+                c.name
+            );
         }
-        let address = field(&format!("clusters[{i}].address"), parse_socket_addr(&c.address))?;
+        let address = field(
+            &format!("clusters[{i}].address"),
+            parse_socket_addr(&c.address),
+        )?;
         if clusters.insert(c.name.clone(), address).is_some() {
             bail!("clusters[{i}].name: {:?} is defined twice", c.name);
         }
@@ -235,7 +257,10 @@ fn validate(file: GatewayFile) -> Result<Config> {
             gateway_common::pattern::validate_pattern(&d.domain),
         )?;
         if let Some(first) = seen.insert(normalized.clone(), i) {
-            bail!("domains[{i}].domain: {:?} repeats domains[{first}]", d.domain);
+            bail!(
+                "domains[{i}].domain: {:?} repeats domains[{first}]",
+                d.domain
+            );
         }
         match d.metadata.get("cluster") {
             None => bail!(
@@ -250,7 +275,11 @@ fn validate(file: GatewayFile) -> Result<Config> {
         }
     }
     for (header, key) in &file.tunnel.headers {
-        if header.is_empty() || !header.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+        if header.is_empty()
+            || !header
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
             bail!("tunnel.headers: {header:?} is not a valid header name");
         }
         if !file.domains.iter().any(|d| d.metadata.contains_key(key)) {
@@ -289,19 +318,30 @@ mod tests {
     use super::*;
 
     fn with(replace: &str, by: &str) -> String {
-        assert!(DEFAULT_CONFIG.contains(replace), "default config lacks {replace:?}");
+        assert!(
+            DEFAULT_CONFIG.contains(replace),
+            "default config lacks {replace:?}"
+        );
         DEFAULT_CONFIG.replacen(replace, by, 1)
     }
 
     fn error_of(text: &str) -> String {
-        format!("{:#}", parse(text).expect_err("configuration must be rejected"))
+        format!(
+            "{:#}",
+            parse(text).expect_err("configuration must be rejected")
+        )
     }
 
     #[test]
     fn default_configuration_is_valid_and_is_the_seed_example() {
         let config = parse(DEFAULT_CONFIG).expect("default is valid");
         assert_eq!(config.vip_cidr.to_string(), "10.10.0.0/24");
-        let patterns: Vec<_> = config.file.domains.iter().map(|d| d.domain.as_str()).collect();
+        let patterns: Vec<_> = config
+            .file
+            .domains
+            .iter()
+            .map(|d| d.domain.as_str())
+            .collect();
         assert_eq!(patterns, ["*.aws.com", "example.com"]);
         assert_eq!(config.file.domains[0].metadata["cluster"], "cluster_1");
         assert_eq!(config.file.domains[0].metadata["auth_token"], "abc123");
@@ -317,13 +357,28 @@ mod tests {
             (with("ttl = 300", "ttl = 0"), "dns.ttl"),
             (with("127.0.0.1:15053", "localhost:53"), "listeners.dns"),
             (with("127.0.0.1:15001", "10.10.0.5:15001"), "listeners.tcp"),
-            (with("\"*.aws.com\"", "\"*.*.aws.com\""), "domains[0].domain"),
-            (with("\"example.com\"", "\"exa mple.com\""), "domains[1].domain"),
-            (with("cluster = \"cluster_2\"", "cluster = \"nowhere\""), "domains[1].metadata.cluster"),
+            (
+                with("\"*.aws.com\"", "\"*.*.aws.com\""),
+                "domains[0].domain",
+            ),
+            (
+                with("\"example.com\"", "\"exa mple.com\""),
+                "domains[1].domain",
+            ),
+            (
+                with("cluster = \"cluster_2\"", "cluster = \"nowhere\""),
+                "domains[1].metadata.cluster",
+            ),
             (with("127.0.0.1:18001", "127.0.0.1"), "clusters[0].address"),
-            (with("name = \"cluster_2\"", "name = \"cluster_1\""), "clusters[1].name"),
+            (
+                with("name = \"cluster_2\"", "name = \"cluster_1\""),
+                "clusters[1].name",
+            ),
             (with("cgroup = ", "cgroupz = "), "unknown field `cgroupz`"),
-            (with("\"auth_token\"", "\"missing_key\""), "tunnel.headers.X-Auth-Token"),
+            (
+                with("\"auth_token\"", "\"missing_key\""),
+                "tunnel.headers.X-Auth-Token",
+            ),
         ];
         for (text, field) in cases {
             let err = error_of(&text);

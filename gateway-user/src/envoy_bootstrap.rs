@@ -204,14 +204,20 @@ mod tests {
         let config = config::parse(config::DEFAULT_CONFIG).expect("default config");
         let b = bootstrap(&config);
         let listeners = &b["static_resources"]["listeners"];
-        assert_eq!(listeners[0]["address"]["socket_address"]["port_value"], 15053);
+        assert_eq!(
+            listeners[0]["address"]["socket_address"]["port_value"],
+            15053
+        );
         assert_eq!(listeners[0]["address"]["socket_address"]["protocol"], "UDP");
         let gw = &listeners[0]["listener_filters"][0]["typed_config"];
         assert_eq!(gw["dynamic_module_config"]["name"], MODULE_NAME);
         assert_eq!(gw["filter_name"], "dns_gateway");
         assert_eq!(gw["filter_config"]["value"]["base_ip"], "10.10.0.0");
         assert_eq!(gw["filter_config"]["value"]["prefix_len"], 24);
-        assert_eq!(gw["filter_config"]["value"]["domains"][0]["domain"], "*.aws.com");
+        assert_eq!(
+            gw["filter_config"]["value"]["domains"][0]["domain"],
+            "*.aws.com"
+        );
         let tcp = &listeners[1]["filter_chains"][0]["filters"];
         assert_eq!(tcp[0]["typed_config"]["filter_name"], "cache_lookup");
         let headers = &tcp[2]["typed_config"]["tunneling_config"]["headers_to_add"];

@@ -51,6 +51,8 @@ pub struct AttachRequest {
     pub pin_dir: PathBuf,
     /// Accept the root cgroup.
     pub allow_root_cgroup: bool,
+    /// Group whose members (e.g. an unprivileged Envoy) may use the maps.
+    pub maps_group: Option<u32>,
 }
 
 /// Programs attached to a cgroup. Keeps the links alive; dropping it
@@ -219,6 +221,9 @@ pub fn load(request: &AttachRequest) -> Result<Loaded> {
     pin_dir
         .set_config(&config)
         .context("writing the kernel configuration")?;
+    if let Some(gid) = request.maps_group {
+        pin_dir.share_with_group(gid)?;
+    }
     Ok(Loaded {
         ebpf,
         pin_dir,
@@ -239,8 +244,8 @@ impl Loaded {
             pin_dir,
             cgroup,
         } = self;
-        let cgroup_file = File::open(&cgroup)
-            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let cgroup_file =
+            File::open(&cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         for name in PROGRAMS {
             attach_program(&mut ebpf, name, &cgroup_file).map_err(|e| {
                 let hint = privilege_hint(&e);

@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use gateway_common::DEFAULT_PIN_DIR;
 use gateway_user::{
-    addr::{parse_cidr, parse_socket_addr, Cidr},
+    addr::{parse_cidr, parse_group, parse_socket_addr, parse_user, Cidr, RunAs},
     config, envoy_bootstrap, exec,
     loader::{self, AttachRequest},
     run::{self, RunOptions},
@@ -56,6 +56,10 @@ enum Command {
         /// Allow attaching to the root cgroup (redirects the whole host).
         #[arg(long)]
         force_root_cgroup: bool,
+        /// Group (name or gid) whose members may open the pinned maps, so
+        /// Envoy can run without any capability as a member of it.
+        #[arg(long, value_parser = parse_group)]
+        maps_group: Option<u32>,
     },
     /// Show what is attached where, the kernel counters, the recorded
     /// original destinations and the VIP table.
@@ -95,6 +99,10 @@ enum Command {
         /// Envoy worker threads.
         #[arg(long, default_value_t = 2)]
         concurrency: u32,
+        /// Run Envoy as this user (name or uid), without capabilities; the
+        /// pinned maps are shared with the user's primary group.
+        #[arg(long, value_parser = parse_user)]
+        envoy_user: Option<RunAs>,
     },
     /// Run an unmodified command inside the gated cgroup of a configuration.
     Exec {
@@ -150,6 +158,7 @@ fn run(command: Command) -> Result<()> {
             tcp_to,
             pin_dir,
             force_root_cgroup,
+            maps_group,
         } => {
             let request = AttachRequest {
                 cgroup,
@@ -158,6 +167,7 @@ fn run(command: Command) -> Result<()> {
                 tcp_to,
                 pin_dir,
                 allow_root_cgroup: force_root_cgroup,
+                maps_group,
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -183,6 +193,7 @@ fn run(command: Command) -> Result<()> {
             state_dir,
             envoy_log_level,
             concurrency,
+            envoy_user,
         } => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -196,6 +207,7 @@ fn run(command: Command) -> Result<()> {
                 state_dir,
                 envoy_log_level,
                 concurrency,
+                envoy_user,
             })),
         Command::Exec { config, command } => exec::exec(config.as_deref(), &command),
         Command::EnvoyConfig { config, fallback } => {

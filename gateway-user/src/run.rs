@@ -13,6 +13,7 @@ use anyhow::{bail, Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
+    addr::RunAs,
     cgroup, config,
     envoy_bootstrap::{self, MODULE_NAME},
     kernel_log,
@@ -37,6 +38,8 @@ pub struct RunOptions {
     pub envoy_log_level: String,
     /// Envoy worker threads.
     pub concurrency: u32,
+    /// Run Envoy as this user, sharing the maps with its group.
+    pub envoy_user: Option<RunAs>,
 }
 
 /// The configuration with command-line overrides applied.
@@ -130,21 +133,31 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let cgroup_path = cgroup::resolve(&config.file.cgroup)?;
     cgroup::ensure_outside(&cgroup_path)?;
 
-    fs::create_dir_all(&options.state_dir)
-        .with_context(|| format!("creating the state directory {}", options.state_dir.display()))?;
+    fs::create_dir_all(&options.state_dir).with_context(|| {
+        format!(
+            "creating the state directory {}",
+            options.state_dir.display()
+        )
+    })?;
     let bootstrap = options.state_dir.join("envoy.json");
     fs::write(&bootstrap, envoy_bootstrap::render(&config))
         .with_context(|| format!("writing {}", bootstrap.display()))?;
 
     let created_cgroup = cgroup::ensure_exists(&cgroup_path)?;
-    let result = run_with_cgroup(&config, &options, &cgroup_path, EnvoyCommand {
-        binary: envoy_binary,
-        bootstrap,
-        module_dir,
-        admin: config.admin_listener,
-        log_level: options.envoy_log_level.clone(),
-        concurrency: options.concurrency,
-    })
+    let result = run_with_cgroup(
+        &config,
+        &options,
+        &cgroup_path,
+        EnvoyCommand {
+            binary: envoy_binary,
+            bootstrap,
+            module_dir,
+            admin: config.admin_listener,
+            log_level: options.envoy_log_level.clone(),
+            concurrency: options.concurrency,
+            run_as: options.envoy_user.clone(),
+        },
+    )
     .await;
     if created_cgroup {
         match cgroup::remove_if_empty(&cgroup_path) {
@@ -172,6 +185,7 @@ async fn run_with_cgroup(
         tcp_to: config.tcp_listener,
         pin_dir: config.file.pin_dir.clone(),
         allow_root_cgroup: false,
+        maps_group: options.envoy_user.as_ref().map(|u| u.gid),
     };
     // Pins exist before Envoy starts, so the module finds the shared VIP
     // table; programs attach only once Envoy listens, so no query is

@@ -45,11 +45,18 @@ pub struct EnvoyCommand {
     pub log_level: String,
     /// Worker threads.
     pub concurrency: u32,
+    /// Run Envoy as this user instead of the gateway's own.
+    pub run_as: Option<crate::addr::RunAs>,
 }
 
 impl EnvoyCommand {
     fn spawn(&self) -> Result<Child> {
-        let mut child = Command::new(&self.binary)
+        let mut command = Command::new(&self.binary);
+        if let Some(user) = &self.run_as {
+            // Dropping to another uid also drops every capability.
+            command.uid(user.uid).gid(user.gid);
+        }
+        let mut child = command
             .arg("-c")
             .arg(&self.bootstrap)
             .args(["-l", &self.log_level])
@@ -65,8 +72,14 @@ impl EnvoyCommand {
             .spawn()
             .with_context(|| format!("starting {}", self.binary.display()))?;
         for stream in [
-            child.stdout.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
-            child.stderr.take().map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
         ]
         .into_iter()
         .flatten()
@@ -89,7 +102,9 @@ pub async fn admin_get(admin: SocketAddrV4, path: &str) -> Result<String> {
         .await
         .with_context(|| format!("connecting to Envoy's admin at {admin}"))?;
     stream
-        .write_all(format!("GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes())
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await?;
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;

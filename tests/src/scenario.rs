@@ -61,6 +61,11 @@ impl SeedScenario {
     /// configuration (written to a file); without, on the built-in default
     /// (cgroup `dns-egress-gateway`, pins in the default directory).
     pub fn start(config_text: Option<String>) -> Result<Self> {
+        Self::start_with_args(config_text, &[])
+    }
+
+    /// Like [`SeedScenario::start`], with extra `gateway run` arguments.
+    pub fn start_with_args(config_text: Option<String>, extra_args: &[&str]) -> Result<Self> {
         let work_dir = std::env::temp_dir().join(unique_name("gw-scenario"));
         fs::create_dir_all(&work_dir)?;
         let mut upstreams = Vec::new();
@@ -71,7 +76,14 @@ impl SeedScenario {
                 name,
                 python(
                     "upstream.py",
-                    &["--name", name, "--port", &port, "--log", &log.to_string_lossy()],
+                    &[
+                        "--name",
+                        name,
+                        "--port",
+                        &port,
+                        "--log",
+                        &log.to_string_lossy(),
+                    ],
                 ),
             )?);
         }
@@ -79,7 +91,12 @@ impl SeedScenario {
             "stub resolver",
             python(
                 "stub_resolver.py",
-                &["--port", "5353", "--record", &format!("{FALLBACK_NAME}={FALLBACK_ANSWER}")],
+                &[
+                    "--port",
+                    "5353",
+                    "--record",
+                    &format!("{FALLBACK_NAME}={FALLBACK_ANSWER}"),
+                ],
             ),
         )?;
 
@@ -117,8 +134,15 @@ impl SeedScenario {
         if let Some(path) = &config_path {
             cmd.arg("--config").arg(path);
         }
-        cmd.args(["--fallback", FALLBACK, "--envoy-log-level", "warn", "--state-dir"])
-            .arg(work_dir.join("state"));
+        cmd.args([
+            "--fallback",
+            FALLBACK,
+            "--envoy-log-level",
+            "warn",
+            "--state-dir",
+        ])
+        .arg(work_dir.join("state"))
+        .args(extra_args);
         let mut gateway = Guarded::spawn("gateway run", cmd)?;
         let pins = pin_dir.clone();
         let ready = wait_for("gateway run to be ready", Duration::from_secs(60), || {
@@ -213,7 +237,9 @@ impl SeedScenario {
 
     /// Stops `gateway run` with SIGTERM; returns its status and output.
     pub fn stop(&mut self) -> Result<(ExitStatus, String)> {
-        let status = self.gateway.stop(Signal::SIGTERM, Duration::from_secs(20))?;
+        let status = self
+            .gateway
+            .stop(Signal::SIGTERM, Duration::from_secs(20))?;
         Ok((status, self.gateway.output()))
     }
 }

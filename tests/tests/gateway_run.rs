@@ -37,6 +37,10 @@ fn test_config() -> Result<String> {
 }
 
 fn start() -> Result<Option<SeedScenario>> {
+    start_with_args(&[])
+}
+
+fn start_with_args(extra_args: &[&str]) -> Result<Option<SeedScenario>> {
     let needs = [tools_dir().join("bin/envoy"), module_so()];
     if !prerequisites_met(&needs) {
         return Ok(None);
@@ -49,7 +53,10 @@ fn start() -> Result<Option<SeedScenario>> {
         }
     }
     enter_private_netns()?;
-    Ok(Some(SeedScenario::start(Some(test_config()?))?))
+    Ok(Some(SeedScenario::start_with_args(
+        Some(test_config()?),
+        extra_args,
+    )?))
 }
 
 fn stdout_of(output: std::process::Output) -> String {
@@ -57,10 +64,9 @@ fn stdout_of(output: std::process::Output) -> String {
 }
 
 fn dig(scenario: &SeedScenario, name: &str) -> Result<String> {
-    Ok(stdout_of(scenario.exec(
-        "dig",
-        &["+short", "+tries=2", "+time=3", name],
-    )?))
+    Ok(stdout_of(
+        scenario.exec("dig", &["+short", "+tries=2", "+time=3", name])?,
+    ))
 }
 
 fn curl(scenario: &SeedScenario, args: &[&str]) -> Result<String> {
@@ -76,7 +82,9 @@ fn curl(scenario: &SeedScenario, args: &[&str]) -> Result<String> {
 
 #[test]
 fn seed_scenario_runs_without_iptables() -> Result<()> {
-    let Some(scenario) = start()? else { return Ok(()) };
+    let Some(scenario) = start()? else {
+        return Ok(());
+    };
 
     // Sequential VIPs from the configured range, stable per name.
     assert_eq!(dig(&scenario, "one.s3.aws.com")?, "10.10.0.1");
@@ -104,7 +112,9 @@ fn seed_scenario_runs_without_iptables() -> Result<()> {
 
 #[test]
 fn system_resolver_clients_resolve_and_connect() -> Result<()> {
-    let Some(scenario) = start()? else { return Ok(()) };
+    let Some(scenario) = start()? else {
+        return Ok(());
+    };
 
     let getent = stdout_of(scenario.exec("getent", &["hosts", "bucket-1.s3.aws.com"])?);
     assert!(
@@ -131,26 +141,43 @@ print(body.splitlines()[0])
         "python: {stdout} {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(lines[0].starts_with("10.10.0.") && !lines[0].contains(','), "getaddrinfo gave {}", lines[0]);
+    assert!(
+        lines[0].starts_with("10.10.0.") && !lines[0].contains(','),
+        "getaddrinfo gave {}",
+        lines[0]
+    );
     assert_eq!(lines[1], "cluster_1");
     let requests = scenario.upstream_requests("cluster_1")?;
-    assert!(requests.iter().any(|r| r["connect"] == "bucket-2.s3.aws.com:80"), "{requests:?}");
+    assert!(
+        requests
+            .iter()
+            .any(|r| r["connect"] == "bucket-2.s3.aws.com:80"),
+        "{requests:?}"
+    );
     Ok(())
 }
 
 #[test]
 fn processes_outside_the_cgroup_are_untouched() -> Result<()> {
-    let Some(scenario) = start()? else { return Ok(()) };
+    let Some(scenario) = start()? else {
+        return Ok(());
+    };
     // Outside the cgroup, DNS goes where resolv.conf says, which in a
     // namespace with only lo is nowhere.
     let out = Command::new("dig")
         .args(["+short", "+tries=1", "+time=1", "one.s3.aws.com"])
         .output()?;
-    assert!(!stdout_of(out).starts_with("10.10.0."), "dig outside the cgroup got a VIP");
+    assert!(
+        !stdout_of(out).starts_with("10.10.0."),
+        "dig outside the cgroup got a VIP"
+    );
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "3", "http://10.10.0.1/"])
         .output()?;
-    assert!(!out.status.success(), "curl to a VIP outside the cgroup succeeded");
+    assert!(
+        !out.status.success(),
+        "curl to a VIP outside the cgroup succeeded"
+    );
     assert!(scenario.upstream_requests("cluster_1")?.is_empty());
     // Meanwhile the gated cgroup works.
     assert_eq!(dig(&scenario, "one.s3.aws.com")?, "10.10.0.1");
@@ -159,7 +186,9 @@ fn processes_outside_the_cgroup_are_untouched() -> Result<()> {
 
 #[test]
 fn envoy_killed_is_restarted_and_cached_vips_keep_working() -> Result<()> {
-    let Some(scenario) = start()? else { return Ok(()) };
+    let Some(scenario) = start()? else {
+        return Ok(());
+    };
     let vip = dig(&scenario, "s3.aws.com")?;
     assert!(vip.starts_with("10.10.0."), "dig gave {vip:?}");
 
@@ -168,12 +197,19 @@ fn envoy_killed_is_restarted_and_cached_vips_keep_working() -> Result<()> {
     let second = wait_for("Envoy to be restarted", Duration::from_secs(30), || {
         Ok(scenario.envoy_pid().filter(|p| *p != first))
     })?;
-    wait_for("the restarted Envoy to be ready", Duration::from_secs(30), || {
-        Ok(SeedScenario::admin_get("/ready")
-            .ok()
-            .filter(|b| b.contains("LIVE")))
-    })?;
-    assert!(scenario.gateway_output().contains("restarting"), "no restart logged");
+    wait_for(
+        "the restarted Envoy to be ready",
+        Duration::from_secs(30),
+        || {
+            Ok(SeedScenario::admin_get("/ready")
+                .ok()
+                .filter(|b| b.contains("LIVE")))
+        },
+    )?;
+    assert!(
+        scenario.gateway_output().contains("restarting"),
+        "no restart logged"
+    );
 
     // A client holding the answer from before the kill connects with it.
     let resolve = format!("s3.aws.com:80:{vip}");
@@ -187,20 +223,64 @@ fn envoy_killed_is_restarted_and_cached_vips_keep_working() -> Result<()> {
 
 #[test]
 fn stopping_gateway_run_leaves_nothing_behind() -> Result<()> {
-    let Some(mut scenario) = start()? else { return Ok(()) };
+    let Some(mut scenario) = start()? else {
+        return Ok(());
+    };
     assert_eq!(dig(&scenario, "one.s3.aws.com")?, "10.10.0.1");
     let envoy = scenario.envoy_pid().context("no Envoy under gateway run")?;
     let cgroup = scenario.cgroup().to_path_buf();
     assert!(cgroup.is_dir());
 
     let (status, output) = scenario.stop()?;
-    assert!(status.success(), "gateway run exited with {status}:\n{output}");
-    assert!(!Path::new(&format!("/proc/{envoy}")).exists(), "Envoy {envoy} still runs");
-    assert!(!cgroup.exists(), "the cgroup gateway run created is still there");
+    assert!(
+        status.success(),
+        "gateway run exited with {status}:\n{output}"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{envoy}")).exists(),
+        "Envoy {envoy} still runs"
+    );
+    assert!(
+        !cgroup.exists(),
+        "the cgroup gateway run created is still there"
+    );
     let status = tests::status_json(scenario.pin_dir())?;
     assert_eq!(status["attached"], false);
     // Documented: the VIP table stays pinned for the next start.
     assert_eq!(status["vips"][0][1], "one.s3.aws.com");
+    Ok(())
+}
+
+#[test]
+fn envoy_runs_unprivileged_as_another_user() -> Result<()> {
+    let Some(scenario) = start_with_args(&["--envoy-user", "nobody"])? else {
+        return Ok(());
+    };
+    let envoy = scenario.envoy_pid().context("no Envoy under gateway run")?;
+    let status = std::fs::read_to_string(format!("/proc/{envoy}/status"))?;
+    let uid_line = status
+        .lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap_or_default();
+    let cap_eff = status
+        .lines()
+        .find(|l| l.starts_with("CapEff:"))
+        .unwrap_or_default();
+    assert!(uid_line.contains("65534"), "Envoy runs as {uid_line}");
+    assert!(
+        cap_eff.ends_with("0000000000000000"),
+        "Envoy has capabilities: {cap_eff}"
+    );
+
+    // Without any capability it still reads and writes the pinned maps.
+    assert_eq!(dig(&scenario, "one.s3.aws.com")?, "10.10.0.1");
+    let body = curl(&scenario, &["http://one.s3.aws.com./"])?;
+    assert!(body.starts_with("cluster_1\n"), "curl: {body}");
+    let vips = tests::status_json(scenario.pin_dir())?["vips"].clone();
+    assert_eq!(
+        vips[0][1], "one.s3.aws.com",
+        "allocation not in the shared map: {vips}"
+    );
     Ok(())
 }
 
@@ -215,10 +295,22 @@ fn invalid_configuration_files_name_the_field() -> Result<()> {
     let text = default_config_text()?;
     let cases = [
         (text.replace("10.10.0.0/24", "10.10.0.0/33"), "dns.vip_cidr"),
-        (text.replace("\"*.aws.com\"", "\"*.*.aws.com\""), "domains[0].domain"),
-        (text.replace("cluster = \"cluster_2\"", "cluster = \"cluster_9\""), "domains[1].metadata.cluster"),
-        (text.replace("127.0.0.1:18001", "127.0.0.1:99999"), "clusters[0].address"),
-        (text.replace("[dns]", "[dns]\nbogus = 1"), "unknown field `bogus`"),
+        (
+            text.replace("\"*.aws.com\"", "\"*.*.aws.com\""),
+            "domains[0].domain",
+        ),
+        (
+            text.replace("cluster = \"cluster_2\"", "cluster = \"cluster_9\""),
+            "domains[1].metadata.cluster",
+        ),
+        (
+            text.replace("127.0.0.1:18001", "127.0.0.1:99999"),
+            "clusters[0].address",
+        ),
+        (
+            text.replace("[dns]", "[dns]\nbogus = 1"),
+            "unknown field `bogus`",
+        ),
         ("cgroup = [".to_owned(), "line 1"),
     ];
     for (i, (config, field)) in cases.iter().enumerate() {
@@ -232,7 +324,10 @@ fn invalid_configuration_files_name_the_field() -> Result<()> {
                 .output()?;
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "gateway {command} accepted case {i}");
-            assert!(stderr.contains(field), "gateway {command} case {i}: expected {field:?} in {stderr}");
+            assert!(
+                stderr.contains(field),
+                "gateway {command} case {i}: expected {field:?} in {stderr}"
+            );
             assert!(!stderr.contains("panicked"), "{stderr}");
         }
     }

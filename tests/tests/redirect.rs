@@ -448,3 +448,75 @@ fn bad_command_line_input_gets_a_clear_error() -> Result<()> {
     );
     Ok(())
 }
+
+/// `gateway attach` as root limited to `caps` (a setpriv bounding set).
+fn attach_with_only(
+    cgroup: &TestCgroup,
+    caps: &str,
+) -> Result<(tests::Guarded, std::path::PathBuf)> {
+    let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(tests::unique_name("gw-caps"));
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--bounding-set=-all,{caps}"))
+        .arg("--inh-caps=-all")
+        .arg(gateway_bin())
+        .arg("attach")
+        .arg("--cgroup")
+        .arg(cgroup.path())
+        .args([
+            "--vip-cidr",
+            VIP_CIDR,
+            "--dns-to",
+            DNS_TO,
+            "--tcp-to",
+            TCP_TO,
+            "--pin-dir",
+        ])
+        .arg(&pin_dir);
+    Ok((
+        tests::Guarded::spawn("gateway attach (limited)", cmd)?,
+        pin_dir,
+    ))
+}
+
+#[test]
+fn attach_needs_exactly_bpf_perfmon_and_net_admin() -> Result<()> {
+    let Some(cgroup) = setup()? else {
+        return Ok(());
+    };
+    // Measured: these three are enough (bpffs is already mounted here).
+    let (mut loader, pin_dir) = attach_with_only(&cgroup, "+bpf,+perfmon,+net_admin")?;
+    let attached = tests::wait_for("limited loader to attach", WAIT, || {
+        Ok((tests::status_json(&pin_dir)?["attached"] == true).then_some(()))
+    });
+    let stop = loader.stop(Signal::SIGINT, WAIT);
+    let _ = Command::new(gateway_bin())
+        .args(["reset", "--pin-dir"])
+        .arg(&pin_dir)
+        .output();
+    attached.with_context(|| loader.output())?;
+    assert!(stop?.success(), "{}", loader.output());
+
+    // And each one is needed: without it, a clear refusal.
+    for (caps, missing) in [
+        ("+perfmon,+net_admin", "CAP_BPF"),
+        ("+bpf,+net_admin", "CAP_PERFMON"),
+        ("+bpf,+perfmon", "CAP_NET_ADMIN"),
+    ] {
+        let (mut loader, pin_dir) = attach_with_only(&cgroup, caps)?;
+        let status = tests::wait_for("limited loader to exit", WAIT, || {
+            Ok((!loader.is_running()).then_some(()))
+        });
+        let _ = Command::new(gateway_bin())
+            .args(["reset", "--pin-dir"])
+            .arg(&pin_dir)
+            .output();
+        status?;
+        let output = loader.output();
+        assert!(
+            output.contains("insufficient privileges") && output.contains(missing),
+            "without {missing}: {output}"
+        );
+    }
+    assert_eq!(cgroup.attached_programs()?, Vec::<String>::new());
+    Ok(())
+}

@@ -16,12 +16,32 @@ use crate::{
 
 /// The seed's test steps, as run in the gated cgroup.
 const STEPS: &[(&str, &[&str], &str)] = &[
-    ("dig", &["+short", "one.s3.aws.com"], "allocates the first VIP"),
-    ("dig", &["+short", "two.s3.aws.com"], "allocates the next VIP"),
+    (
+        "dig",
+        &["+short", "one.s3.aws.com"],
+        "allocates the first VIP",
+    ),
+    (
+        "dig",
+        &["+short", "two.s3.aws.com"],
+        "allocates the next VIP",
+    ),
     ("dig", &["+short", "example.com"], "exact match, next VIP"),
-    ("dig", &["+short", "github.com"], "no pattern matches: answered by the fallback resolver"),
-    ("curl", &["-sS", "--max-time", "10", "http://s3.aws.com./"], "reaches cluster_1"),
-    ("curl", &["-sS", "--max-time", "10", "http://example.com./"], "reaches cluster_2"),
+    (
+        "dig",
+        &["+short", "github.com"],
+        "no pattern matches: answered by the fallback resolver",
+    ),
+    (
+        "curl",
+        &["-sS", "--max-time", "10", "http://s3.aws.com./"],
+        "reaches cluster_1",
+    ),
+    (
+        "curl",
+        &["-sS", "--max-time", "10", "http://example.com./"],
+        "reaches cluster_2",
+    ),
 ];
 
 fn show(output: &Output) {
@@ -41,9 +61,13 @@ pub fn demo() -> Result<()> {
     }
     tests::enter_private_netns().context("entering a private network namespace")?;
     println!("== private network namespace (only lo); starting:");
-    println!("   upstream cluster_1 on 127.0.0.1:18001, cluster_2 on 127.0.0.1:18002 (HTTP CONNECT)");
+    println!(
+        "   upstream cluster_1 on 127.0.0.1:18001, cluster_2 on 127.0.0.1:18002 (HTTP CONNECT)"
+    );
     println!("   stub fallback resolver on {FALLBACK} (knows github.com)");
-    println!("   gateway run --fallback {FALLBACK}   (built-in configuration: `gateway default-config`)");
+    println!(
+        "   gateway run --fallback {FALLBACK}   (built-in configuration: `gateway default-config`)"
+    );
     let mut scenario = SeedScenario::start(None)?;
     println!(
         "== gateway ready: cgroup {} gated, maps pinned in {}",
@@ -51,15 +75,25 @@ pub fn demo() -> Result<()> {
         scenario.pin_dir().display()
     );
     for (program, args, what) in STEPS {
-        println!("\n$ gateway exec -- {program} {}      # {what}", args.join(" "));
+        println!(
+            "\n$ gateway exec -- {program} {}      # {what}",
+            args.join(" ")
+        );
         show(&scenario.exec(program, args)?);
     }
     println!("\n== what the upstreams received");
     for (cluster, port) in UPSTREAMS {
         let requests = scenario.upstream_requests(cluster)?;
-        println!("{cluster} (127.0.0.1:{port}): {} CONNECT request(s)", requests.len());
+        println!(
+            "{cluster} (127.0.0.1:{port}): {} CONNECT request(s)",
+            requests.len()
+        );
         for r in requests {
-            println!("    CONNECT {}  X-Auth-Token: {}", r["connect"].as_str().unwrap_or("?"), r["headers"]["x-auth-token"].as_str().unwrap_or("(none)"));
+            println!(
+                "    CONNECT {}  X-Auth-Token: {}",
+                r["connect"].as_str().unwrap_or("?"),
+                r["headers"]["x-auth-token"].as_str().unwrap_or("(none)")
+            );
         }
     }
     println!("\n$ gateway status");
