@@ -1,6 +1,7 @@
 //! Developer and CI automation for the DNS egress gateway: `cargo xtask
 //! <command>`. Every command installs what it needs first.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -28,6 +29,12 @@ enum Command {
     /// The seed's scenario end to end on the built-in configuration, inside
     /// a private network namespace (root; installs what is missing).
     Demo,
+    /// Measure the capture (eBPF redirect vs iptables DNAT vs direct) side
+    /// by side, as ratios (root).
+    Bench(bench::BenchArgs),
+    /// Internal: one benchmark client loop (run by `bench`).
+    #[command(hide = true)]
+    BenchClient(bench::ClientArgs),
     /// Set up, build, lint, and run all tests (needs root for the real
     /// kernel and Envoy tests; with CI=true nothing may be skipped).
     Test(test::TestArgs),
@@ -38,6 +45,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Setup => setup::setup(),
         Command::Demo => demo::demo(),
+        Command::Bench(args) => bench::bench(&args),
+        Command::BenchClient(args) => bench::client(&args),
         Command::Test(args) => test::test(&args),
     };
     match result {
