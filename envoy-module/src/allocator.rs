@@ -1,0 +1,476 @@
+//! VIP allocation: the table VIP ↔ domain and the pools VIPs come from.
+//!
+//! VIPs are handed out sequentially from the network address + 1, never
+//! the network or broadcast address, at most `max_entries` per pool, and
+//! are never reused for another name. The same name always gets the same
+//! VIP. When a persistent [`VipStore`] (the pinned VIP map) is attached it
+//! is the truth: its entries are loaded on attach, every new allocation is
+//! written to it, and a VIP some other process recorded there is never
+//! handed out again; allocation continues after the highest VIP in use.
+//!
+//! The allocator itself is not synchronised: [`crate::state`] keeps it
+//! behind one process-wide mutex shared by every Envoy worker.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::Ipv4Addr,
+};
+
+/// A range VIPs are allocated from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pool {
+    network: u32,
+    prefix_len: u8,
+    max_entries: u32,
+}
+
+impl Pool {
+    /// Addresses of a `/prefix_len` that are neither network nor broadcast.
+    pub fn usable_hosts(prefix_len: u8) -> u64 {
+        (1u64 << (32 - u32::from(prefix_len.clamp(1, 32)))).saturating_sub(2)
+    }
+
+    /// A pool of `network/prefix_len` (1..=30) handing out at most
+    /// `max_entries` VIPs; `network` must have no host bits set.
+    pub fn new(network: Ipv4Addr, prefix_len: u8, max_entries: u32) -> Result<Self, String> {
+        if !(1..=30).contains(&prefix_len) {
+            return Err(format!(
+                "prefix length {prefix_len} leaves no usable address"
+            ));
+        }
+        let mask = u32::MAX << (32 - u32::from(prefix_len));
+        let bits = u32::from(network);
+        if bits & !mask != 0 {
+            return Err(format!(
+                "{network} has host bits set for /{prefix_len} (the network address is {})",
+                Ipv4Addr::from(bits & mask)
+            ));
+        }
+        let usable = Self::usable_hosts(prefix_len);
+        if max_entries == 0 || u64::from(max_entries) > usable {
+            return Err(format!(
+                "max_entries {max_entries} is not within 1..={usable}"
+            ));
+        }
+        Ok(Self {
+            network: bits,
+            prefix_len,
+            max_entries,
+        })
+    }
+
+    /// The network address.
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(self.network)
+    }
+
+    /// The prefix length.
+    pub fn prefix_len(&self) -> u8 {
+        self.prefix_len
+    }
+
+    /// The most VIPs this pool hands out.
+    pub fn max_entries(&self) -> u32 {
+        self.max_entries
+    }
+
+    fn first(&self) -> u32 {
+        self.network + 1
+    }
+
+    fn last(&self) -> u32 {
+        self.network + (u32::MAX >> self.prefix_len) - 1
+    }
+
+    /// Whether `vip` is an allocatable address of this pool.
+    pub fn contains(&self, vip: Ipv4Addr) -> bool {
+        (self.first()..=self.last()).contains(&u32::from(vip))
+    }
+
+    fn key(&self) -> (u32, u8) {
+        (self.network, self.prefix_len)
+    }
+}
+
+/// Persistent storage of the VIP table (the pinned VIP map).
+pub trait VipStore: Send {
+    /// Every (VIP, domain) pair.
+    fn entries(&self) -> Result<Vec<(Ipv4Addr, String)>, String>;
+    /// The domain of `vip`, if recorded.
+    fn get(&self, vip: Ipv4Addr) -> Result<Option<String>, String>;
+    /// Records `vip` → `domain`.
+    fn insert(&mut self, vip: Ipv4Addr, domain: &str) -> Result<(), String>;
+}
+
+/// The outcome of a successful [`VipAllocator::allocate`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Allocated {
+    /// The VIP of the name.
+    pub vip: Ipv4Addr,
+    /// True when the VIP was allocated by this call.
+    pub new: bool,
+    /// Set when the allocation could not be written to the store.
+    pub store_error: Option<String>,
+}
+
+/// The pool has no VIP left for a new name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Exhausted;
+
+#[derive(Clone, Copy, Debug)]
+struct PoolState {
+    next: u32,
+    used: u32,
+}
+
+/// The in-process VIP table with its optional persistent store.
+#[derive(Default)]
+pub struct VipAllocator {
+    by_vip: BTreeMap<u32, String>,
+    by_domain: HashMap<String, Vec<u32>>,
+    pools: HashMap<(u32, u8), PoolState>,
+    store: Option<Box<dyn VipStore>>,
+}
+
+impl VipAllocator {
+    /// An empty table without a store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether a persistent store is attached.
+    pub fn has_store(&self) -> bool {
+        self.store.is_some()
+    }
+
+    fn remember(&mut self, vip: u32, domain: String) {
+        if let Some(old) = self.by_vip.insert(vip, domain.clone()) {
+            if let Some(vips) = self.by_domain.get_mut(&old) {
+                vips.retain(|v| *v != vip);
+            }
+        }
+        let vips = self.by_domain.entry(domain).or_default();
+        if !vips.contains(&vip) {
+            vips.push(vip);
+        }
+    }
+
+    /// Attaches `store` (or detaches with `None`): loads its entries (they
+    /// win over conflicting ones in memory), then writes back what only
+    /// memory knew. Returns how many entries the store held.
+    pub fn attach_store(&mut self, store: Option<Box<dyn VipStore>>) -> Result<usize, String> {
+        self.store = store;
+        self.pools.clear();
+        let Some(store) = self.store.as_mut() else {
+            return Ok(0);
+        };
+        let stored = store.entries()?;
+        let count = stored.len();
+        let mut in_store = std::collections::HashSet::with_capacity(count);
+        let mut loaded = Vec::with_capacity(count);
+        for (vip, domain) in stored {
+            in_store.insert(u32::from(vip));
+            loaded.push((u32::from(vip), domain));
+        }
+        let missing: Vec<(u32, String)> = self
+            .by_vip
+            .iter()
+            .filter(|(vip, _)| !in_store.contains(vip))
+            .map(|(vip, domain)| (*vip, domain.clone()))
+            .collect();
+        let mut first_error = None;
+        for (vip, domain) in &missing {
+            if let Err(e) = store.insert(Ipv4Addr::from(*vip), domain) {
+                first_error.get_or_insert(e);
+            }
+        }
+        for (vip, domain) in loaded {
+            self.remember(vip, domain);
+        }
+        match first_error {
+            Some(e) => Err(format!("writing back in-memory VIPs: {e}")),
+            None => Ok(count),
+        }
+    }
+
+    /// The domain `vip` stands for: memory first, then the store (an entry
+    /// found only there is adopted).
+    pub fn domain_of(&mut self, vip: Ipv4Addr) -> Option<String> {
+        if let Some(domain) = self.by_vip.get(&u32::from(vip)) {
+            return Some(domain.clone());
+        }
+        let domain = self.store.as_ref()?.get(vip).ok().flatten()?;
+        self.remember(u32::from(vip), domain.clone());
+        self.pools.clear();
+        Some(domain)
+    }
+
+    /// Every (VIP, domain) pair in memory, by VIP.
+    pub fn entries(&self) -> Vec<(Ipv4Addr, String)> {
+        self.by_vip
+            .iter()
+            .map(|(vip, domain)| (Ipv4Addr::from(*vip), domain.clone()))
+            .collect()
+    }
+
+    fn pool_state(&mut self, pool: &Pool) -> PoolState {
+        let by_vip = &self.by_vip;
+        *self.pools.entry(pool.key()).or_insert_with(|| {
+            let mut in_pool = by_vip.range(pool.first()..=pool.last());
+            let used = in_pool.clone().count() as u32;
+            let next = match in_pool.next_back() {
+                Some((&highest, _)) if highest < pool.last() => highest + 1,
+                _ => pool.first(),
+            };
+            PoolState { next, used }
+        })
+    }
+
+    /// The VIP of the normalised `domain` in `pool`, allocating the next
+    /// free one for a new name.
+    pub fn allocate(&mut self, domain: &str, pool: &Pool) -> Result<Allocated, Exhausted> {
+        if let Some(vip) = self
+            .by_domain
+            .get(domain)
+            .and_then(|vips| vips.iter().find(|v| pool.contains(Ipv4Addr::from(**v))))
+        {
+            return Ok(Allocated {
+                vip: Ipv4Addr::from(*vip),
+                new: false,
+                store_error: None,
+            });
+        }
+        let mut state = self.pool_state(pool);
+        let span = pool.last() - pool.first() + 1;
+        let mut found = None;
+        for _ in 0..span {
+            if state.used >= pool.max_entries {
+                break;
+            }
+            let candidate = state.next;
+            state.next = if candidate >= pool.last() {
+                pool.first()
+            } else {
+                candidate + 1
+            };
+            if self.by_vip.contains_key(&candidate) {
+                continue;
+            }
+            // Another process may have recorded it: never hand it out twice.
+            let stored = self
+                .store
+                .as_ref()
+                .and_then(|s| s.get(Ipv4Addr::from(candidate)).ok().flatten());
+            match stored {
+                Some(owner) if owner == domain => {
+                    self.remember(candidate, owner);
+                    state.used += 1;
+                    self.pools.insert(pool.key(), state);
+                    return Ok(Allocated {
+                        vip: Ipv4Addr::from(candidate),
+                        new: false,
+                        store_error: None,
+                    });
+                }
+                Some(owner) => {
+                    self.remember(candidate, owner);
+                    state.used += 1;
+                }
+                None => {
+                    found = Some(candidate);
+                    break;
+                }
+            }
+        }
+        let Some(vip) = found else {
+            self.pools.insert(pool.key(), state);
+            return Err(Exhausted);
+        };
+        state.used += 1;
+        self.pools.insert(pool.key(), state);
+        self.remember(vip, domain.to_owned());
+        let store_error = self
+            .store
+            .as_mut()
+            .and_then(|s| s.insert(Ipv4Addr::from(vip), domain).err());
+        Ok(Allocated {
+            vip: Ipv4Addr::from(vip),
+            new: true,
+            store_error,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// A store kept in memory and shared with the test.
+    #[derive(Clone, Default)]
+    pub(crate) struct MemStore(pub Arc<Mutex<BTreeMap<Ipv4Addr, String>>>);
+
+    impl VipStore for MemStore {
+        fn entries(&self) -> Result<Vec<(Ipv4Addr, String)>, String> {
+            Ok(self
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (*k, v.clone()))
+                .collect())
+        }
+        fn get(&self, vip: Ipv4Addr) -> Result<Option<String>, String> {
+            Ok(self.0.lock().unwrap().get(&vip).cloned())
+        }
+        fn insert(&mut self, vip: Ipv4Addr, domain: &str) -> Result<(), String> {
+            self.0.lock().unwrap().insert(vip, domain.to_owned());
+            Ok(())
+        }
+    }
+
+    fn pool(net: [u8; 4], len: u8) -> Pool {
+        Pool::new(Ipv4Addr::from(net), len, Pool::usable_hosts(len) as u32).unwrap()
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn sequential_from_network_plus_one_and_stable() {
+        let p = pool([10, 10, 0, 0], 24);
+        let mut a = VipAllocator::new();
+        assert_eq!(
+            a.allocate("one.s3.aws.com", &p).unwrap().vip,
+            ip("10.10.0.1")
+        );
+        assert_eq!(
+            a.allocate("two.s3.aws.com", &p).unwrap().vip,
+            ip("10.10.0.2")
+        );
+        let again = a.allocate("one.s3.aws.com", &p).unwrap();
+        assert_eq!((again.vip, again.new), (ip("10.10.0.1"), false));
+        assert_eq!(
+            a.domain_of(ip("10.10.0.2")).as_deref(),
+            Some("two.s3.aws.com")
+        );
+        assert_eq!(a.domain_of(ip("10.10.0.3")), None);
+    }
+
+    #[test]
+    fn never_network_or_broadcast_and_exhaustion_is_reported() {
+        let p = pool([192, 168, 7, 0], 29); // 6 usable: .1 – .6
+        let mut a = VipAllocator::new();
+        let vips: Vec<_> = (0..6)
+            .map(|i| a.allocate(&format!("n{i}.com"), &p).unwrap().vip)
+            .collect();
+        assert_eq!(vips.first(), Some(&ip("192.168.7.1")));
+        assert_eq!(vips.last(), Some(&ip("192.168.7.6")));
+        assert_eq!(a.allocate("n6.com", &p), Err(Exhausted));
+        assert_eq!(a.allocate("n7.com", &p), Err(Exhausted));
+        // Known names still resolve when the pool is full.
+        assert_eq!(a.allocate("n3.com", &p).unwrap().vip, ip("192.168.7.4"));
+        let limited = Pool::new(ip("10.0.0.0"), 8, 2).unwrap();
+        let mut b = VipAllocator::new();
+        b.allocate("a.com", &limited).unwrap();
+        b.allocate("b.com", &limited).unwrap();
+        assert_eq!(b.allocate("c.com", &limited), Err(Exhausted));
+    }
+
+    #[test]
+    fn pool_rejects_host_bits_and_bad_sizes() {
+        assert!(Pool::new(ip("10.10.0.5"), 24, 10)
+            .unwrap_err()
+            .contains("10.10.0.0"));
+        assert!(Pool::new(ip("10.10.0.0"), 31, 1).is_err());
+        assert!(Pool::new(ip("10.10.0.0"), 24, 255).is_err());
+        assert!(Pool::new(ip("10.10.0.0"), 24, 0).is_err());
+        assert_eq!(Pool::usable_hosts(24), 254);
+        assert!(pool([10, 10, 0, 0], 24).contains(ip("10.10.0.254")));
+        assert!(!pool([10, 10, 0, 0], 24).contains(ip("10.10.0.255")));
+        assert!(!pool([10, 10, 0, 0], 24).contains(ip("10.10.0.0")));
+    }
+
+    #[test]
+    fn concurrent_allocation_is_unique_and_stable() {
+        let p = pool([10, 20, 0, 0], 16);
+        let table = Arc::new(Mutex::new(VipAllocator::new()));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let table = table.clone();
+                std::thread::spawn(move || {
+                    // Every thread asks for the same 200 names, in its own order.
+                    let mut got = BTreeMap::new();
+                    for i in 0..200 {
+                        let name = format!("host{}.example.com", (i * 7 + t * 13) % 200);
+                        let vip = table.lock().unwrap().allocate(&name, &p).unwrap().vip;
+                        got.insert(name, vip);
+                    }
+                    got
+                })
+            })
+            .collect();
+        let results: Vec<_> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        for r in &results[1..] {
+            assert_eq!(r, &results[0], "every thread sees the same VIP per name");
+        }
+        let mut vips: Vec<_> = results[0].values().copied().collect();
+        vips.sort();
+        vips.dedup();
+        assert_eq!(vips.len(), 200, "no VIP is shared by two names");
+        assert_eq!(vips.first(), Some(&ip("10.20.0.1")));
+        assert_eq!(vips.last(), Some(&ip("10.20.0.200")));
+    }
+
+    #[test]
+    fn store_is_the_truth_across_restarts() {
+        let p = pool([10, 10, 0, 0], 24);
+        let store = MemStore::default();
+        let mut first = VipAllocator::new();
+        first.attach_store(Some(Box::new(store.clone()))).unwrap();
+        assert_eq!(first.allocate("a.com", &p).unwrap().vip, ip("10.10.0.1"));
+        assert_eq!(first.allocate("b.com", &p).unwrap().vip, ip("10.10.0.2"));
+        assert_eq!(store.0.lock().unwrap().len(), 2);
+
+        // Someone else (another Envoy, the CLI) records .3 meanwhile.
+        store
+            .0
+            .lock()
+            .unwrap()
+            .insert(ip("10.10.0.3"), "c.com".into());
+        // A restarted Envoy: fresh memory, same store.
+        let mut second = VipAllocator::new();
+        assert_eq!(
+            second.attach_store(Some(Box::new(store.clone()))).unwrap(),
+            3
+        );
+        assert_eq!(second.allocate("b.com", &p).unwrap().vip, ip("10.10.0.2"));
+        assert_eq!(second.allocate("d.com", &p).unwrap().vip, ip("10.10.0.4"));
+        assert_eq!(second.domain_of(ip("10.10.0.3")).as_deref(), Some("c.com"));
+
+        // The first instance never hands out a VIP it only finds in the store.
+        let e = first.allocate("e.com", &p).unwrap();
+        assert_eq!(e.vip, ip("10.10.0.5"));
+        assert_eq!(first.allocate("d.com", &p).unwrap().vip, ip("10.10.0.4"));
+    }
+
+    #[test]
+    fn attaching_a_fresh_store_writes_memory_back() {
+        let p = pool([10, 10, 0, 0], 24);
+        let mut a = VipAllocator::new();
+        a.allocate("a.com", &p).unwrap();
+        let store = MemStore::default();
+        assert_eq!(a.attach_store(Some(Box::new(store.clone()))).unwrap(), 0);
+        assert_eq!(
+            store
+                .0
+                .lock()
+                .unwrap()
+                .get(&ip("10.10.0.1"))
+                .map(String::as_str),
+            Some("a.com")
+        );
+    }
+}

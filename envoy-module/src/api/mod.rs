@@ -1,0 +1,160 @@
+//! The safe face of the Envoy binding: what a filter sees of Envoy.
+//!
+//! Filters are plain Rust types implementing [`UdpListenerFilter`] or
+//! [`NetworkFilter`]; they talk to Envoy only through the handle traits
+//! ([`UdpFilterHandle`], [`NetworkFilterHandle`], [`CounterRegistry`]), so
+//! unit tests drive them with fakes. The real handles live in
+//! `crate::abi`, the only place with `unsafe` code.
+
+mod log;
+
+use std::net::SocketAddr;
+
+pub use log::{log, LogLevel};
+
+/// Identifies a counter defined at config creation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct CounterId(pub usize);
+
+/// What happens to a datagram after a UDP listener filter saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UdpStatus {
+    /// Hand the datagram to the next UDP listener filter.
+    Continue = 0,
+    /// Stop: later filters do not see the datagram.
+    StopIteration = 1,
+}
+
+/// What happens to a connection (or data) after a network filter saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NetworkStatus {
+    /// Go on with the next network filter.
+    Continue = 0,
+    /// Stop the filter chain here.
+    StopIteration = 1,
+}
+
+/// Defines Envoy stats at config creation.
+pub trait CounterRegistry {
+    /// Defines (or finds) the counter `name`; `None` if Envoy refused.
+    fn define_counter(&mut self, name: &str) -> Option<CounterId>;
+}
+
+/// The Envoy side of one UDP listener filter, during one `on_data`.
+pub trait UdpFilterHandle {
+    /// The current datagram's payload (all chunks, concatenated).
+    fn datagram(&self) -> Vec<u8>;
+    /// Who sent the current datagram.
+    fn peer_address(&self) -> Option<SocketAddr>;
+    /// The listener address the datagram arrived at.
+    fn local_address(&self) -> Option<SocketAddr>;
+    /// Sends `data` to `to` from the listener's socket; false on failure.
+    fn send_datagram(&mut self, data: &[u8], to: SocketAddr) -> bool;
+    /// Adds `value` to a counter defined at config creation.
+    fn increment_counter(&mut self, id: CounterId, value: u64);
+}
+
+/// The Envoy side of one network filter (one connection).
+pub trait NetworkFilterHandle {
+    /// The connection's local address (the listener side).
+    fn local_address(&self) -> Option<SocketAddr>;
+    /// The connection's remote (peer, client) address.
+    fn remote_address(&self) -> Option<SocketAddr>;
+    /// Sets a plain string filter state, readable as
+    /// `%FILTER_STATE(key:PLAIN)%`; false on failure.
+    fn set_filter_state_bytes(&mut self, key: &str, value: &str) -> bool;
+    /// Sets a filter state through the object factory registered for `key`
+    /// (e.g. `envoy.tcp_proxy.cluster`); false on failure.
+    fn set_filter_state_typed(&mut self, key: &str, value: &str) -> bool;
+    /// Closes the connection.
+    fn close(&mut self);
+    /// Adds `value` to a counter defined at config creation.
+    fn increment_counter(&mut self, id: CounterId, value: u64);
+}
+
+/// A UDP listener filter: one instance per worker, shared by all datagrams
+/// that worker receives.
+pub trait UdpListenerFilter: Send {
+    /// Called for each datagram.
+    fn on_data(&mut self, handle: &mut dyn UdpFilterHandle) -> UdpStatus;
+}
+
+/// A filter config that creates UDP listener filters; shared by workers.
+pub trait UdpListenerFilterConfig: Send + Sync {
+    /// Creates the filter of one worker.
+    fn new_filter(&self) -> Box<dyn UdpListenerFilter>;
+}
+
+/// A network filter: one instance per connection.
+pub trait NetworkFilter: Send {
+    /// Called once when the connection is accepted.
+    fn on_new_connection(&mut self, handle: &mut dyn NetworkFilterHandle) -> NetworkStatus;
+    /// Called when data arrives from the client.
+    fn on_read(&mut self, _handle: &mut dyn NetworkFilterHandle) -> NetworkStatus {
+        NetworkStatus::Continue
+    }
+    /// Called when data goes to the client.
+    fn on_write(&mut self, _handle: &mut dyn NetworkFilterHandle) -> NetworkStatus {
+        NetworkStatus::Continue
+    }
+}
+
+/// A filter config that creates network filters; shared by workers.
+pub trait NetworkFilterConfig: Send + Sync {
+    /// Creates the filter of one connection.
+    fn new_filter(&self) -> Box<dyn NetworkFilter>;
+}
+
+/// Counters of one filter kind, defined together at config creation.
+pub trait CounterKind: Copy + 'static {
+    /// Every counter of the kind, in index order.
+    const ALL: &'static [Self];
+    /// The stat name.
+    fn name(self) -> &'static str;
+    /// Position in [`CounterKind::ALL`].
+    fn index(self) -> usize;
+}
+
+/// The ids Envoy gave the counters of kind `K`.
+#[derive(Clone, Debug)]
+pub struct Counters<K: CounterKind> {
+    ids: Vec<Option<CounterId>>,
+    _kind: std::marker::PhantomData<K>,
+}
+
+impl<K: CounterKind> Counters<K> {
+    /// Defines every counter of `K`; a counter Envoy refuses is logged and
+    /// then silently not counted.
+    pub fn define(registry: &mut dyn CounterRegistry) -> Self {
+        let ids = K::ALL
+            .iter()
+            .map(|k| {
+                let id = registry.define_counter(k.name());
+                if id.is_none() {
+                    log(
+                        LogLevel::Warn,
+                        &format!("could not define counter {}", k.name()),
+                    );
+                }
+                id
+            })
+            .collect();
+        Self {
+            ids,
+            _kind: std::marker::PhantomData,
+        }
+    }
+
+    /// Counters that count nothing (no Envoy).
+    pub fn none() -> Self {
+        Self {
+            ids: vec![None; K::ALL.len()],
+            _kind: std::marker::PhantomData,
+        }
+    }
+
+    /// The id of `kind`, if defined.
+    pub fn id(&self, kind: K) -> Option<CounterId> {
+        self.ids.get(kind.index()).copied().flatten()
+    }
+}

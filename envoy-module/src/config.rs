@@ -1,0 +1,413 @@
+//! Filter configurations: parsing and validation.
+//!
+//! Envoy hands a `google.protobuf.Struct` filter config over as compact
+//! JSON, numbers as floats (`24.0`); integral floats are accepted wherever
+//! an integer is expected. Every problem is reported as `field: problem`,
+//! naming the field (`domains[2].metadata.cluster`, `prefix_len`, …), and
+//! unknown fields are rejected so that a typo does not go unnoticed.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+
+use gateway_common::{DEFAULT_PIN_DIR, VIP_TABLE_CAPACITY};
+use serde_json::{Map, Value};
+
+use crate::{
+    allocator::Pool,
+    matcher::{normalize, DomainRule, Pattern, PatternSet},
+};
+
+/// Default TTL of answers (and of the negative-answer SOA), in seconds.
+pub const DEFAULT_TTL: u32 = 300;
+
+/// Largest accepted TTL: one week.
+pub const MAX_TTL: u32 = 604_800;
+
+/// Settings of the `dns_gateway` UDP listener filter.
+#[derive(Clone, Debug)]
+pub struct DnsGatewaySettings {
+    /// Where VIPs come from and how many may be handed out.
+    pub pool: Pool,
+    /// The configured domains.
+    pub patterns: PatternSet,
+    /// TTL of A answers and of the SOA in negative answers.
+    pub ttl: u32,
+    /// Directory of the gateway's pinned maps; without a pinned VIP map the
+    /// VIP table lives in this process only.
+    pub pin_dir: PathBuf,
+    /// Test hook: a query for this (normalised) name panics inside the
+    /// filter, to show that a panic never takes Envoy down.
+    pub debug_panic_on_domain: Option<String>,
+}
+
+/// What `cache_lookup` does with a connection whose VIP it cannot resolve.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnMiss {
+    /// Log, count and let the connection go on (the seed's behaviour).
+    Continue,
+    /// Log, count and close the connection.
+    Close,
+}
+
+/// Settings of the `cache_lookup` network filter.
+#[derive(Clone, Debug)]
+pub struct CacheLookupSettings {
+    /// Miss behaviour.
+    pub on_miss: OnMiss,
+    /// Pinned-map directory; `None` = the one of the latest `dns_gateway`
+    /// config (or the default when there is none).
+    pub pin_dir: Option<PathBuf>,
+    /// Also select the tcp_proxy cluster from the `cluster` metadata through
+    /// the typed filter state `envoy.tcp_proxy.cluster`.
+    pub set_tcp_proxy_cluster: bool,
+}
+
+impl Default for CacheLookupSettings {
+    fn default() -> Self {
+        Self {
+            on_miss: OnMiss::Continue,
+            pin_dir: None,
+            set_tcp_proxy_cluster: false,
+        }
+    }
+}
+
+fn parse_object(bytes: &[u8]) -> Result<Map<String, Value>, String> {
+    let value: Value = serde_json::from_slice(bytes)
+        .map_err(|e| format!("config: not valid JSON ({e}); expected a google.protobuf.Struct"))?;
+    match value {
+        Value::Object(map) => Ok(map),
+        other => Err(format!("config: expected an object, got {}", kind(&other))),
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn reject_unknown(map: &Map<String, Value>, prefix: &str, known: &[&str]) -> Result<(), String> {
+    match map.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(key) => Err(format!(
+            "{prefix}{key}: unknown field (known: {})",
+            known.join(", ")
+        )),
+        None => Ok(()),
+    }
+}
+
+fn string<'a>(value: &'a Value, field: &str) -> Result<&'a str, String> {
+    value
+        .as_str()
+        .ok_or_else(|| format!("{field}: expected a string, got {}", kind(value)))
+}
+
+/// An integer in `min..=max`, given as a JSON integer or an integral float.
+fn integer(value: &Value, field: &str, min: u64, max: u64) -> Result<u64, String> {
+    let number = if let Some(n) = value.as_u64() {
+        Some(n)
+    } else if let Some(f) = value.as_f64() {
+        (f.fract() == 0.0 && f >= 0.0 && f <= u64::MAX as f64).then_some(f as u64)
+    } else {
+        return Err(format!("{field}: expected an integer, got {}", kind(value)));
+    };
+    match number {
+        Some(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "{field}: expected an integer from {min} to {max}, got {value}"
+        )),
+    }
+}
+
+fn path(value: &Value, field: &str) -> Result<PathBuf, String> {
+    let text = string(value, field)?;
+    if text.is_empty() {
+        return Err(format!("{field}: must not be empty"));
+    }
+    Ok(PathBuf::from(text))
+}
+
+fn metadata(value: &Value, field: &str) -> Result<BTreeMap<String, String>, String> {
+    let Value::Object(map) = value else {
+        return Err(format!(
+            "{field}: expected an object of strings, got {}",
+            kind(value)
+        ));
+    };
+    map.iter()
+        .map(|(key, value)| {
+            let valid_key = !key.is_empty()
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+            if !valid_key {
+                return Err(format!(
+                    "{field}.{key}: metadata keys are letters, digits, `_`, `-` and `.` (they become filter-state keys)"
+                ));
+            }
+            let text = string(value, &format!("{field}.{key}"))?;
+            if text.bytes().any(|b| b.is_ascii_control()) {
+                return Err(format!("{field}.{key}: control characters are not allowed"));
+            }
+            Ok((key.clone(), text.to_owned()))
+        })
+        .collect()
+}
+
+fn domains(value: &Value) -> Result<PatternSet, String> {
+    let Value::Array(items) = value else {
+        return Err(format!("domains: expected an array, got {}", kind(value)));
+    };
+    let mut rules = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let field = format!("domains[{i}]");
+        let Value::Object(entry) = item else {
+            return Err(format!("{field}: expected an object, got {}", kind(item)));
+        };
+        reject_unknown(entry, &format!("{field}."), &["domain", "metadata"])?;
+        let domain = entry
+            .get("domain")
+            .ok_or_else(|| format!("{field}.domain: missing"))?;
+        let pattern = Pattern::parse(string(domain, &format!("{field}.domain"))?)
+            .map_err(|e| format!("{field}.domain: {e}"))?;
+        let metadata = match entry.get("metadata") {
+            Some(value) => metadata(value, &format!("{field}.metadata"))?,
+            None => BTreeMap::new(),
+        };
+        rules.push(DomainRule { pattern, metadata });
+    }
+    PatternSet::new(rules)
+}
+
+/// Parses and validates a `dns_gateway` config.
+pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
+    let map = parse_object(bytes)?;
+    reject_unknown(
+        &map,
+        "",
+        &[
+            "base_ip",
+            "prefix_len",
+            "domains",
+            "ttl",
+            "pin_dir",
+            "max_entries",
+            "debug_panic_on_domain",
+        ],
+    )?;
+    let base_ip = map.get("base_ip").ok_or("base_ip: missing")?;
+    let base_ip: Ipv4Addr = string(base_ip, "base_ip")?
+        .parse()
+        .map_err(|_| format!("base_ip: {base_ip} is not an IPv4 address"))?;
+    let prefix_len = map.get("prefix_len").ok_or("prefix_len: missing")?;
+    // /31 and /32 have no address besides the network and broadcast ones.
+    let prefix_len = integer(prefix_len, "prefix_len", 1, 30)? as u8;
+    let usable = Pool::usable_hosts(prefix_len);
+    let default_max = usable.min(u64::from(VIP_TABLE_CAPACITY));
+    let max_entries = match map.get("max_entries") {
+        Some(value) => integer(value, "max_entries", 1, default_max)?,
+        None => default_max,
+    };
+    let pool =
+        Pool::new(base_ip, prefix_len, max_entries as u32).map_err(|e| format!("base_ip: {e}"))?;
+    let patterns = domains(map.get("domains").ok_or("domains: missing")?)?;
+    let ttl = match map.get("ttl") {
+        Some(value) => integer(value, "ttl", 0, u64::from(MAX_TTL))? as u32,
+        None => DEFAULT_TTL,
+    };
+    let pin_dir = match map.get("pin_dir") {
+        Some(value) => path(value, "pin_dir")?,
+        None => PathBuf::from(DEFAULT_PIN_DIR),
+    };
+    let debug_panic_on_domain = match map.get("debug_panic_on_domain") {
+        Some(value) => Some(
+            normalize(string(value, "debug_panic_on_domain")?)
+                .ok_or("debug_panic_on_domain: not a valid domain name")?,
+        ),
+        None => None,
+    };
+    Ok(DnsGatewaySettings {
+        pool,
+        patterns,
+        ttl,
+        pin_dir,
+        debug_panic_on_domain,
+    })
+}
+
+/// Parses and validates a `cache_lookup` config (empty or `{}` = defaults).
+pub fn parse_cache_lookup(bytes: &[u8]) -> Result<CacheLookupSettings, String> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(CacheLookupSettings::default());
+    }
+    let map = parse_object(bytes)?;
+    reject_unknown(&map, "", &["on_miss", "pin_dir", "set_tcp_proxy_cluster"])?;
+    let mut settings = CacheLookupSettings::default();
+    if let Some(value) = map.get("on_miss") {
+        settings.on_miss = match string(value, "on_miss")? {
+            "continue" => OnMiss::Continue,
+            "close" => OnMiss::Close,
+            other => {
+                return Err(format!(
+                    "on_miss: expected \"continue\" or \"close\", got {other:?}"
+                ))
+            }
+        };
+    }
+    if let Some(value) = map.get("pin_dir") {
+        settings.pin_dir = Some(path(value, "pin_dir")?);
+    }
+    if let Some(value) = map.get("set_tcp_proxy_cluster") {
+        settings.set_tcp_proxy_cluster = value.as_bool().ok_or_else(|| {
+            format!(
+                "set_tcp_proxy_cluster: expected a boolean, got {}",
+                kind(value)
+            )
+        })?;
+    }
+    Ok(settings)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEED: &str = r#"{"base_ip":"10.10.0.0","prefix_len":24.0,"domains":[
+        {"domain":"*.aws.com","metadata":{"cluster":"cluster_1","auth_token":"abc123"}},
+        {"domain":"example.com","metadata":{"cluster":"cluster_2","auth_token":"def456"}}]}"#;
+
+    fn with(field: &str, value: &str) -> String {
+        let mut v: Value = serde_json::from_str(SEED).unwrap();
+        v[field] = serde_json::from_str(value).unwrap();
+        v.to_string()
+    }
+
+    fn error(json: &str) -> String {
+        parse_dns_gateway(json.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn seed_config_parses_with_defaults() {
+        let s = parse_dns_gateway(SEED.as_bytes()).unwrap();
+        assert_eq!(s.pool.network(), Ipv4Addr::new(10, 10, 0, 0));
+        assert_eq!(s.pool.prefix_len(), 24);
+        assert_eq!(s.pool.max_entries(), 254);
+        assert_eq!(s.ttl, DEFAULT_TTL);
+        assert_eq!(s.pin_dir, PathBuf::from(DEFAULT_PIN_DIR));
+        assert_eq!(s.patterns.rules().len(), 2);
+        assert_eq!(s.patterns.rules()[0].metadata["auth_token"], "abc123");
+        assert_eq!(s.debug_panic_on_domain, None);
+    }
+
+    #[test]
+    fn optional_fields_are_read() {
+        let mut v: Value = serde_json::from_str(SEED).unwrap();
+        v["ttl"] = 60.0.into();
+        v["max_entries"] = 3.into();
+        v["pin_dir"] = "/tmp/pins".into();
+        v["debug_panic_on_domain"] = "Panic.Test.".into();
+        let s = parse_dns_gateway(v.to_string().as_bytes()).unwrap();
+        assert_eq!((s.ttl, s.pool.max_entries()), (60, 3));
+        assert_eq!(s.pin_dir, PathBuf::from("/tmp/pins"));
+        assert_eq!(s.debug_panic_on_domain.as_deref(), Some("panic.test"));
+    }
+
+    #[test]
+    fn each_bad_field_is_named() {
+        let cases = [
+            (with("base_ip", "\"10.10.0\""), "base_ip"),
+            (with("base_ip", "10"), "base_ip"),
+            (with("base_ip", "\"10.10.0.7\""), "base_ip"),
+            (with("prefix_len", "24.5"), "prefix_len"),
+            (with("prefix_len", "31"), "prefix_len"),
+            (with("prefix_len", "0"), "prefix_len"),
+            (with("prefix_len", "\"24\""), "prefix_len"),
+            (with("ttl", "-1"), "ttl"),
+            (with("ttl", "1e9"), "ttl"),
+            (with("max_entries", "255"), "max_entries"),
+            (with("max_entries", "0"), "max_entries"),
+            (with("pin_dir", "\"\""), "pin_dir"),
+            (with("domains", "{}"), "domains"),
+            (
+                with("domains", "[{\"domain\":\"a b\"}]"),
+                "domains[0].domain",
+            ),
+            (with("domains", "[{\"metadata\":{}}]"), "domains[0].domain"),
+            (
+                with(
+                    "domains",
+                    "[{\"domain\":\"a.com\"},{\"domain\":\"*.x..com\"}]",
+                ),
+                "domains[1].domain",
+            ),
+            (
+                with(
+                    "domains",
+                    "[{\"domain\":\"a.com\",\"metadata\":{\"port\":443}}]",
+                ),
+                "domains[0].metadata.port",
+            ),
+            (
+                with(
+                    "domains",
+                    "[{\"domain\":\"a.com\",\"metadata\":{\"a b\":\"x\"}}]",
+                ),
+                "domains[0].metadata.a b",
+            ),
+            (
+                with("domains", "[{\"domain\":\"a.com\",\"metdata\":{}}]"),
+                "domains[0].metdata",
+            ),
+            (
+                with("debug_panic_on_domain", "\"..\""),
+                "debug_panic_on_domain",
+            ),
+            (with("tll", "5"), "tll"),
+        ];
+        for (json, field) in cases {
+            let e = error(&json);
+            assert!(e.starts_with(&format!("{field}:")), "{json} -> {e}");
+        }
+        assert!(error(r#"{"prefix_len":24,"domains":[]}"#).starts_with("base_ip: missing"));
+        assert!(error(r#"{"base_ip":"10.0.0.0","domains":[]}"#).starts_with("prefix_len: missing"));
+        assert!(error(r#"{"base_ip":"10.0.0.0","prefix_len":8}"#).starts_with("domains: missing"));
+        assert!(error("not json").starts_with("config:"));
+        assert!(error("[1]").starts_with("config:"));
+        assert!(error("").starts_with("config:"));
+    }
+
+    #[test]
+    fn cache_lookup_config() {
+        let d = parse_cache_lookup(b"").unwrap();
+        assert_eq!(
+            (d.on_miss, d.pin_dir, d.set_tcp_proxy_cluster),
+            (OnMiss::Continue, None, false)
+        );
+        assert_eq!(parse_cache_lookup(b"{}").unwrap().on_miss, OnMiss::Continue);
+        let s = parse_cache_lookup(
+            br#"{"on_miss":"close","pin_dir":"/x","set_tcp_proxy_cluster":true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (s.on_miss, s.pin_dir, s.set_tcp_proxy_cluster),
+            (OnMiss::Close, Some(PathBuf::from("/x")), true)
+        );
+        for (json, field) in [
+            (r#"{"on_miss":"drop"}"#, "on_miss"),
+            (r#"{"pin_dir":3}"#, "pin_dir"),
+            (
+                r#"{"set_tcp_proxy_cluster":"yes"}"#,
+                "set_tcp_proxy_cluster",
+            ),
+            (r#"{"onmiss":"close"}"#, "onmiss"),
+        ] {
+            let e = parse_cache_lookup(json.as_bytes()).unwrap_err();
+            assert!(e.starts_with(&format!("{field}:")), "{json} -> {e}");
+        }
+    }
+}

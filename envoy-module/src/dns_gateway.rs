@@ -1,0 +1,270 @@
+//! The `dns_gateway` UDP listener filter.
+//!
+//! For each datagram:
+//! - not parseable as DNS (shorter than a header, bad names, truncated
+//!   records): counted as `malformed` and **dropped** (no answer, later
+//!   filters do not see it);
+//! - not a standard query with one question, a class other than IN, or a
+//!   name no pattern matches: counted as `passed_on` and handed to the next
+//!   UDP listener filter (`Continue`; the seed puts Envoy's `dns_filter`
+//!   there as the fallback resolver);
+//! - a matched name asked for A (or ANY): the name's VIP in an
+//!   authoritative answer (`answered`; `allocations` when the VIP is new);
+//!   when the pool is exhausted: **SERVFAIL** (`exhausted`);
+//! - a matched name asked for any other type: NOERROR/NODATA with the
+//!   zone's SOA (`nodata`).
+
+use std::sync::Arc;
+
+use hickory_proto::{op::ResponseCode, rr::RecordType};
+
+use crate::{
+    api::{
+        log, CounterKind, Counters, LogLevel, UdpFilterHandle, UdpListenerFilter,
+        UdpListenerFilterConfig, UdpStatus,
+    },
+    config::DnsGatewaySettings,
+    dns::{self, Inspection},
+    state::GatewayState,
+};
+
+/// Counters of `dns_gateway`, visible on Envoy's `/stats` as
+/// `dynamicmodulescustom.dns_gateway.<name>` (Envoy scopes UDP listener
+/// filter stats by filter name).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DnsCounter {
+    /// Datagrams seen.
+    Queries,
+    /// A answers sent.
+    Answered,
+    /// NODATA answers sent.
+    Nodata,
+    /// Datagrams handed to the next filter.
+    PassedOn,
+    /// Datagrams dropped as unparseable.
+    Malformed,
+    /// New VIPs allocated.
+    Allocations,
+    /// Queries answered SERVFAIL because the pool was exhausted.
+    Exhausted,
+    /// Allocations that could not be written to the pinned VIP map.
+    StoreErrors,
+    /// Answers that could not be built or sent.
+    SendErrors,
+}
+
+impl CounterKind for DnsCounter {
+    const ALL: &'static [Self] = &[
+        Self::Queries,
+        Self::Answered,
+        Self::Nodata,
+        Self::PassedOn,
+        Self::Malformed,
+        Self::Allocations,
+        Self::Exhausted,
+        Self::StoreErrors,
+        Self::SendErrors,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Queries => "queries",
+            Self::Answered => "answered",
+            Self::Nodata => "nodata",
+            Self::PassedOn => "passed_on",
+            Self::Malformed => "malformed",
+            Self::Allocations => "allocations",
+            Self::Exhausted => "exhausted",
+            Self::StoreErrors => "store_errors",
+            Self::SendErrors => "send_errors",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+struct Shared {
+    settings: DnsGatewaySettings,
+    state: Arc<GatewayState>,
+    counters: Counters<DnsCounter>,
+}
+
+/// A loaded `dns_gateway` config, shared by the filters of all workers.
+pub struct DnsGatewayConfig {
+    shared: Arc<Shared>,
+}
+
+impl DnsGatewayConfig {
+    /// Builds the config and registers its patterns and pin directory with
+    /// `state` (reloading the VIP table from the pinned map, if any).
+    pub fn new(
+        settings: DnsGatewaySettings,
+        state: Arc<GatewayState>,
+        counters: Counters<DnsCounter>,
+    ) -> Self {
+        let summary = state.register(Arc::new(settings.patterns.clone()), &settings.pin_dir);
+        log(
+            LogLevel::Info,
+            &format!(
+                "dns_gateway: {} domain patterns, VIPs from {}/{} (at most {}), TTL {} s; {summary}",
+                settings.patterns.rules().len(),
+                settings.pool.network(),
+                settings.pool.prefix_len(),
+                settings.pool.max_entries(),
+                settings.ttl
+            ),
+        );
+        Self {
+            shared: Arc::new(Shared {
+                settings,
+                state,
+                counters,
+            }),
+        }
+    }
+}
+
+impl UdpListenerFilterConfig for DnsGatewayConfig {
+    fn new_filter(&self) -> Box<dyn UdpListenerFilter> {
+        Box::new(DnsGatewayFilter {
+            shared: self.shared.clone(),
+        })
+    }
+}
+
+/// The filter of one worker.
+pub struct DnsGatewayFilter {
+    shared: Arc<Shared>,
+}
+
+enum Outcome {
+    Reply(Vec<u8>),
+    PassOn,
+    Drop,
+}
+
+impl DnsGatewayFilter {
+    fn count(&self, handle: &mut dyn UdpFilterHandle, counter: DnsCounter) {
+        if let Some(id) = self.shared.counters.id(counter) {
+            handle.increment_counter(id, 1);
+        }
+    }
+
+    fn decide(&self, handle: &mut dyn UdpFilterHandle, datagram: &[u8]) -> Outcome {
+        let settings = &self.shared.settings;
+        let query = match dns::inspect(datagram) {
+            Inspection::Malformed(why) => {
+                self.count(handle, DnsCounter::Malformed);
+                log(
+                    LogLevel::Debug,
+                    &format!("dns_gateway: dropping a malformed datagram: {why}"),
+                );
+                return Outcome::Drop;
+            }
+            Inspection::NotStandard(why) => {
+                self.count(handle, DnsCounter::PassedOn);
+                log(LogLevel::Trace, &format!("dns_gateway: passing on {why}"));
+                return Outcome::PassOn;
+            }
+            Inspection::Query(query) => query,
+        };
+        let Some(name) = query.name.as_deref().filter(|_| query.class_in) else {
+            self.count(handle, DnsCounter::PassedOn);
+            return Outcome::PassOn;
+        };
+        if settings.debug_panic_on_domain.as_deref() == Some(name) {
+            panic!("debug_panic_on_domain: query for {name}");
+        }
+        let Some(rule) = settings.patterns.best_match(name) else {
+            self.count(handle, DnsCounter::PassedOn);
+            return Outcome::PassOn;
+        };
+        let answer = match query.qtype {
+            RecordType::A | RecordType::ANY => {
+                match self.shared.state.allocate(name, &settings.pool) {
+                    Ok(allocated) => {
+                        if allocated.new {
+                            self.count(handle, DnsCounter::Allocations);
+                            log(
+                                LogLevel::Debug,
+                                &format!(
+                                    "dns_gateway: {name} -> {} (new, pattern {})",
+                                    allocated.vip, rule.pattern
+                                ),
+                            );
+                        }
+                        if let Some(e) = allocated.store_error {
+                            self.count(handle, DnsCounter::StoreErrors);
+                            log(
+                                LogLevel::Warn,
+                                &format!(
+                                    "dns_gateway: VIP {} for {name} kept in this process only: {e}",
+                                    allocated.vip
+                                ),
+                            );
+                        }
+                        self.count(handle, DnsCounter::Answered);
+                        dns::a_answer(&query, allocated.vip, settings.ttl)
+                    }
+                    Err(_) => {
+                        self.count(handle, DnsCounter::Exhausted);
+                        log(
+                            LogLevel::Warn,
+                            &format!(
+                            "dns_gateway: VIP pool {}/{} exhausted ({} VIPs): SERVFAIL for {name}",
+                            settings.pool.network(),
+                            settings.pool.prefix_len(),
+                            settings.pool.max_entries()
+                        ),
+                        );
+                        dns::error_answer(&query, ResponseCode::ServFail)
+                    }
+                }
+            }
+            _ => {
+                self.count(handle, DnsCounter::Nodata);
+                dns::nodata_answer(&query, rule.pattern.zone(), settings.ttl)
+            }
+        };
+        match answer {
+            Ok(bytes) => Outcome::Reply(bytes),
+            Err(e) => {
+                self.count(handle, DnsCounter::SendErrors);
+                log(
+                    LogLevel::Error,
+                    &format!("dns_gateway: answer for {name}: {e}; passing the query on"),
+                );
+                Outcome::PassOn
+            }
+        }
+    }
+}
+
+impl UdpListenerFilter for DnsGatewayFilter {
+    fn on_data(&mut self, handle: &mut dyn UdpFilterHandle) -> UdpStatus {
+        self.count(handle, DnsCounter::Queries);
+        let datagram = handle.datagram();
+        match self.decide(handle, &datagram) {
+            Outcome::PassOn => UdpStatus::Continue,
+            Outcome::Drop => UdpStatus::StopIteration,
+            Outcome::Reply(bytes) => {
+                let sent = handle
+                    .peer_address()
+                    .map(|peer| (peer, handle.send_datagram(&bytes, peer)));
+                if !matches!(sent, Some((_, true))) {
+                    self.count(handle, DnsCounter::SendErrors);
+                    log(
+                        LogLevel::Warn,
+                        &format!(
+                            "dns_gateway: could not send the answer (peer {:?})",
+                            sent.map(|s| s.0)
+                        ),
+                    );
+                }
+                UdpStatus::StopIteration
+            }
+        }
+    }
+}

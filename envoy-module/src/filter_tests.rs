@@ -1,0 +1,423 @@
+//! Filter logic driven through fake Envoy handles.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{atomic::Ordering, Arc},
+};
+
+use hickory_proto::{
+    op::{Message, ResponseCode},
+    rr::{RData, RecordType},
+};
+
+use crate::{
+    api::{
+        CounterId, CounterRegistry, Counters, NetworkFilterConfig, NetworkFilterHandle,
+        NetworkStatus, UdpFilterHandle, UdpListenerFilterConfig, UdpStatus,
+    },
+    cache_lookup::CacheLookupConfig,
+    config::{parse_cache_lookup, parse_dns_gateway},
+    dns::tests::query_bytes,
+    dns_gateway::DnsGatewayConfig,
+    state::{tests::FakeMaps, GatewayState},
+};
+
+/// Hands out counter ids and remembers their names.
+#[derive(Default)]
+struct FakeRegistry {
+    names: Vec<String>,
+}
+
+impl CounterRegistry for FakeRegistry {
+    fn define_counter(&mut self, name: &str) -> Option<CounterId> {
+        self.names.push(name.to_owned());
+        Some(CounterId(self.names.len() - 1))
+    }
+}
+
+#[derive(Default)]
+struct FakeUdp {
+    datagram: Vec<u8>,
+    sent: Vec<(Vec<u8>, SocketAddr)>,
+    counters: HashMap<usize, u64>,
+}
+
+impl UdpFilterHandle for FakeUdp {
+    fn datagram(&self) -> Vec<u8> {
+        self.datagram.clone()
+    }
+    fn peer_address(&self) -> Option<SocketAddr> {
+        Some("127.0.0.1:5555".parse().unwrap())
+    }
+    fn local_address(&self) -> Option<SocketAddr> {
+        Some("127.0.0.1:15053".parse().unwrap())
+    }
+    fn send_datagram(&mut self, data: &[u8], to: SocketAddr) -> bool {
+        self.sent.push((data.to_vec(), to));
+        true
+    }
+    fn increment_counter(&mut self, id: CounterId, value: u64) {
+        *self.counters.entry(id.0).or_default() += value;
+    }
+}
+
+struct FakeNet {
+    local: SocketAddr,
+    remote: SocketAddr,
+    state: BTreeMap<String, String>,
+    typed: BTreeMap<String, String>,
+    closed: bool,
+    counters: HashMap<usize, u64>,
+}
+
+impl FakeNet {
+    fn new(local: &str, remote: &str) -> Self {
+        Self {
+            local: local.parse().unwrap(),
+            remote: remote.parse().unwrap(),
+            state: BTreeMap::new(),
+            typed: BTreeMap::new(),
+            closed: false,
+            counters: HashMap::new(),
+        }
+    }
+}
+
+impl NetworkFilterHandle for FakeNet {
+    fn local_address(&self) -> Option<SocketAddr> {
+        Some(self.local)
+    }
+    fn remote_address(&self) -> Option<SocketAddr> {
+        Some(self.remote)
+    }
+    fn set_filter_state_bytes(&mut self, key: &str, value: &str) -> bool {
+        self.state.insert(key.to_owned(), value.to_owned());
+        true
+    }
+    fn set_filter_state_typed(&mut self, key: &str, value: &str) -> bool {
+        self.typed.insert(key.to_owned(), value.to_owned());
+        true
+    }
+    fn close(&mut self) {
+        self.closed = true;
+    }
+    fn increment_counter(&mut self, id: CounterId, value: u64) {
+        *self.counters.entry(id.0).or_default() += value;
+    }
+}
+
+fn counter(registry: &FakeRegistry, counters: &HashMap<usize, u64>, name: &str) -> u64 {
+    let id = registry
+        .names
+        .iter()
+        .position(|n| n == name)
+        .unwrap_or_else(|| panic!("no counter {name}"));
+    counters.get(&id).copied().unwrap_or(0)
+}
+
+const CONFIG: &str = r#"{"base_ip":"10.10.0.0","prefix_len":29.0,"ttl":42,
+    "debug_panic_on_domain":"panic.test",
+    "domains":[{"domain":"*.aws.com","metadata":{"cluster":"cluster_1","auth_token":"abc123"}},
+               {"domain":"example.com","metadata":{"cluster":"cluster_2","auth_token":"def456"}},
+               {"domain":"*.test","metadata":{}}]}"#;
+
+struct Gateway {
+    state: Arc<GatewayState>,
+    maps: Arc<FakeMaps>,
+    dns: DnsGatewayConfig,
+    registry: FakeRegistry,
+}
+
+fn gateway() -> Gateway {
+    let maps = Arc::new(FakeMaps::default());
+    let state = Arc::new(GatewayState::new(maps.clone()));
+    let mut registry = FakeRegistry::default();
+    let dns = DnsGatewayConfig::new(
+        parse_dns_gateway(CONFIG.as_bytes()).unwrap(),
+        state.clone(),
+        Counters::define(&mut registry),
+    );
+    Gateway {
+        state,
+        maps,
+        dns,
+        registry,
+    }
+}
+
+fn ask(
+    gw: &Gateway,
+    handle: &mut FakeUdp,
+    name: &str,
+    qtype: RecordType,
+) -> (UdpStatus, Option<Message>) {
+    handle.datagram = query_bytes(name, qtype, false);
+    handle.sent.clear();
+    let status = gw.dns.new_filter().on_data(handle);
+    let answer = handle
+        .sent
+        .first()
+        .map(|(bytes, _)| Message::from_vec(bytes).unwrap());
+    (status, answer)
+}
+
+fn a_of(answer: &Message) -> Ipv4Addr {
+    match answer.answers()[0].data() {
+        RData::A(a) => a.0,
+        other => panic!("not an A record: {other:?}"),
+    }
+}
+
+#[test]
+fn matched_names_are_answered_with_stable_vips_across_workers() {
+    let gw = gateway();
+    let mut h = FakeUdp::default();
+    let (status, answer) = ask(&gw, &mut h, "one.s3.aws.com.", RecordType::A);
+    assert_eq!(status, UdpStatus::StopIteration);
+    let answer = answer.expect("an answer was sent");
+    assert_eq!(a_of(&answer), Ipv4Addr::new(10, 10, 0, 1));
+    assert_eq!(answer.answers()[0].ttl(), 42);
+    assert_eq!(
+        h.sent[0].1,
+        "127.0.0.1:5555".parse().unwrap(),
+        "answer goes to the peer"
+    );
+    let (_, two) = ask(&gw, &mut h, "TWO.s3.aws.com.", RecordType::A);
+    assert_eq!(a_of(&two.unwrap()), Ipv4Addr::new(10, 10, 0, 2));
+    // Another worker's filter instance sees the same table.
+    let (_, again) = ask(&gw, &mut h, "one.s3.aws.com.", RecordType::A);
+    assert_eq!(a_of(&again.unwrap()), Ipv4Addr::new(10, 10, 0, 1));
+    let (_, exact) = ask(&gw, &mut h, "example.com.", RecordType::A);
+    assert_eq!(a_of(&exact.unwrap()), Ipv4Addr::new(10, 10, 0, 3));
+    assert_eq!(counter(&gw.registry, &h.counters, "answered"), 4);
+    assert_eq!(counter(&gw.registry, &h.counters, "allocations"), 3);
+    assert_eq!(counter(&gw.registry, &h.counters, "queries"), 4);
+}
+
+#[test]
+fn unmatched_and_non_standard_queries_continue() {
+    let gw = gateway();
+    let mut h = FakeUdp::default();
+    for name in ["github.com.", "aws.com.", "example.com.evil.org."] {
+        let (status, answer) = ask(&gw, &mut h, name, RecordType::A);
+        assert_eq!(status, UdpStatus::Continue, "{name}");
+        assert!(answer.is_none());
+    }
+    let mut response = query_bytes("one.aws.com.", RecordType::A, false);
+    response[2] |= 0x80;
+    h.datagram = response;
+    assert_eq!(gw.dns.new_filter().on_data(&mut h), UdpStatus::Continue);
+    assert_eq!(counter(&gw.registry, &h.counters, "passed_on"), 4);
+    assert!(h.sent.is_empty());
+    assert!(
+        gw.state.entries().is_empty(),
+        "nothing allocated for names we pass on"
+    );
+}
+
+#[test]
+fn other_types_get_nodata_with_soa() {
+    let gw = gateway();
+    let mut h = FakeUdp::default();
+    let (status, answer) = ask(&gw, &mut h, "bucket.aws.com.", RecordType::AAAA);
+    assert_eq!(status, UdpStatus::StopIteration);
+    let answer = answer.unwrap();
+    assert_eq!(answer.response_code(), ResponseCode::NoError);
+    assert!(answer.answers().is_empty());
+    assert_eq!(answer.name_servers()[0].name().to_ascii(), "aws.com.");
+    assert_eq!(answer.name_servers()[0].ttl(), 42);
+    assert_eq!(counter(&gw.registry, &h.counters, "nodata"), 1);
+    assert!(gw.state.entries().is_empty(), "no VIP for a AAAA query");
+}
+
+#[test]
+fn malformed_datagrams_are_counted_and_dropped() {
+    let gw = gateway();
+    let mut h = FakeUdp::default();
+    let mut truncated = query_bytes("one.aws.com.", RecordType::A, false);
+    truncated.truncate(truncated.len() - 2);
+    for datagram in [vec![], vec![0x12, 0x34, 0x01], truncated, vec![0; 12 + 3]] {
+        let mut garbage = datagram.clone();
+        if garbage.len() >= 6 {
+            garbage[5] = 1; // one question, so it must be parsed
+        }
+        h.datagram = garbage;
+        assert_eq!(
+            gw.dns.new_filter().on_data(&mut h),
+            UdpStatus::StopIteration
+        );
+    }
+    assert!(h.sent.is_empty());
+    assert_eq!(counter(&gw.registry, &h.counters, "malformed"), 4);
+}
+
+#[test]
+fn exhaustion_answers_servfail() {
+    let gw = gateway(); // a /29: six VIPs
+    let mut h = FakeUdp::default();
+    for i in 0..6 {
+        let (_, answer) = ask(&gw, &mut h, &format!("n{i}.aws.com."), RecordType::A);
+        assert_eq!(answer.unwrap().response_code(), ResponseCode::NoError);
+    }
+    let (status, answer) = ask(&gw, &mut h, "n6.aws.com.", RecordType::A);
+    assert_eq!(status, UdpStatus::StopIteration);
+    assert_eq!(answer.unwrap().response_code(), ResponseCode::ServFail);
+    assert_eq!(counter(&gw.registry, &h.counters, "exhausted"), 1);
+    let vips: Vec<_> = gw
+        .state
+        .entries()
+        .into_iter()
+        .map(|(vip, _)| vip.octets()[3])
+        .collect();
+    assert_eq!(vips, [1, 2, 3, 4, 5, 6], "never .0 or .7");
+}
+
+#[test]
+fn debug_panic_hook_panics_inside_the_filter() {
+    let gw = gateway();
+    let mut h = FakeUdp {
+        datagram: query_bytes("panic.test.", RecordType::A, false),
+        ..Default::default()
+    };
+    let mut filter = gw.dns.new_filter();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| filter.on_data(&mut h)));
+    assert!(result.is_err());
+}
+
+fn cache_lookup(gw: &Gateway, config: &str) -> (CacheLookupConfig, FakeRegistry) {
+    let mut registry = FakeRegistry::default();
+    let config = CacheLookupConfig::new(
+        parse_cache_lookup(config.as_bytes()).unwrap(),
+        gw.state.clone(),
+        Counters::define(&mut registry),
+    );
+    (config, registry)
+}
+
+#[test]
+fn cache_lookup_sets_domain_and_metadata_from_the_local_address() {
+    let gw = gateway();
+    let mut h = FakeUdp::default();
+    ask(&gw, &mut h, "one.s3.aws.com.", RecordType::A);
+    ask(&gw, &mut h, "example.com.", RecordType::A);
+    let (config, registry) = cache_lookup(&gw, "{}");
+    for (vip, domain, cluster, token, port) in [
+        (
+            "10.10.0.1:443",
+            "one.s3.aws.com",
+            "cluster_1",
+            "abc123",
+            "443",
+        ),
+        ("10.10.0.2:80", "example.com", "cluster_2", "def456", "80"),
+    ] {
+        let mut conn = FakeNet::new(vip, "127.0.0.1:40000");
+        assert_eq!(
+            config.new_filter().on_new_connection(&mut conn),
+            NetworkStatus::Continue
+        );
+        assert_eq!(
+            conn.state,
+            BTreeMap::from([
+                ("envoy.dns_gateway.domain".to_owned(), domain.to_owned()),
+                (
+                    "envoy.dns_gateway.metadata.auth_token".to_owned(),
+                    token.to_owned()
+                ),
+                (
+                    "envoy.dns_gateway.metadata.cluster".to_owned(),
+                    cluster.to_owned()
+                ),
+                ("envoy.dns_gateway.port".to_owned(), port.to_owned()),
+            ])
+        );
+        assert!(conn.typed.is_empty(), "typed cluster only on request");
+        assert_eq!(
+            counter(&registry, &conn.counters, "cache_lookup.lookup_hit"),
+            1
+        );
+    }
+}
+
+#[test]
+fn cache_lookup_prefers_the_pinned_original_destination_and_reopens_on_miss() {
+    let gw = gateway();
+    let mut h = FakeUdp::default();
+    ask(&gw, &mut h, "one.s3.aws.com.", RecordType::A);
+    let (config, registry) = cache_lookup(&gw, r#"{"set_tcp_proxy_cluster":true}"#);
+    let client: SocketAddrV4 = "127.0.0.1:40001".parse().unwrap();
+    let mut conn = FakeNet::new("127.0.0.1:15001", &client.to_string());
+    // No map yet: a miss after one reopen.
+    assert_eq!(
+        config.new_filter().on_new_connection(&mut conn),
+        NetworkStatus::Continue
+    );
+    assert_eq!(
+        counter(&registry, &conn.counters, "cache_lookup.lookup_miss"),
+        1
+    );
+    assert!(conn.state.is_empty());
+    let opens = gw.maps.orig_dst_opens.load(Ordering::SeqCst);
+    assert_eq!(
+        opens, 2,
+        "opened once, reopened once before declaring the miss"
+    );
+    // The loader (re)creates the map: the next connection's reopen finds it.
+    *gw.maps.orig_dst.lock().unwrap() =
+        Some(HashMap::from([(client, "10.10.0.1:443".parse().unwrap())]));
+    let mut conn = FakeNet::new("127.0.0.1:15001", &client.to_string());
+    assert_eq!(
+        config.new_filter().on_new_connection(&mut conn),
+        NetworkStatus::Continue
+    );
+    assert_eq!(conn.state["envoy.dns_gateway.domain"], "one.s3.aws.com");
+    // The port the client dialled, not the listener's (127.0.0.1:15001).
+    assert_eq!(conn.state["envoy.dns_gateway.port"], "443");
+    assert_eq!(conn.typed["envoy.tcp_proxy.cluster"], "cluster_1");
+    assert_eq!(gw.maps.orig_dst_opens.load(Ordering::SeqCst), opens + 1);
+}
+
+#[test]
+fn cache_lookup_miss_continues_or_closes() {
+    let gw = gateway();
+    let (keep, registry) = cache_lookup(&gw, "");
+    let mut conn = FakeNet::new("10.10.0.5:443", "127.0.0.1:40002");
+    assert_eq!(
+        keep.new_filter().on_new_connection(&mut conn),
+        NetworkStatus::Continue
+    );
+    assert!(!conn.closed && conn.state.is_empty());
+    assert_eq!(
+        counter(&registry, &conn.counters, "cache_lookup.lookup_miss"),
+        1
+    );
+
+    let (close, registry) = cache_lookup(&gw, r#"{"on_miss":"close"}"#);
+    let mut conn = FakeNet::new("10.10.0.5:443", "127.0.0.1:40003");
+    assert_eq!(
+        close.new_filter().on_new_connection(&mut conn),
+        NetworkStatus::StopIteration
+    );
+    assert!(conn.closed);
+    assert_eq!(counter(&registry, &conn.counters, "cache_lookup.closed"), 1);
+}
+
+#[test]
+fn module_entry_points_reject_unknown_filters_and_bad_configs() {
+    let mut registry = FakeRegistry::default();
+    let err = crate::new_udp_listener_filter_config("dns_gw", b"{}", &mut registry)
+        .err()
+        .unwrap();
+    assert!(err.contains("filter_name"), "{err}");
+    let err =
+        crate::new_udp_listener_filter_config("dns_gateway", br#"{"base_ip":"x"}"#, &mut registry)
+            .err()
+            .unwrap();
+    assert!(err.starts_with("dns_gateway: base_ip:"), "{err}");
+    let err = crate::new_network_filter_config("cache_lookup", br#"{"on_miss":1}"#, &mut registry)
+        .err()
+        .unwrap();
+    assert!(err.starts_with("cache_lookup: on_miss:"), "{err}");
+    assert!(crate::new_network_filter_config("cache_lookup", b"", &mut registry).is_ok());
+}

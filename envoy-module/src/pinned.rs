@@ -1,0 +1,82 @@
+//! The gateway's pinned BPF maps, seen through the module's traits.
+//!
+//! [`PinnedMaps`] opens the maps the loader (`gateway attach`) pins:
+//! the VIP map as a [`VipStore`] and the original-destination map as an
+//! [`OrigDstSource`]. A map that is not pinned is not an error: the module
+//! then works in-process only (VIP table) or by the connection's local
+//! address (original destination), as in the seed's iptables setup.
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    path::Path,
+};
+
+use gateway_common::{
+    pinned::{OrigDstTable, PinDir, VipTable},
+    MAP_ORIG_DST, MAP_VIPS,
+};
+
+use crate::allocator::VipStore;
+
+/// Where a connection's client originally connected to.
+pub trait OrigDstSource: Send {
+    /// The original destination of the connection whose client is `client`.
+    fn lookup(&self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>, String>;
+}
+
+/// Opens the persistent maps of a pin directory.
+pub trait MapOpener: Send + Sync {
+    /// The VIP map, `Ok(None)` when it is not pinned.
+    fn open_vips(&self, dir: &Path) -> Result<Option<Box<dyn VipStore>>, String>;
+    /// The original-destination map, `Ok(None)` when it is not pinned.
+    fn open_orig_dst(&self, dir: &Path) -> Result<Option<Box<dyn OrigDstSource>>, String>;
+}
+
+/// [`MapOpener`] for the real pinned maps on bpffs.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PinnedMaps;
+
+struct PinnedVips(VipTable);
+
+impl VipStore for PinnedVips {
+    fn entries(&self) -> Result<Vec<(Ipv4Addr, String)>, String> {
+        self.0.entries().map_err(|e| format!("{e:#}"))
+    }
+
+    fn get(&self, vip: Ipv4Addr) -> Result<Option<String>, String> {
+        self.0.get(vip).map_err(|e| format!("{e:#}"))
+    }
+
+    fn insert(&mut self, vip: Ipv4Addr, domain: &str) -> Result<(), String> {
+        self.0.insert(vip, domain).map_err(|e| format!("{e:#}"))
+    }
+}
+
+struct PinnedOrigDst(OrigDstTable);
+
+impl OrigDstSource for PinnedOrigDst {
+    fn lookup(&self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>, String> {
+        self.0.lookup(client).map_err(|e| format!("{e:#}"))
+    }
+}
+
+impl MapOpener for PinnedMaps {
+    fn open_vips(&self, dir: &Path) -> Result<Option<Box<dyn VipStore>>, String> {
+        let pins = PinDir::new(dir);
+        if !pins.has(MAP_VIPS) {
+            return Ok(None);
+        }
+        pins.check_layouts().map_err(|e| format!("{e:#}"))?;
+        let table = pins.vips().map_err(|e| format!("{e:#}"))?;
+        Ok(Some(Box::new(PinnedVips(table))))
+    }
+
+    fn open_orig_dst(&self, dir: &Path) -> Result<Option<Box<dyn OrigDstSource>>, String> {
+        let pins = PinDir::new(dir);
+        if !pins.has(MAP_ORIG_DST) {
+            return Ok(None);
+        }
+        let table = pins.orig_dst().map_err(|e| format!("{e:#}"))?;
+        Ok(Some(Box::new(PinnedOrigDst(table))))
+    }
+}
