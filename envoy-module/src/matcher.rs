@@ -9,26 +9,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-/// Longest name in text form, without the trailing dot (RFC 1035).
-pub const MAX_NAME_LEN: usize = 253;
-
 /// Normalises a domain name for matching and storage: ASCII lower case,
-/// no trailing dot, labels of 1–63 letters, digits, `-` or `_`. Returns
-/// `None` for anything else (such names are never matched, so they can
-/// never reach a filter state or a CONNECT request line).
+/// no trailing dot, labels of 1–63 letters, digits, `-` or `_` (the rules of
+/// `gateway_common::pattern`, shared with the gateway's configuration
+/// checks). Returns `None` for anything else: such names are never matched,
+/// so they can never reach a filter state or a CONNECT request line.
 pub fn normalize(name: &str) -> Option<String> {
-    let name = name.strip_suffix('.').unwrap_or(name);
-    if name.is_empty() || name.len() > MAX_NAME_LEN {
-        return None;
-    }
-    let valid = name.split('.').all(|label| {
-        !label.is_empty()
-            && label.len() <= 63
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    });
-    valid.then(|| name.to_ascii_lowercase())
+    gateway_common::pattern::validate_name(name).ok()
 }
 
 /// A parsed pattern.

@@ -1,6 +1,7 @@
-//! Syntax of domain patterns, shared by the gateway's configuration checks
-//! and the Envoy module: `example.com` (exact) or `*.example.com` (any name
-//! below example.com, not example.com itself).
+//! Syntax of domain names and patterns, shared by the gateway's
+//! configuration checks and the Envoy module: `example.com` (exact),
+//! `*.example.com` (any name below example.com, not example.com itself) or
+//! `*` (every name: all DNS of the gated cgroup gets VIPs).
 
 /// Lower-cases a DNS name and drops one trailing dot: the form names are
 /// compared and stored in.
@@ -43,9 +44,7 @@ pub fn validate_name(name: &str) -> Result<String, String> {
 pub fn validate_pattern(pattern: &str) -> Result<String, String> {
     match pattern.strip_prefix("*.") {
         Some(suffix) => Ok(format!("*.{}", validate_name(suffix)?)),
-        None if pattern == "*" => Err(
-            "a bare \"*\" would capture every name; use \"*.example.com\" or an exact name".into(),
-        ),
+        None if pattern == "*" => Ok("*".into()),
         None => validate_name(pattern),
     }
 }
@@ -61,9 +60,10 @@ mod tests {
             validate_pattern("Example.COM").as_deref(),
             Ok("example.com")
         );
+        assert_eq!(validate_pattern("*").as_deref(), Ok("*"));
         for bad in [
             "",
-            "*",
+            "**",
             "*.*.aws.com",
             "a*.aws.com",
             "exa mple.com",

@@ -6,7 +6,7 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 use gateway_common::DEFAULT_PIN_DIR;
 use gateway_user::{
-    addr::{parse_cidr, parse_group, parse_socket_addr, parse_user, Cidr, RunAs},
+    addr::{parse_cidr, parse_group, parse_socket_addr, Cidr},
     config, envoy_bootstrap, exec,
     loader::{self, AttachRequest},
     run::{self, RunOptions},
@@ -75,35 +75,7 @@ enum Command {
     /// programs, start and supervise Envoy with the module, and stop both
     /// on SIGINT/SIGTERM. Without --config, the built-in default (the seed's
     /// example: *.aws.com → cluster_1, example.com → cluster_2).
-    Run {
-        /// Gateway configuration (TOML); see `gateway default-config`.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Resolver for names no pattern matches (repeatable); replaces
-        /// dns.fallback of the configuration.
-        #[arg(long, value_parser = parse_socket_addr)]
-        fallback: Vec<SocketAddrV4>,
-        /// Envoy binary (default: $ENVOY_BIN, .tools/bin/envoy, PATH).
-        #[arg(long)]
-        envoy: Option<PathBuf>,
-        /// Directory holding libconnectivity_envoy_module.so (default:
-        /// $ENVOY_DYNAMIC_MODULES_SEARCH_PATH, then next to this binary).
-        #[arg(long)]
-        module_dir: Option<PathBuf>,
-        /// Where the generated Envoy bootstrap is written.
-        #[arg(long, default_value = "/run/dns-egress-gateway")]
-        state_dir: PathBuf,
-        /// Envoy's log level.
-        #[arg(long, default_value = "warn")]
-        envoy_log_level: String,
-        /// Envoy worker threads.
-        #[arg(long, default_value_t = 2)]
-        concurrency: u32,
-        /// Run Envoy as this user (name or uid), without capabilities; the
-        /// pinned maps are shared with the user's primary group.
-        #[arg(long, value_parser = parse_user)]
-        envoy_user: Option<RunAs>,
-    },
+    Run(RunOptions),
     /// Run an unmodified command inside the gated cgroup of a configuration.
     Exec {
         /// Gateway configuration (TOML); the built-in default when absent.
@@ -185,30 +157,12 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Reset { pin_dir } => reset(&pin_dir),
-        Command::Run {
-            config,
-            fallback,
-            envoy,
-            module_dir,
-            state_dir,
-            envoy_log_level,
-            concurrency,
-            envoy_user,
-        } => tokio::runtime::Builder::new_multi_thread()
+        Command::Run(options) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .context("starting the async runtime")?
-            .block_on(run::run(RunOptions {
-                config,
-                fallback,
-                envoy,
-                module_dir,
-                state_dir,
-                envoy_log_level,
-                concurrency,
-                envoy_user,
-            })),
+            .block_on(run::run(options)),
         Command::Exec { config, command } => exec::exec(config.as_deref(), &command),
         Command::EnvoyConfig { config, fallback } => {
             let config = run::effective_config(config.as_deref(), &fallback)?;

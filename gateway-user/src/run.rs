@@ -13,7 +13,7 @@ use anyhow::{bail, Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    addr::RunAs,
+    addr::{parse_socket_addr, parse_user, RunAs},
     cgroup, config,
     envoy_bootstrap::{self, MODULE_NAME},
     kernel_log,
@@ -21,24 +21,37 @@ use crate::{
     supervisor::{self, EnvoyCommand},
 };
 
-/// Options of `gateway run` beyond the configuration file.
-#[derive(Clone, Debug)]
+/// Options of `gateway run`: the configuration file and what the command
+/// line adds to it.
+#[derive(Clone, Debug, clap::Args)]
 pub struct RunOptions {
-    /// Configuration file; the built-in default when absent.
+    /// Gateway configuration (TOML); see `gateway default-config`. The
+    /// built-in default when absent.
+    #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Replaces `dns.fallback` of the configuration.
+    /// Resolver for names no pattern matches (repeatable); replaces
+    /// dns.fallback of the configuration.
+    #[arg(long, value_parser = parse_socket_addr)]
     pub fallback: Vec<SocketAddrV4>,
-    /// Envoy binary; found automatically when absent.
+    /// Envoy binary (default: $ENVOY_BIN, .tools/bin/envoy, PATH).
+    #[arg(long)]
     pub envoy: Option<PathBuf>,
-    /// Directory with the module's shared library.
+    /// Directory holding libconnectivity_envoy_module.so (default:
+    /// $ENVOY_DYNAMIC_MODULES_SEARCH_PATH, then next to this binary).
+    #[arg(long)]
     pub module_dir: Option<PathBuf>,
-    /// Where the generated bootstrap is written.
+    /// Where the generated Envoy bootstrap is written.
+    #[arg(long, default_value = "/run/dns-egress-gateway")]
     pub state_dir: PathBuf,
     /// Envoy's log level.
+    #[arg(long, default_value = "warn")]
     pub envoy_log_level: String,
     /// Envoy worker threads.
+    #[arg(long, default_value_t = 2)]
     pub concurrency: u32,
-    /// Run Envoy as this user, sharing the maps with its group.
+    /// Run Envoy as this user (name or uid), without capabilities; the
+    /// pinned maps are shared with the user's primary group.
+    #[arg(long, value_parser = parse_user)]
     pub envoy_user: Option<RunAs>,
 }
 

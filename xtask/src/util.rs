@@ -1,24 +1,10 @@
 //! Running commands with clear failures, and the repository's paths.
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{path::PathBuf, process::Command};
 
 use anyhow::{bail, Context as _, Result};
 
-/// Root of the workspace.
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("."))
-}
-
-/// Project-local tools directory (ignored by git).
-pub fn tools_dir() -> PathBuf {
-    repo_root().join(".tools")
-}
+pub use tests::{repo_root, tools_dir};
 
 /// The Envoy binary `cargo xtask setup` installs.
 pub fn envoy_bin() -> PathBuf {
