@@ -77,7 +77,9 @@ pub fn prerequisites_met(extra_files: &[PathBuf]) -> bool {
             ));
         }
     }
-    for tool in ["ip", "bpftool", "python3"] {
+    for tool in [
+        "ip", "bpftool", "python3", "iptables", "dig", "curl", "setpriv",
+    ] {
         if which(tool).is_none() {
             missing.push(format!("{tool} (run `cargo xtask setup`)"));
         }

@@ -48,7 +48,8 @@ pub fn default_config_text() -> Result<String> {
     Ok(String::from_utf8(out.stdout)?)
 }
 
-fn python(script: &str, args: &[&str]) -> Command {
+/// `python3 -u tests/clients/<script> <args…>`.
+pub fn python(script: &str, args: &[&str]) -> Command {
     let mut cmd = Command::new("python3");
     cmd.arg("-u")
         .arg(repo_root().join("tests/clients").join(script))
