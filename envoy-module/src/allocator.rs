@@ -100,6 +100,9 @@ pub trait VipStore: Send {
     fn get(&self, vip: Ipv4Addr) -> Result<Option<String>, String>;
     /// Records `vip` → `domain`.
     fn insert(&mut self, vip: Ipv4Addr, domain: &str) -> Result<(), String>;
+    /// Records `vip` → `domain` only if `vip` is free; false if another
+    /// writer holds it.
+    fn insert_new(&mut self, vip: Ipv4Addr, domain: &str) -> Result<bool, String>;
 }
 
 /// The outcome of a successful [`VipAllocator::allocate`].
@@ -109,13 +112,26 @@ pub struct Allocated {
     pub vip: Ipv4Addr,
     /// True when the VIP was allocated by this call.
     pub new: bool,
-    /// Set when the allocation could not be written to the store.
-    pub store_error: Option<String>,
 }
 
-/// The pool has no VIP left for a new name.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Exhausted;
+/// Why [`VipAllocator::allocate`] gave no VIP.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AllocError {
+    /// The pool has no VIP left for a new name.
+    Exhausted,
+    /// The shared store could not record the allocation. The VIP is not
+    /// handed out: a VIP only this process knows could go to another name
+    /// after a restart while clients still cache it.
+    Store(String),
+}
+
+/// What claiming a candidate VIP in the store gave.
+enum Claim {
+    /// The VIP is now this name's.
+    Won,
+    /// Another writer holds it, for this domain.
+    Owned(String),
+}
 
 #[derive(Clone, Copy, Debug)]
 struct PoolState {
@@ -228,7 +244,7 @@ impl VipAllocator {
 
     /// The VIP of the normalised `domain` in `pool`, allocating the next
     /// free one for a new name.
-    pub fn allocate(&mut self, domain: &str, pool: &Pool) -> Result<Allocated, Exhausted> {
+    pub fn allocate(&mut self, domain: &str, pool: &Pool) -> Result<Allocated, AllocError> {
         if let Some(vip) = self
             .by_domain
             .get(domain)
@@ -237,7 +253,6 @@ impl VipAllocator {
             return Ok(Allocated {
                 vip: Ipv4Addr::from(*vip),
                 new: false,
-                store_error: None,
             });
         }
         let mut state = self.pool_state(pool);
@@ -256,27 +271,30 @@ impl VipAllocator {
             if self.by_vip.contains_key(&candidate) {
                 continue;
             }
-            // Another process may have recorded it: never hand it out twice.
-            let stored = self
-                .store
-                .as_ref()
-                .and_then(|s| s.get(Ipv4Addr::from(candidate)).ok().flatten());
-            match stored {
-                Some(owner) if owner == domain => {
+            // Another process may hold it: claim it atomically in the store
+            // so that a VIP is never handed out twice.
+            let claim = match self.claim(candidate, domain) {
+                Ok(claim) => claim,
+                Err(e) => {
+                    self.pools.insert(pool.key(), state);
+                    return Err(AllocError::Store(e));
+                }
+            };
+            match claim {
+                Claim::Owned(owner) if owner == domain => {
                     self.remember(candidate, owner);
                     state.used += 1;
                     self.pools.insert(pool.key(), state);
                     return Ok(Allocated {
                         vip: Ipv4Addr::from(candidate),
                         new: false,
-                        store_error: None,
                     });
                 }
-                Some(owner) => {
+                Claim::Owned(owner) => {
                     self.remember(candidate, owner);
                     state.used += 1;
                 }
-                None => {
+                Claim::Won => {
                     found = Some(candidate);
                     break;
                 }
@@ -284,20 +302,34 @@ impl VipAllocator {
         }
         let Some(vip) = found else {
             self.pools.insert(pool.key(), state);
-            return Err(Exhausted);
+            return Err(AllocError::Exhausted);
         };
         state.used += 1;
         self.pools.insert(pool.key(), state);
         self.remember(vip, domain.to_owned());
-        let store_error = self
-            .store
-            .as_mut()
-            .and_then(|s| s.insert(Ipv4Addr::from(vip), domain).err());
         Ok(Allocated {
             vip: Ipv4Addr::from(vip),
             new: true,
-            store_error,
         })
+    }
+
+    /// Claims `candidate` for `domain` in the store (always won without
+    /// one). A read error after a lost claim counts as an error, never as
+    /// "free".
+    fn claim(&mut self, candidate: u32, domain: &str) -> Result<Claim, String> {
+        let Some(store) = self.store.as_mut() else {
+            return Ok(Claim::Won);
+        };
+        let vip = Ipv4Addr::from(candidate);
+        if store.insert_new(vip, domain)? {
+            return Ok(Claim::Won);
+        }
+        match store.get(vip)? {
+            Some(owner) => Ok(Claim::Owned(owner)),
+            None => Err(format!(
+                "VIP {vip} was claimed and released concurrently; try again"
+            )),
+        }
     }
 }
 
@@ -327,6 +359,14 @@ pub(crate) mod tests {
         fn insert(&mut self, vip: Ipv4Addr, domain: &str) -> Result<(), String> {
             self.0.lock().unwrap().insert(vip, domain.to_owned());
             Ok(())
+        }
+        fn insert_new(&mut self, vip: Ipv4Addr, domain: &str) -> Result<bool, String> {
+            let mut map = self.0.lock().unwrap();
+            if map.contains_key(&vip) {
+                return Ok(false);
+            }
+            map.insert(vip, domain.to_owned());
+            Ok(true)
         }
     }
 
@@ -368,15 +408,15 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(vips.first(), Some(&ip("192.168.7.1")));
         assert_eq!(vips.last(), Some(&ip("192.168.7.6")));
-        assert_eq!(a.allocate("n6.com", &p), Err(Exhausted));
-        assert_eq!(a.allocate("n7.com", &p), Err(Exhausted));
+        assert_eq!(a.allocate("n6.com", &p), Err(AllocError::Exhausted));
+        assert_eq!(a.allocate("n7.com", &p), Err(AllocError::Exhausted));
         // Known names still resolve when the pool is full.
         assert_eq!(a.allocate("n3.com", &p).unwrap().vip, ip("192.168.7.4"));
         let limited = Pool::new(ip("10.0.0.0"), 8, 2).unwrap();
         let mut b = VipAllocator::new();
         b.allocate("a.com", &limited).unwrap();
         b.allocate("b.com", &limited).unwrap();
-        assert_eq!(b.allocate("c.com", &limited), Err(Exhausted));
+        assert_eq!(b.allocate("c.com", &limited), Err(AllocError::Exhausted));
     }
 
     #[test]
@@ -472,5 +512,52 @@ pub(crate) mod tests {
                 .map(String::as_str),
             Some("a.com")
         );
+    }
+
+    #[test]
+    fn two_processes_sharing_the_store_never_hand_out_one_vip_twice() {
+        let store = MemStore::default();
+        let p = pool([10, 10, 0, 0], 24);
+        let mut a = VipAllocator::new();
+        let mut b = VipAllocator::new();
+        a.attach_store(Some(Box::new(store.clone()))).unwrap();
+        b.attach_store(Some(Box::new(store.clone()))).unwrap();
+        // b's memory does not know a's allocation; the store's claim does.
+        let va = a.allocate("a.com", &p).unwrap().vip;
+        let vb = b.allocate("b.com", &p).unwrap().vip;
+        assert_ne!(va, vb);
+        assert_eq!(store.0.lock().unwrap()[&va], "a.com");
+        assert_eq!(store.0.lock().unwrap()[&vb], "b.com");
+        assert_eq!(b.allocate("a.com", &p).unwrap().vip, va);
+    }
+
+    /// A store that refuses every write.
+    struct BrokenStore;
+
+    impl VipStore for BrokenStore {
+        fn entries(&self) -> Result<Vec<(Ipv4Addr, String)>, String> {
+            Ok(Vec::new())
+        }
+        fn get(&self, _: Ipv4Addr) -> Result<Option<String>, String> {
+            Ok(None)
+        }
+        fn insert(&mut self, _: Ipv4Addr, _: &str) -> Result<(), String> {
+            Err("map full".into())
+        }
+        fn insert_new(&mut self, _: Ipv4Addr, _: &str) -> Result<bool, String> {
+            Err("map full".into())
+        }
+    }
+
+    #[test]
+    fn an_allocation_the_store_cannot_record_is_not_handed_out() {
+        let mut a = VipAllocator::new();
+        a.attach_store(Some(Box::new(BrokenStore))).unwrap();
+        let p = pool([10, 10, 0, 0], 24);
+        assert_eq!(
+            a.allocate("a.com", &p),
+            Err(AllocError::Store("map full".into()))
+        );
+        assert!(a.entries().is_empty(), "nothing may be remembered");
     }
 }

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use hickory_proto::{op::ResponseCode, rr::RecordType};
 
 use crate::{
+    allocator::AllocError,
     api::{
         log, CounterKind, Counters, LogLevel, UdpFilterHandle, UdpListenerFilter,
         UdpListenerFilterConfig, UdpStatus,
@@ -195,20 +196,18 @@ impl DnsGatewayFilter {
                                 ),
                             );
                         }
-                        if let Some(e) = allocated.store_error {
-                            self.count(handle, DnsCounter::StoreErrors);
-                            log(
-                                LogLevel::Warn,
-                                &format!(
-                                    "dns_gateway: VIP {} for {name} kept in this process only: {e}",
-                                    allocated.vip
-                                ),
-                            );
-                        }
                         self.count(handle, DnsCounter::Answered);
                         dns::a_answer(&query, allocated.vip, settings.ttl)
                     }
-                    Err(_) => {
+                    Err(AllocError::Store(e)) => {
+                        self.count(handle, DnsCounter::StoreErrors);
+                        log(
+                            LogLevel::Warn,
+                            &format!("dns_gateway: cannot record a VIP for {name} in the shared VIP map: {e}; SERVFAIL"),
+                        );
+                        dns::error_answer(&query, ResponseCode::ServFail)
+                    }
+                    Err(AllocError::Exhausted) => {
                         self.count(handle, DnsCounter::Exhausted);
                         log(
                             LogLevel::Warn,

@@ -50,6 +50,10 @@ impl VipStore for PinnedVips {
     fn insert(&mut self, vip: Ipv4Addr, domain: &str) -> Result<(), String> {
         self.0.insert(vip, domain).map_err(|e| format!("{e:#}"))
     }
+
+    fn insert_new(&mut self, vip: Ipv4Addr, domain: &str) -> Result<bool, String> {
+        self.0.insert_new(vip, domain).map_err(|e| format!("{e:#}"))
+    }
 }
 
 struct PinnedOrigDst(OrigDstTable);
@@ -66,7 +70,7 @@ impl MapOpener for PinnedMaps {
         if !pins.has(MAP_VIPS) {
             return Ok(None);
         }
-        pins.check_layouts().map_err(|e| format!("{e:#}"))?;
+        // Opening checks the key and value sizes against this build.
         let table = pins.vips().map_err(|e| format!("{e:#}"))?;
         Ok(Some(Box::new(PinnedVips(table))))
     }

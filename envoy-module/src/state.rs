@@ -20,7 +20,7 @@ use std::{
 use gateway_common::DEFAULT_PIN_DIR;
 
 use crate::{
-    allocator::{Allocated, Exhausted, Pool, VipAllocator},
+    allocator::{AllocError, Allocated, Pool, VipAllocator},
     api::{log, LogLevel},
     matcher::PatternSet,
     pinned::{MapOpener, OrigDstSource, PinnedMaps},
@@ -122,7 +122,7 @@ impl GatewayState {
     }
 
     /// The VIP of `domain` in `pool` (see [`VipAllocator::allocate`]).
-    pub fn allocate(&self, domain: &str, pool: &Pool) -> Result<Allocated, Exhausted> {
+    pub fn allocate(&self, domain: &str, pool: &Pool) -> Result<Allocated, AllocError> {
         lock(&self.allocator).allocate(domain, pool)
     }
 

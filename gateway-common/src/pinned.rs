@@ -199,10 +199,13 @@ impl PinDir {
         })
     }
 
-    /// Lets members of group `gid` use the maps without any capability:
-    /// the directory becomes group-searchable and each pin group
-    /// read-write (opening a pinned map asks for read and write access).
-    /// This is how Envoy runs unprivileged next to a privileged loader.
+    /// Lets members of group `gid` use the two maps the Envoy module needs
+    /// (`GW_VIPS`, `GW_ORIG_DST`) without any capability: the directory
+    /// becomes group-searchable and those pins group read-write (opening a
+    /// pinned map asks for read and write access). The configuration,
+    /// counters and loader record stay root-only, so a compromised Envoy
+    /// cannot change where traffic is redirected. This is how Envoy runs
+    /// unprivileged next to a privileged loader.
     pub fn share_with_group(&self, gid: u32) -> Result<()> {
         use std::os::unix::fs::{chown, PermissionsExt as _};
         let share = |path: &Path, mode: u32| -> Result<()> {
@@ -212,7 +215,7 @@ impl PinDir {
                 .with_context(|| format!("chmod {mode:o} {}", path.display()))
         };
         share(&self.path, 0o750)?;
-        for name in crate::ALL_MAPS {
+        for name in [MAP_VIPS, MAP_ORIG_DST] {
             let path = self.map_path(name);
             if path.exists() {
                 share(&path, 0o660)?;
@@ -306,18 +309,30 @@ impl VipTable {
 
     /// Records that `vip` stands for `domain`.
     pub fn insert(&mut self, vip: Ipv4Addr, domain: &str) -> Result<()> {
-        let bytes = domain.as_bytes();
-        if bytes.len() > MAX_DOMAIN_LEN {
-            bail!("domain {domain:?} is longer than {MAX_DOMAIN_LEN} bytes");
-        }
-        let mut record = VipRecord {
-            domain_len: bytes.len() as u32,
-            domain: [0; MAX_DOMAIN_LEN + 1],
-        };
-        record.domain[..bytes.len()].copy_from_slice(bytes);
+        let record = vip_record(domain)?;
         self.map
             .insert(vip.octets(), to_bytes::<_, VIP_RECORD_SIZE>(&record), 0)
             .with_context(|| format!("recording VIP {vip} for {domain}"))
+    }
+
+    /// Records `vip` → `domain` only if `vip` is free (BPF_NOEXIST), so
+    /// that two writers can never both claim one VIP. Returns false when
+    /// another writer holds it.
+    pub fn insert_new(&mut self, vip: Ipv4Addr, domain: &str) -> Result<bool> {
+        const BPF_NOEXIST: u64 = 1;
+        match self.map.insert(
+            vip.octets(),
+            to_bytes::<_, VIP_RECORD_SIZE>(&vip_record(domain)?),
+            BPF_NOEXIST,
+        ) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.kind() == std::io::ErrorKind::AlreadyExists =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(e).with_context(|| format!("claiming VIP {vip} for {domain}")),
+        }
     }
 
     /// Forgets `vip`.
@@ -340,6 +355,19 @@ impl VipTable {
         out.sort();
         Ok(out)
     }
+}
+
+fn vip_record(domain: &str) -> Result<VipRecord> {
+    let bytes = domain.as_bytes();
+    if bytes.len() > MAX_DOMAIN_LEN {
+        bail!("domain {domain:?} is longer than {MAX_DOMAIN_LEN} bytes");
+    }
+    let mut record = VipRecord {
+        domain_len: bytes.len() as u32,
+        domain: [0; MAX_DOMAIN_LEN + 1],
+    };
+    record.domain[..bytes.len()].copy_from_slice(bytes);
+    Ok(record)
 }
 
 fn record_domain(record: &VipRecord) -> Result<String> {

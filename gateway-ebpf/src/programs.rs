@@ -62,8 +62,10 @@ static GW_LOADER: Array<LoaderInfo> = Array::pinned(1, 0);
 #[inline(always)]
 fn count(counter: Counter) {
     if let Some(slot) = GW_COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: the slot belongs to the current CPU and programs are not
-        // preempted by another program on the same CPU while it runs.
+        // SAFETY: the pointer comes from a successful lookup of this CPU's
+        // slot and stays valid while the program runs. On a preemptible
+        // kernel another program on this CPU may interleave and lose an
+        // increment; that costs counter accuracy, never memory safety.
         unsafe { *slot += 1 };
     }
 }

@@ -221,6 +221,9 @@ fn validate(file: GatewayFile) -> Result<Config> {
             .map(|(i, r)| field(&format!("dns.fallback[{i}]"), parse_socket_addr(r)))
             .collect::<Result<_>>()?
     };
+    if let Some(i) = fallback.iter().position(|r| *r == dns_listener) {
+        bail!("dns.fallback[{i}]: {dns_listener} is the gateway's own DNS listener (queries would loop)");
+    }
 
     let mut clusters = BTreeMap::new();
     if file.clusters.is_empty() {
@@ -378,6 +381,10 @@ mod tests {
             (
                 with("\"auth_token\"", "\"missing_key\""),
                 "tunnel.headers.X-Auth-Token",
+            ),
+            (
+                with("fallback = []", "fallback = [\"127.0.0.1:15053\"]"),
+                "dns.fallback[0]",
             ),
         ];
         for (text, field) in cases {

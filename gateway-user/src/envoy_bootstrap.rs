@@ -190,8 +190,9 @@ pub fn bootstrap(config: &Config) -> Value {
 }
 
 /// The bootstrap as text; JSON is valid YAML, so it may be saved as either.
-pub fn render(config: &Config) -> String {
-    serde_json::to_string_pretty(&bootstrap(config)).unwrap_or_default()
+pub fn render(config: &Config) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    serde_json::to_string_pretty(&bootstrap(config)).context("rendering Envoy's bootstrap")
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The gateway's privileged user-space side: loading and attaching the
 //! kernel programs to a cgroup, pinning the maps the Envoy module reads,
 //! and reporting what is attached where.
+#![forbid(unsafe_code)]
 
 pub mod addr;
 pub mod bpffs;

@@ -18,6 +18,10 @@ use gateway_common::{
     pinned::{sockaddr_from_std, PinDir},
     GatewayConfig, LoaderInfo, CONFIG_FLAG_ENABLED, MAX_VIP_CIDRS,
 };
+use nix::{
+    errno::Errno,
+    fcntl::{Flock, FlockArg},
+};
 
 use crate::{addr::Cidr, bpffs, cgroup};
 
@@ -55,12 +59,36 @@ pub struct AttachRequest {
     pub maps_group: Option<u32>,
 }
 
+/// An exclusive `flock` on a pin directory: one gateway per directory,
+/// for as long as it has programs loaded. Released when dropped (or when
+/// the process dies, however it dies).
+pub struct PinLock {
+    _lock: Flock<File>,
+}
+
+impl PinLock {
+    /// Takes the lock without waiting; fails with advice if it is held.
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        let file = File::open(dir).with_context(|| format!("opening {}", dir.display()))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => Ok(Self { _lock: lock }),
+            Err((_, Errno::EWOULDBLOCK)) => bail!(
+                "pin directory {} is in use by another gateway (`gateway attach` or `gateway run`); \
+                 stop it first or choose another pin directory",
+                dir.display()
+            ),
+            Err((_, errno)) => Err(errno).with_context(|| format!("locking {}", dir.display())),
+        }
+    }
+}
+
 /// Programs attached to a cgroup. Keeps the links alive; dropping it
 /// detaches them.
 pub struct Attached {
     ebpf: Ebpf,
     pin_dir: PinDir,
     cgroup: PathBuf,
+    _lock: PinLock,
 }
 
 impl Attached {
@@ -78,10 +106,12 @@ impl Attached {
     /// maps stay pinned (the VIP table must survive restarts); `gateway
     /// reset` removes them.
     pub fn detach(self) -> Result<()> {
+        // The lock is held until the pins are marked as no longer owned.
         let Attached {
             ebpf,
             pin_dir,
             cgroup,
+            _lock,
         } = self;
         // Dropping the object drops the link file descriptors, which
         // detaches every program.
@@ -100,9 +130,11 @@ impl Attached {
 /// Removes the pinned maps of a stopped gateway; refuses while the loader
 /// that owns them is alive. Returns the removed paths.
 pub fn reset(pin_dir: &Path) -> Result<Vec<PathBuf>> {
-    let pins = PinDir::new(pin_dir);
-    ensure_not_owned(&pins)?;
-    pins.remove_all()
+    if !pin_dir.exists() {
+        return Ok(Vec::new());
+    }
+    let _lock = PinLock::acquire(pin_dir)?;
+    PinDir::new(pin_dir).remove_all()
 }
 
 /// Builds the kernel configuration from a request.
@@ -144,22 +176,6 @@ pub fn process_alive(pid: u32) -> bool {
     pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Refuses to take over a pin directory that a live loader still owns.
-fn ensure_not_owned(pin_dir: &PinDir) -> Result<()> {
-    if !pin_dir.has(gateway_common::MAP_LOADER) {
-        return Ok(());
-    }
-    let info = pin_dir.loader_info()?;
-    if info.pid != std::process::id() && process_alive(info.pid) {
-        bail!(
-            "pin directory {} is owned by a running gateway (pid {}); stop it first or choose another --pin-dir",
-            pin_dir.path().display(),
-            info.pid
-        );
-    }
-    Ok(())
-}
-
 /// Kernel log level for aya-log: above `info` only when the operator asked
 /// for debug output, so that redirects cost no ring-buffer writes by
 /// default.
@@ -193,6 +209,7 @@ pub struct Loaded {
     ebpf: Ebpf,
     pin_dir: PinDir,
     cgroup: PathBuf,
+    lock: PinLock,
 }
 
 /// Checks the request, loads the programs, pins the maps and writes the
@@ -202,8 +219,8 @@ pub fn load(request: &AttachRequest) -> Result<Loaded> {
     let cgroup = cgroup::validate(&request.cgroup, request.allow_root_cgroup)?;
     crate::privileges::check_attach()?;
     bpffs::prepare_pin_dir(&request.pin_dir)?;
+    let lock = PinLock::acquire(&request.pin_dir)?;
     let pin_dir = PinDir::new(&request.pin_dir);
-    ensure_not_owned(&pin_dir)?;
     pin_dir.check_layouts()?;
 
     let log_level = kernel_log_level();
@@ -228,6 +245,7 @@ pub fn load(request: &AttachRequest) -> Result<Loaded> {
         ebpf,
         pin_dir,
         cgroup,
+        lock,
     })
 }
 
@@ -243,6 +261,7 @@ impl Loaded {
             mut ebpf,
             pin_dir,
             cgroup,
+            lock,
         } = self;
         let cgroup_file =
             File::open(&cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
@@ -270,6 +289,7 @@ impl Loaded {
             ebpf,
             pin_dir,
             cgroup,
+            _lock: lock,
         })
     }
 }

@@ -1,4 +1,5 @@
 //! `gateway`: the privileged side of the DNS egress gateway.
+#![forbid(unsafe_code)]
 
 use std::{net::SocketAddrV4, path::PathBuf, process::ExitCode};
 
@@ -12,7 +13,6 @@ use gateway_user::{
     run::{self, RunOptions},
     status,
 };
-use tokio::signal::unix::{signal, SignalKind};
 
 /// Transparent egress by domain name: eBPF cgroup programs send the DNS
 /// queries and VIP connections of a cgroup's processes to a local Envoy,
@@ -166,7 +166,7 @@ fn run(command: Command) -> Result<()> {
         Command::Exec { config, command } => exec::exec(config.as_deref(), &command),
         Command::EnvoyConfig { config, fallback } => {
             let config = run::effective_config(config.as_deref(), &fallback)?;
-            println!("{}", envoy_bootstrap::render(&config));
+            println!("{}", envoy_bootstrap::render(&config)?);
             Ok(())
         }
         Command::DefaultConfig => {
@@ -177,6 +177,7 @@ fn run(command: Command) -> Result<()> {
 }
 
 async fn attach_foreground(request: AttachRequest) -> Result<()> {
+    let shutdown = run::shutdown_signal()?;
     let mut attached = loader::attach(&request)?;
     let log_task = gateway_user::kernel_log::forward(attached.ebpf_mut());
     log::info!(
@@ -192,12 +193,7 @@ async fn attach_foreground(request: AttachRequest) -> Result<()> {
         request.tcp_to,
         request.pin_dir.display()
     );
-    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = sigint.recv() => log::info!("SIGINT received, detaching"),
-        _ = sigterm.recv() => log::info!("SIGTERM received, detaching"),
-    }
+    shutdown.await;
     if let Some(task) = log_task {
         task.abort();
     }

@@ -124,43 +124,46 @@ pub fn find_module_dir(explicit: Option<&Path>) -> Result<PathBuf> {
         })
 }
 
-async fn shutdown_signal() {
-    let (Ok(mut sigint), Ok(mut sigterm)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        log::error!("cannot install signal handlers; stop the gateway with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = sigint.recv() => log::info!("SIGINT received, stopping"),
-        _ = sigterm.recv() => log::info!("SIGTERM received, stopping"),
-    }
+/// Installs the SIGINT/SIGTERM handlers now (so a signal that arrives
+/// while Envoy starts is not fatal) and returns the future that completes
+/// on the first of them.
+pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    let mut sigint = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = sigint.recv() => log::info!("SIGINT received, stopping"),
+            _ = sigterm.recv() => log::info!("SIGTERM received, stopping"),
+        }
+    })
 }
 
 /// Runs the gateway until SIGINT/SIGTERM.
 pub async fn run(options: RunOptions) -> Result<()> {
+    let shutdown = shutdown_signal()?;
     let config = effective_config(options.config.as_deref(), &options.fallback)?;
     let envoy_binary = find_envoy(options.envoy.as_deref())?;
     let module_dir = find_module_dir(options.module_dir.as_deref())?;
     let cgroup_path = cgroup::resolve(&config.file.cgroup)?;
     cgroup::ensure_outside(&cgroup_path)?;
 
-    fs::create_dir_all(&options.state_dir).with_context(|| {
-        format!(
-            "creating the state directory {}",
-            options.state_dir.display()
-        )
-    })?;
-    let bootstrap = options.state_dir.join("envoy.json");
-    fs::write(&bootstrap, envoy_bootstrap::render(&config))
-        .with_context(|| format!("writing {}", bootstrap.display()))?;
+    // One bootstrap file per pin directory, so gateways with different
+    // pin directories never share one; written only once this gateway
+    // holds its pin directory (see run_with_cgroup).
+    let pin_name = config
+        .file
+        .pin_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "gateway".to_owned());
+    let bootstrap = options.state_dir.join(format!("envoy-{pin_name}.json"));
 
     let created_cgroup = cgroup::ensure_exists(&cgroup_path)?;
     let result = run_with_cgroup(
         &config,
         &options,
         &cgroup_path,
+        shutdown,
         EnvoyCommand {
             binary: envoy_binary,
             bootstrap,
@@ -189,6 +192,7 @@ async fn run_with_cgroup(
     config: &config::Config,
     options: &RunOptions,
     cgroup_path: &Path,
+    shutdown: impl std::future::Future<Output = ()>,
     envoy: EnvoyCommand,
 ) -> Result<()> {
     let request = AttachRequest {
@@ -204,6 +208,17 @@ async fn run_with_cgroup(
     // table; programs attach only once Envoy listens, so no query is
     // redirected to nothing.
     let mut loaded = Some(loader::load(&request)?);
+    fs::create_dir_all(&options.state_dir).with_context(|| {
+        format!(
+            "creating the state directory {}",
+            options.state_dir.display()
+        )
+    })?;
+    let partial = envoy.bootstrap.with_extension("partial");
+    fs::write(&partial, envoy_bootstrap::render(config)?)
+        .with_context(|| format!("writing {}", partial.display()))?;
+    fs::rename(&partial, &envoy.bootstrap)
+        .with_context(|| format!("writing {}", envoy.bootstrap.display()))?;
     let mut attached: Option<Attached> = None;
     let mut log_task = None;
     log::info!(
@@ -233,7 +248,7 @@ async fn run_with_cgroup(
             attached = Some(done);
             Ok(())
         },
-        shutdown_signal(),
+        shutdown,
     )
     .await;
     if let Some(task) = log_task {

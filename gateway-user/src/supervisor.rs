@@ -69,6 +69,9 @@ impl EnvoyCommand {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
+            // Its own process group: a terminal's Ctrl-C reaches only the
+            // gateway, which then stops Envoy in order.
+            .process_group(0)
             .spawn()
             .with_context(|| format!("starting {}", self.binary.display()))?;
         for stream in [
@@ -85,9 +88,14 @@ impl EnvoyCommand {
         .flatten()
         {
             tokio::spawn(async move {
-                let mut lines = BufReader::new(stream).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    log::info!(target: "envoy", "{line}");
+                let mut reader = BufReader::new(stream);
+                let mut line = Vec::new();
+                // Byte lines, shown lossily: a non-UTF-8 line must not stop
+                // the forwarding (Envoy would then block on a full pipe).
+                while matches!(reader.read_until(b'\n', &mut line).await, Ok(n) if n > 0) {
+                    let text = String::from_utf8_lossy(&line);
+                    log::info!(target: "envoy", "{}", text.trim_end());
+                    line.clear();
                 }
             });
         }
@@ -95,9 +103,21 @@ impl EnvoyCommand {
     }
 }
 
+/// How long one admin request may take.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// GETs `path` from Envoy's admin interface (HTTP/1.1: Envoy refuses
-/// HTTP/1.0 by default); returns the raw body, which may be chunked.
+/// HTTP/1.0 by default); returns the raw body, which may be chunked. Gives
+/// up after [`ADMIN_TIMEOUT`], so a stuck peer cannot hang the gateway.
 pub async fn admin_get(admin: SocketAddrV4, path: &str) -> Result<String> {
+    tokio::time::timeout(ADMIN_TIMEOUT, admin_get_unbounded(admin, path))
+        .await
+        .with_context(|| {
+            format!("Envoy's admin at {admin} did not answer {path} within {ADMIN_TIMEOUT:?}")
+        })?
+}
+
+async fn admin_get_unbounded(admin: SocketAddrV4, path: &str) -> Result<String> {
     let mut stream = TcpStream::connect(admin)
         .await
         .with_context(|| format!("connecting to Envoy's admin at {admin}"))?;
@@ -152,47 +172,98 @@ async fn stop(child: &mut Child) -> Result<Option<ExitStatus>> {
 
 /// Starts Envoy, waits until it is ready, then calls `on_ready` once and
 /// keeps Envoy running until `shutdown` completes. A first start that
-/// fails is an error (bad bootstrap, missing module); later exits are
-/// restarted with exponential backoff.
+/// fails is an error (bad bootstrap, missing module, admin address taken);
+/// later exits, failed spawns and restarts that never become ready are
+/// retried with exponential backoff. `shutdown` is honoured at every step.
 pub async fn supervise(
     envoy: &EnvoyCommand,
     on_ready: impl FnOnce() -> Result<()>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    tokio::pin!(shutdown);
+    if admin_get(envoy.admin, "/ready").await.is_ok() {
+        bail!(
+            "something already answers on Envoy's admin address {}: another gateway or Envoy runs; \
+             stop it or choose another listeners.admin",
+            envoy.admin
+        );
+    }
     let mut child = envoy.spawn()?;
-    if let Err(err) = wait_ready(envoy.admin, &mut child).await {
-        let _ = stop(&mut child).await;
-        return Err(err);
+    let first = tokio::select! {
+        () = &mut shutdown => None,
+        ready = wait_ready(envoy.admin, &mut child) => Some(ready),
+    };
+    match first {
+        None => {
+            stop(&mut child).await?;
+            return Ok(());
+        }
+        Some(Err(err)) => {
+            let _ = stop(&mut child).await;
+            return Err(err);
+        }
+        Some(Ok(())) => {}
     }
     log::info!("Envoy is ready (pid {})", child.id().unwrap_or(0));
     on_ready()?;
-    tokio::pin!(shutdown);
     let mut backoff = MIN_BACKOFF;
     let mut started = Instant::now();
     loop {
-        tokio::select! {
-            () = &mut shutdown => {
-                if let Some(status) = stop(&mut child).await? {
-                    log::info!("Envoy stopped ({status})");
-                }
+        let exited = tokio::select! {
+            () = &mut shutdown => None,
+            status = child.wait() => Some(status),
+        };
+        let Some(status) = exited else {
+            if let Some(status) = stop(&mut child).await? {
+                log::info!("Envoy stopped ({status})");
+            }
+            return Ok(());
+        };
+        let status = status.context("waiting for Envoy")?;
+        log::error!(
+            "Envoy exited unexpectedly ({status}); the VIP table is kept in the pinned map"
+        );
+        if started.elapsed() > STABLE_RUN {
+            backoff = MIN_BACKOFF;
+        }
+        // Retry until a restarted Envoy is ready, or shutdown.
+        loop {
+            log::warn!("restarting Envoy in {backoff:?}");
+            let slept = tokio::select! {
+                () = &mut shutdown => false,
+                () = tokio::time::sleep(backoff) => true,
+            };
+            if !slept {
                 return Ok(());
             }
-            status = child.wait() => {
-                let status = status.context("waiting for Envoy")?;
-                if started.elapsed() > STABLE_RUN {
-                    backoff = MIN_BACKOFF;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+            child = match envoy.spawn() {
+                Ok(child) => child,
+                Err(err) => {
+                    log::error!("cannot start Envoy: {err:#}");
+                    continue;
                 }
-                log::error!("Envoy exited unexpectedly ({status}); restarting in {backoff:?}; the VIP table is kept in the pinned map");
-                tokio::select! {
-                    () = &mut shutdown => return Ok(()),
-                    () = tokio::time::sleep(backoff) => {}
+            };
+            started = Instant::now();
+            let ready = tokio::select! {
+                () = &mut shutdown => None,
+                ready = wait_ready(envoy.admin, &mut child) => Some(ready),
+            };
+            match ready {
+                None => {
+                    stop(&mut child).await?;
+                    return Ok(());
                 }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                child = envoy.spawn()?;
-                started = Instant::now();
-                match wait_ready(envoy.admin, &mut child).await {
-                    Ok(()) => log::info!("Envoy restarted and ready (pid {})", child.id().unwrap_or(0)),
-                    Err(err) => log::error!("restarted Envoy is not ready: {err:#}"),
+                Some(Ok(())) => {
+                    log::info!(
+                        "Envoy restarted and ready (pid {})",
+                        child.id().unwrap_or(0)
+                    );
+                    break;
+                }
+                Some(Err(err)) => {
+                    log::error!("restarted Envoy is not ready: {err:#}");
+                    let _ = stop(&mut child).await;
                 }
             }
         }

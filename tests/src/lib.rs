@@ -2,6 +2,7 @@
 //! child cgroups, the project's binaries, and processes that are always
 //! stopped. Every test traffic stays on loopback inside a namespace that
 //! has nothing but `lo`.
+#![forbid(unsafe_code)]
 
 pub mod envoy;
 pub mod scenario;
@@ -332,6 +333,19 @@ pub fn wait_for<T>(
         }
         thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Waits until something accepts TCP connections on `addr` (a server the
+/// test started in the background).
+pub fn wait_for_listener(addr: &str, timeout: Duration) -> Result<()> {
+    let target: std::net::SocketAddr = addr.parse().context("listener address")?;
+    wait_for(&format!("a listener on {addr}"), timeout, || {
+        Ok(
+            std::net::TcpStream::connect_timeout(&target, Duration::from_millis(200))
+                .ok()
+                .map(|_| ()),
+        )
+    })
 }
 
 /// A running `gateway attach` on a test cgroup with its own pin directory;

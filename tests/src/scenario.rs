@@ -101,6 +101,10 @@ impl SeedScenario {
             ),
         )?;
 
+        for (_, port) in UPSTREAMS {
+            crate::wait_for_listener(&format!("127.0.0.1:{port}"), Duration::from_secs(10))?;
+        }
+        crate::wait_for_listener(FALLBACK, Duration::from_secs(10))?;
         let text = match &config_text {
             Some(t) => t.clone(),
             None => default_config_text()?,

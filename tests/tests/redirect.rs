@@ -520,3 +520,38 @@ fn attach_needs_exactly_bpf_perfmon_and_net_admin() -> Result<()> {
     assert_eq!(cgroup.attached_programs()?, Vec::<String>::new());
     Ok(())
 }
+
+#[test]
+fn a_second_gateway_on_the_same_pin_directory_is_refused() -> Result<()> {
+    let Some(cgroup) = setup()? else {
+        return Ok(());
+    };
+    let first = attach(&cgroup)?;
+    let other = TestCgroup::new()?;
+    let out = Command::new(gateway_bin())
+        .arg("attach")
+        .arg("--cgroup")
+        .arg(other.path())
+        .args([
+            "--vip-cidr",
+            "10.99.0.0/24",
+            "--dns-to",
+            "127.0.0.1:25053",
+            "--tcp-to",
+            "127.0.0.1:25001",
+            "--pin-dir",
+        ])
+        .arg(first.pin_dir())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("in use by another gateway"), "{stderr}");
+    assert_eq!(other.attached_programs()?, Vec::<String>::new());
+    // The first one's configuration was not touched.
+    assert_eq!(first.status()?["config"]["vip_cidrs"][0], VIP_CIDR);
+    // Nor can its pins be reset while it runs.
+    let (code, stderr) = gateway(&["reset", "--pin-dir", &first.pin_dir().to_string_lossy()])?;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("in use by another gateway"), "{stderr}");
+    Ok(())
+}

@@ -68,6 +68,9 @@ fn seed_envoy_yaml_works_unchanged_behind_the_seeds_iptables_rules() -> Result<(
             )
         })
         .collect::<Result<Vec<_>>>()?;
+    for port in ["18001", "18002"] {
+        tests::wait_for_listener(&format!("127.0.0.1:{port}"), Duration::from_secs(10))?;
+    }
     let config: PathBuf = repo_root().join("tests/fixtures/seed-envoy.yaml");
     let mut envoy_cmd = Command::new(tools_dir().join("bin/envoy"));
     envoy_cmd
@@ -109,8 +112,9 @@ fn seed_envoy_yaml_works_unchanged_behind_the_seeds_iptables_rules() -> Result<(
         let body = String::from_utf8_lossy(&out.stdout);
         assert!(
             body.starts_with(&format!("{cluster}\n")),
-            "curl {host}: {body}{}",
-            String::from_utf8_lossy(&out.stderr)
+            "curl {host}: {body}{}\nEnvoy:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            envoy.output()
         );
         let log = std::fs::read_to_string(log_of(cluster))?;
         let last: serde_json::Value =

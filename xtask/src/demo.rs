@@ -55,7 +55,14 @@ fn show(output: &Output) {
 /// Runs the demo; everything it starts is stopped before it returns.
 pub fn demo() -> Result<()> {
     setup::setup()?;
-    run(cargo().args(["build", "--quiet", "-p", "gateway-user", "-p", "envoy-module"]))?;
+    run(cargo().args([
+        "build",
+        "--quiet",
+        "-p",
+        "gateway-user",
+        "-p",
+        "envoy-module",
+    ]))?;
     if !nix::unistd::geteuid().is_root() {
         bail!("the demo loads eBPF programs: run it as root (sudo -E cargo xtask demo)");
     }

@@ -1,5 +1,6 @@
 //! Developer and CI automation for the DNS egress gateway: `cargo xtask
 //! <command>`. Every command installs what it needs first.
+#![forbid(unsafe_code)]
 
 mod bench;
 mod demo;

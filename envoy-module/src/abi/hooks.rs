@@ -36,6 +36,9 @@ fn guarded<T>(hook: &str, fallback: T, body: impl FnOnce() -> T) -> T {
                     &format!("connectivity_envoy_module: panic caught in {hook}: {what}"),
                 )
             });
+            // A payload whose Drop panics would unwind out of the hook:
+            // leak it instead (a panic is already the exceptional path).
+            std::mem::forget(payload);
             fallback
         }
     }
