@@ -89,6 +89,15 @@ impl GatewayState {
         let store = match self.opener.open_vips(pin_dir) {
             Ok(store) => store,
             Err(e) => {
+                let mut allocator = lock(&self.allocator);
+                if allocator.has_store() {
+                    // A transient failure must not detach a working store.
+                    return format!(
+                        "cannot reopen the pinned VIP map in {} ({e}); keeping the one already open",
+                        pin_dir.display()
+                    );
+                }
+                drop(allocator);
                 log(
                     LogLevel::Warn,
                     &format!("dns_gateway: cannot open the pinned VIP map in {}: {e}; VIPs stay in this process", pin_dir.display()),
