@@ -89,7 +89,7 @@ impl GatewayState {
         let store = match self.opener.open_vips(pin_dir) {
             Ok(store) => store,
             Err(e) => {
-                let mut allocator = lock(&self.allocator);
+                let allocator = lock(&self.allocator);
                 if allocator.has_store() {
                     // A transient failure must not detach a working store.
                     return format!(

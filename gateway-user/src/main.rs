@@ -19,7 +19,16 @@ use gateway_user::{
 /// which answers with virtual IPs and tunnels each connection to the
 /// upstream its domain is configured for. No iptables, no NAT.
 #[derive(Parser, Debug)]
-#[command(name = "gateway", version, about, long_about = None)]
+#[command(
+    name = "gateway",
+    version,
+    after_help = "Quick start (as root):\n  \
+      gateway run                      # built-in configuration; see `gateway default-config`\n  \
+      gateway exec -- curl http://bucket.aws.com/\n  \
+      gateway status\n\n\
+      `gateway run` needs Envoy 1.40 (`cargo xtask setup` installs it) and the module \
+      libconnectivity_envoy_module.so next to this binary."
+)]
 struct Cli {
     /// Log filter (error, warn, info, debug, trace, or env_logger syntax).
     #[arg(long, global = true, env = "GATEWAY_LOG", default_value = "info")]
