@@ -59,18 +59,20 @@ pub struct ClientArgs {
 }
 
 /// The client loop, run as its own process (so it can be placed in a
-/// cgroup); prints the elapsed nanoseconds.
+/// cgroup); prints the nanoseconds of every operation, one per line.
 pub fn client(args: &ClientArgs) -> Result<()> {
-    let start = Instant::now();
+    let mut times = Vec::with_capacity(args.ops as usize);
     match args.proto.as_str() {
         "tcp" => {
             for _ in 0..args.ops {
+                let start = Instant::now();
                 let mut s = TcpStream::connect_timeout(&args.target, Duration::from_secs(2))
                     .with_context(|| format!("connecting to {}", args.target))?;
                 s.set_read_timeout(Some(Duration::from_secs(2)))?;
                 s.write_all(b"x")?;
                 let mut b = [0u8; 1];
                 s.read_exact(&mut b)?;
+                times.push(start.elapsed().as_nanos());
             }
         }
         "udp" => {
@@ -78,13 +80,16 @@ pub fn client(args: &ClientArgs) -> Result<()> {
             s.set_read_timeout(Some(Duration::from_secs(2)))?;
             let mut b = [0u8; 64];
             for _ in 0..args.ops {
+                let start = Instant::now();
                 s.send_to(b"query", args.target)?;
                 s.recv_from(&mut b).context("no UDP reply")?;
+                times.push(start.elapsed().as_nanos());
             }
         }
         other => bail!("unknown protocol {other}"),
     }
-    println!("{}", start.elapsed().as_nanos());
+    let lines: Vec<String> = times.iter().map(ToString::to_string).collect();
+    println!("{}", lines.join("\n"));
     Ok(())
 }
 
@@ -143,8 +148,8 @@ fn iptables(action: &str) -> Result<()> {
     Ok(())
 }
 
-/// Runs one client process and returns nanoseconds per operation.
-fn measure(cgroup: Option<&TestCgroup>, proto: &str, target: &str, ops: u32) -> Result<f64> {
+/// Runs one client process and returns the nanoseconds of each operation.
+fn measure(cgroup: Option<&TestCgroup>, proto: &str, target: &str, ops: u32) -> Result<Vec<f64>> {
     let xtask = std::env::current_exe()?;
     let xtask = xtask.to_string_lossy().into_owned();
     let ops_text = ops.to_string();
@@ -167,13 +172,17 @@ fn measure(cgroup: Option<&TestCgroup>, proto: &str, target: &str, ops: u32) -> 
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let nanos: f64 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
-    Ok(nanos / f64::from(ops))
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().parse::<f64>().context("bench client output"))
+        .collect()
 }
 
-fn median(values: &mut [f64]) -> f64 {
+/// The `q` quantile (0..1) of `values`, sorted in place.
+fn quantile(values: &mut [f64], q: f64) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
+    let index = ((values.len() as f64 - 1.0) * q).round() as usize;
+    values.get(index).copied().unwrap_or(f64::NAN)
 }
 
 /// Runs the benchmark and prints the table (also written as JSON under
@@ -227,44 +236,51 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     ];
     let mut results = serde_json::Map::new();
     println!(
-        "{:<5} {:>12} {:>12} {:>12} {:>10} {:>10}",
-        "proto", "direct µs", "ebpf µs", "iptables µs", "ebpf/dir", "ipt/dir"
+        "{:<5} {:<9} {:>10} {:>10} {:>12} {:>12}",
+        "proto", "mode", "p50 µs", "p99 µs", "p50/direct", "p99/direct"
     );
     for (proto, server, far) in cases {
         let (mut direct, mut ebpf, mut nat) = (Vec::new(), Vec::new(), Vec::new());
         for _ in 0..args.rounds {
-            direct.push(measure(None, proto, server, args.ops)?);
-            ebpf.push(measure(Some(&cgroup), proto, far, args.ops)?);
+            direct.extend(measure(None, proto, server, args.ops)?);
+            ebpf.extend(measure(Some(&cgroup), proto, far, args.ops)?);
             iptables("-A")?;
             let r = measure(None, proto, far, args.ops);
             iptables("-D")?;
-            nat.push(r?);
+            nat.extend(r?);
         }
-        let (d, e, n) = (median(&mut direct), median(&mut ebpf), median(&mut nat));
-        println!(
-            "{proto:<5} {:>12.1} {:>12.1} {:>12.1} {:>10.3} {:>10.3}",
-            d / 1000.0,
-            e / 1000.0,
-            n / 1000.0,
-            e / d,
-            n / d
-        );
-        results.insert(
-            proto.to_owned(),
-            serde_json::json!({
-                "direct_ns_per_op": d, "ebpf_ns_per_op": e, "iptables_ns_per_op": n,
-                "ebpf_over_direct": e / d, "iptables_over_direct": n / d,
-                "ebpf_over_iptables": e / n,
-                "ops_per_round": args.ops, "rounds": args.rounds,
-            }),
-        );
+        let base = (quantile(&mut direct, 0.5), quantile(&mut direct, 0.99));
+        let mut modes = serde_json::Map::new();
+        for (mode, values) in [
+            ("direct", &mut direct),
+            ("ebpf", &mut ebpf),
+            ("iptables", &mut nat),
+        ] {
+            let (p50, p99) = (quantile(values, 0.5), quantile(values, 0.99));
+            println!(
+                "{proto:<5} {mode:<9} {:>10.1} {:>10.1} {:>12.3} {:>12.3}",
+                p50 / 1000.0,
+                p99 / 1000.0,
+                p50 / base.0,
+                p99 / base.1
+            );
+            modes.insert(
+                mode.to_owned(),
+                serde_json::json!({
+                    "p50_ns": p50, "p99_ns": p99,
+                    "p50_over_direct": p50 / base.0, "p99_over_direct": p99 / base.1,
+                    "operations": values.len(),
+                }),
+            );
+        }
+        results.insert(proto.to_owned(), serde_json::Value::Object(modes));
     }
     let dir = repo_root().join("target/bench");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join("capture.json");
     std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
     println!(
-        "(medians of {} rounds × {} operations; written to {})",
+        "(per-operation latency over {} rounds × {} operations per mode, modes interleaved; written to {})",
         args.rounds,
         args.ops,
         path.display()
