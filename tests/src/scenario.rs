@@ -39,6 +39,29 @@ pub struct SeedScenario {
     _resolver: Guarded,
 }
 
+/// Starts the two upstreams of [`UPSTREAMS`], each logging the CONNECTs it
+/// receives to `<log_dir>/<cluster>.jsonl`, and waits until they listen.
+pub fn start_upstreams(log_dir: &Path) -> Result<Vec<Guarded>> {
+    let mut upstreams = Vec::new();
+    for (name, port) in UPSTREAMS {
+        let log = log_dir.join(format!("{name}.jsonl"));
+        let port = port.to_string();
+        let args = [
+            "--name",
+            name,
+            "--port",
+            &port,
+            "--log",
+            &log.to_string_lossy(),
+        ];
+        upstreams.push(Guarded::spawn(name, python("upstream.py", &args))?);
+    }
+    for (_, port) in UPSTREAMS {
+        crate::wait_for_listener(&format!("127.0.0.1:{port}"), Duration::from_secs(10))?;
+    }
+    Ok(upstreams)
+}
+
 /// The built-in configuration, as `gateway default-config` prints it.
 pub fn default_config_text() -> Result<String> {
     let out = Command::new(gateway_bin()).arg("default-config").output()?;
@@ -69,25 +92,7 @@ impl SeedScenario {
     pub fn start_with_args(config_text: Option<String>, extra_args: &[&str]) -> Result<Self> {
         let work_dir = std::env::temp_dir().join(unique_name("gw-scenario"));
         fs::create_dir_all(&work_dir)?;
-        let mut upstreams = Vec::new();
-        for (name, port) in UPSTREAMS {
-            let log = work_dir.join(format!("{name}.jsonl"));
-            let port = port.to_string();
-            upstreams.push(Guarded::spawn(
-                name,
-                python(
-                    "upstream.py",
-                    &[
-                        "--name",
-                        name,
-                        "--port",
-                        &port,
-                        "--log",
-                        &log.to_string_lossy(),
-                    ],
-                ),
-            )?);
-        }
+        let upstreams = start_upstreams(&work_dir)?;
         let resolver = Guarded::spawn(
             "stub resolver",
             python(
@@ -101,9 +106,6 @@ impl SeedScenario {
             ),
         )?;
 
-        for (_, port) in UPSTREAMS {
-            crate::wait_for_listener(&format!("127.0.0.1:{port}"), Duration::from_secs(10))?;
-        }
         crate::wait_for_listener(FALLBACK, Duration::from_secs(10))?;
         let text = match &config_text {
             Some(t) => t.clone(),

@@ -7,8 +7,8 @@ use std::{path::PathBuf, process::Command, time::Duration};
 
 use anyhow::{bail, Context as _, Result};
 use tests::{
-    enter_private_netns, prerequisites_met, repo_root, scenario::python, target_dir, tools_dir,
-    unique_name, wait_for, Guarded,
+    enter_private_netns, prerequisites_met, repo_root, scenario::start_upstreams, target_dir,
+    tools_dir, unique_name, wait_for, Guarded,
 };
 
 fn sh(cmd: &str) -> Result<()> {
@@ -49,28 +49,7 @@ fn seed_envoy_yaml_works_unchanged_behind_the_seeds_iptables_rules() -> Result<(
     let logs = std::env::temp_dir().join(unique_name("gw-seed"));
     std::fs::create_dir_all(&logs)?;
     let log_of = |name: &str| logs.join(format!("{name}.jsonl"));
-    let _upstreams = [("cluster_1", "18001"), ("cluster_2", "18002")]
-        .iter()
-        .map(|(name, port)| {
-            Guarded::spawn(
-                name,
-                python(
-                    "upstream.py",
-                    &[
-                        "--name",
-                        name,
-                        "--port",
-                        port,
-                        "--log",
-                        &log_of(name).to_string_lossy(),
-                    ],
-                ),
-            )
-        })
-        .collect::<Result<Vec<_>>>()?;
-    for port in ["18001", "18002"] {
-        tests::wait_for_listener(&format!("127.0.0.1:{port}"), Duration::from_secs(10))?;
-    }
+    let _upstreams = start_upstreams(&logs)?;
     let config: PathBuf = repo_root().join("tests/fixtures/seed-envoy.yaml");
     let mut envoy_cmd = Command::new(tools_dir().join("bin/envoy"));
     envoy_cmd
