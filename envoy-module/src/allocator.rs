@@ -14,6 +14,7 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::Ipv4Addr,
+    time::{Duration, Instant},
 };
 
 /// A range VIPs are allocated from.
@@ -22,6 +23,7 @@ pub struct Pool {
     network: u32,
     prefix_len: u8,
     max_entries: u32,
+    reclaim_idle_after: Option<Duration>,
 }
 
 impl Pool {
@@ -56,7 +58,20 @@ impl Pool {
             network: bits,
             prefix_len,
             max_entries,
+            reclaim_idle_after: None,
         })
+    }
+
+    /// The same pool, reclaiming for a new name, once it is full, the VIP
+    /// idle the longest if neither answered nor connected to for `idle`.
+    pub fn with_reclaim_idle_after(mut self, idle: Option<Duration>) -> Self {
+        self.reclaim_idle_after = idle;
+        self
+    }
+
+    /// How long a VIP must be idle before it may be reclaimed.
+    pub fn reclaim_idle_after(&self) -> Option<Duration> {
+        self.reclaim_idle_after
     }
 
     /// The network address.
@@ -112,6 +127,8 @@ pub struct Allocated {
     pub vip: Ipv4Addr,
     /// True when the VIP was allocated by this call.
     pub new: bool,
+    /// The name that held the VIP before, when it was reclaimed.
+    pub reclaimed_from: Option<String>,
 }
 
 /// Why [`VipAllocator::allocate`] gave no VIP.
@@ -146,6 +163,9 @@ pub struct VipAllocator {
     by_domain: HashMap<String, Vec<u32>>,
     pools: HashMap<(u32, u8), PoolState>,
     store: Option<Box<dyn VipStore>>,
+    /// When each VIP was last answered or connected to (in this process;
+    /// VIPs learnt from the store count as used when learnt).
+    last_used: HashMap<u32, Instant>,
 }
 
 impl VipAllocator {
@@ -160,6 +180,7 @@ impl VipAllocator {
     }
 
     fn remember(&mut self, vip: u32, domain: String) {
+        self.last_used.entry(vip).or_insert_with(Instant::now);
         if let Some(old) = self.by_vip.insert(vip, domain.clone()) {
             if let Some(vips) = self.by_domain.get_mut(&old) {
                 vips.retain(|v| *v != vip);
@@ -212,7 +233,14 @@ impl VipAllocator {
     /// The domain `vip` stands for: memory first, then the store (an entry
     /// found only there is adopted).
     pub fn domain_of(&mut self, vip: Ipv4Addr) -> Option<String> {
+        self.domain_of_at(vip, Instant::now())
+    }
+
+    /// [`VipAllocator::domain_of`] at a given time (a connection counts as
+    /// a use of the VIP).
+    pub fn domain_of_at(&mut self, vip: Ipv4Addr, now: Instant) -> Option<String> {
         if let Some(domain) = self.by_vip.get(&u32::from(vip)) {
+            self.last_used.insert(u32::from(vip), now);
             return Some(domain.clone());
         }
         let domain = self.store.as_ref()?.get(vip).ok().flatten()?;
@@ -245,14 +273,27 @@ impl VipAllocator {
     /// The VIP of the normalised `domain` in `pool`, allocating the next
     /// free one for a new name.
     pub fn allocate(&mut self, domain: &str, pool: &Pool) -> Result<Allocated, AllocError> {
-        if let Some(vip) = self
-            .by_domain
-            .get(domain)
-            .and_then(|vips| vips.iter().find(|v| pool.contains(Ipv4Addr::from(**v))))
-        {
+        self.allocate_at(domain, pool, Instant::now())
+    }
+
+    /// [`VipAllocator::allocate`] at a given time (an answer counts as a use
+    /// of the VIP).
+    pub fn allocate_at(
+        &mut self,
+        domain: &str,
+        pool: &Pool,
+        now: Instant,
+    ) -> Result<Allocated, AllocError> {
+        if let Some(vip) = self.by_domain.get(domain).and_then(|vips| {
+            vips.iter()
+                .copied()
+                .find(|v| pool.contains(Ipv4Addr::from(*v)))
+        }) {
+            self.last_used.insert(vip, now);
             return Ok(Allocated {
-                vip: Ipv4Addr::from(*vip),
+                vip: Ipv4Addr::from(vip),
                 new: false,
+                reclaimed_from: None,
             });
         }
         let mut state = self.pool_state(pool);
@@ -285,9 +326,11 @@ impl VipAllocator {
                     self.remember(candidate, owner);
                     state.used += 1;
                     self.pools.insert(pool.key(), state);
+                    self.last_used.insert(candidate, now);
                     return Ok(Allocated {
                         vip: Ipv4Addr::from(candidate),
                         new: false,
+                        reclaimed_from: None,
                     });
                 }
                 Claim::Owned(owner) => {
@@ -300,16 +343,56 @@ impl VipAllocator {
                 }
             }
         }
-        let Some(vip) = found else {
-            self.pools.insert(pool.key(), state);
-            return Err(AllocError::Exhausted);
-        };
-        state.used += 1;
         self.pools.insert(pool.key(), state);
+        let Some(vip) = found else {
+            return self.reclaim(domain, pool, now);
+        };
+        if let Some(state) = self.pools.get_mut(&pool.key()) {
+            state.used += 1;
+        }
         self.remember(vip, domain.to_owned());
+        self.last_used.insert(vip, now);
         Ok(Allocated {
             vip: Ipv4Addr::from(vip),
             new: true,
+            reclaimed_from: None,
+        })
+    }
+
+    /// The pool is full: hands `domain` the VIP idle the longest, if the
+    /// pool allows reclaiming and that VIP has been idle long enough.
+    fn reclaim(
+        &mut self,
+        domain: &str,
+        pool: &Pool,
+        now: Instant,
+    ) -> Result<Allocated, AllocError> {
+        let Some(idle) = pool.reclaim_idle_after() else {
+            return Err(AllocError::Exhausted);
+        };
+        let oldest = self
+            .by_vip
+            .range(pool.first()..=pool.last())
+            .map(|(vip, _)| (*vip, self.last_used.get(vip).copied().unwrap_or(now)))
+            .min_by_key(|(_, used)| *used);
+        let Some((vip, used)) = oldest else {
+            return Err(AllocError::Exhausted);
+        };
+        if now.saturating_duration_since(used) < idle {
+            return Err(AllocError::Exhausted);
+        }
+        if let Some(store) = self.store.as_mut() {
+            store
+                .insert(Ipv4Addr::from(vip), domain)
+                .map_err(AllocError::Store)?;
+        }
+        let previous = self.by_vip.get(&vip).cloned();
+        self.remember(vip, domain.to_owned());
+        self.last_used.insert(vip, now);
+        Ok(Allocated {
+            vip: Ipv4Addr::from(vip),
+            new: true,
+            reclaimed_from: previous,
         })
     }
 
@@ -559,5 +642,44 @@ pub(crate) mod tests {
             Err(AllocError::Store("map full".into()))
         );
         assert!(a.entries().is_empty(), "nothing may be remembered");
+    }
+
+    #[test]
+    fn a_full_pool_reclaims_the_longest_idle_vip_only_after_the_idle_time() {
+        let secs = Duration::from_secs;
+        let p = pool([10, 10, 0, 0], 30).with_reclaim_idle_after(Some(secs(600)));
+        let mut a = VipAllocator::new();
+        let t0 = Instant::now();
+        let va = a.allocate_at("a.com", &p, t0).unwrap().vip;
+        let vb = a.allocate_at("b.com", &p, t0 + secs(10)).unwrap().vip;
+        // Full, and nothing idle long enough.
+        assert_eq!(
+            a.allocate_at("c.com", &p, t0 + secs(300)),
+            Err(AllocError::Exhausted)
+        );
+        // A connection to a.com's VIP keeps it in use: b.com is the idlest.
+        assert_eq!(a.domain_of_at(va, t0 + secs(400)).as_deref(), Some("a.com"));
+        let c = a.allocate_at("c.com", &p, t0 + secs(700)).unwrap();
+        assert_eq!((c.vip, c.new), (vb, true));
+        assert_eq!(c.reclaimed_from.as_deref(), Some("b.com"));
+        assert_eq!(a.domain_of_at(vb, t0 + secs(701)).as_deref(), Some("c.com"));
+        // a.com was used 300 s ago: not idle enough to give up.
+        assert_eq!(
+            a.allocate_at("b.com", &p, t0 + secs(700)),
+            Err(AllocError::Exhausted)
+        );
+    }
+
+    #[test]
+    fn without_reclaiming_a_full_pool_stays_full() {
+        let p = pool([10, 10, 0, 0], 30);
+        let mut a = VipAllocator::new();
+        let t0 = Instant::now();
+        a.allocate_at("a.com", &p, t0).unwrap();
+        a.allocate_at("b.com", &p, t0).unwrap();
+        assert_eq!(
+            a.allocate_at("c.com", &p, t0 + Duration::from_secs(86_400 * 365)),
+            Err(AllocError::Exhausted)
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! naming the field (`domains[2].metadata.cluster`, `prefix_len`, …), and
 //! unknown fields are rejected so that a typo does not go unnoticed.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use gateway_common::{DEFAULT_PIN_DIR, VIP_TABLE_CAPACITY};
 use serde_json::{Map, Value};
@@ -21,6 +21,13 @@ pub const DEFAULT_TTL: u32 = 300;
 
 /// Largest accepted TTL: one week.
 pub const MAX_TTL: u32 = 604_800;
+
+/// Shortest `reclaim_idle_after`, seconds (it must also be at least twice
+/// the TTL).
+pub const MIN_RECLAIM_IDLE_SECS: u64 = 1;
+
+/// Longest `reclaim_idle_after`, seconds (30 days).
+pub const MAX_RECLAIM_IDLE_SECS: u64 = 30 * 24 * 3600;
 
 /// Settings of the `dns_gateway` UDP listener filter.
 #[derive(Clone, Debug)]
@@ -197,6 +204,7 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
             "ttl",
             "pin_dir",
             "max_entries",
+            "reclaim_idle_after",
             "debug_panic_on_domain",
         ],
     )?;
@@ -220,6 +228,19 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
         Some(value) => integer(value, "ttl", 0, u64::from(MAX_TTL))? as u32,
         None => DEFAULT_TTL,
     };
+    // Reclaiming a VIP a client may still cache would misroute it: the idle
+    // time must be well beyond the answer TTL.
+    let reclaim_floor = (2 * u64::from(ttl)).max(MIN_RECLAIM_IDLE_SECS);
+    let reclaim_idle_after = match map.get("reclaim_idle_after") {
+        Some(value) => Some(Duration::from_secs(integer(
+            value,
+            "reclaim_idle_after",
+            reclaim_floor,
+            MAX_RECLAIM_IDLE_SECS,
+        )?)),
+        None => None,
+    };
+    let pool = pool.with_reclaim_idle_after(reclaim_idle_after);
     let pin_dir = match map.get("pin_dir") {
         Some(value) => path(value, "pin_dir")?,
         None => PathBuf::from(DEFAULT_PIN_DIR),
@@ -311,8 +332,10 @@ mod tests {
         v["max_entries"] = 3.into();
         v["pin_dir"] = "/tmp/pins".into();
         v["debug_panic_on_domain"] = "Panic.Test.".into();
+        v["reclaim_idle_after"] = 3600.into();
         let s = parse_dns_gateway(v.to_string().as_bytes()).unwrap();
         assert_eq!((s.ttl, s.pool.max_entries()), (60, 3));
+        assert_eq!(s.pool.reclaim_idle_after(), Some(Duration::from_secs(3600)));
         assert_eq!(s.pin_dir, PathBuf::from("/tmp/pins"));
         assert_eq!(s.debug_panic_on_domain.as_deref(), Some("panic.test"));
     }
@@ -331,6 +354,7 @@ mod tests {
             (with("ttl", "1e9"), "ttl"),
             (with("max_entries", "255"), "max_entries"),
             (with("max_entries", "0"), "max_entries"),
+            (with("reclaim_idle_after", "30"), "reclaim_idle_after"),
             (with("pin_dir", "\"\""), "pin_dir"),
             (with("domains", "{}"), "domains"),
             (

@@ -52,6 +52,8 @@ pub enum DnsCounter {
     StoreErrors,
     /// Answers that could not be built or sent.
     SendErrors,
+    /// VIPs taken over from an idle name for a new one (pool full).
+    Reclaimed,
 }
 
 impl CounterKind for DnsCounter {
@@ -65,6 +67,7 @@ impl CounterKind for DnsCounter {
         Self::Exhausted,
         Self::StoreErrors,
         Self::SendErrors,
+        Self::Reclaimed,
     ];
 
     fn name(self) -> &'static str {
@@ -78,6 +81,7 @@ impl CounterKind for DnsCounter {
             Self::Exhausted => "exhausted",
             Self::StoreErrors => "store_errors",
             Self::SendErrors => "send_errors",
+            Self::Reclaimed => "reclaimed",
         }
     }
 
@@ -186,6 +190,16 @@ impl DnsGatewayFilter {
             RecordType::A | RecordType::ANY => {
                 match self.shared.state.allocate(name, &settings.pool) {
                     Ok(allocated) => {
+                        if let Some(previous) = &allocated.reclaimed_from {
+                            self.count(handle, DnsCounter::Reclaimed);
+                            log(
+                                LogLevel::Info,
+                                &format!(
+                                    "dns_gateway: pool full; VIP {} reclaimed from idle {previous} for {name}",
+                                    allocated.vip
+                                ),
+                            );
+                        }
                         if allocated.new {
                             self.count(handle, DnsCounter::Allocations);
                             log(

@@ -85,6 +85,11 @@ pub struct Dns {
     /// the nameservers of /etc/resolv.conf.
     #[serde(default)]
     pub fallback: Vec<String>,
+    /// Seconds after which a VIP neither answered nor connected to may be
+    /// given to a new name once the range is full; absent = never (a full
+    /// range answers SERVFAIL). At least twice the TTL.
+    #[serde(default)]
+    pub reclaim_idle_after: Option<u64>,
 }
 
 fn default_ttl() -> u32 {
@@ -195,6 +200,14 @@ fn validate(file: GatewayFile) -> Result<Config> {
             "dns.ttl: {} must be between 1 and 86400 seconds",
             file.dns.ttl
         );
+    }
+    if let Some(idle) = file.dns.reclaim_idle_after {
+        let floor = 2 * u64::from(file.dns.ttl);
+        if idle < floor {
+            bail!(
+                "dns.reclaim_idle_after: {idle} s is too short: clients may cache an answer for the TTL; use at least {floor} s"
+            );
+        }
     }
     let dns_listener = field("listeners.dns", parse_socket_addr(&file.listeners.dns))?;
     let tcp_listener = field("listeners.tcp", parse_socket_addr(&file.listeners.tcp))?;
@@ -358,6 +371,10 @@ mod tests {
             (with("10.10.0.0/24", "10.10.0.1/24"), "dns.vip_cidr"),
             (with("10.10.0.0/24", "10.10.0.0/31"), "dns.vip_cidr"),
             (with("ttl = 300", "ttl = 0"), "dns.ttl"),
+            (
+                with("ttl = 300", "ttl = 300\nreclaim_idle_after = 400"),
+                "dns.reclaim_idle_after",
+            ),
             (with("127.0.0.1:15053", "localhost:53"), "listeners.dns"),
             (with("127.0.0.1:15001", "10.10.0.5:15001"), "listeners.tcp"),
             (

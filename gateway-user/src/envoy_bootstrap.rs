@@ -46,13 +46,17 @@ pub fn dns_gateway_config(config: &Config) -> Value {
         .iter()
         .map(|d| json!({ "domain": d.domain, "metadata": d.metadata }))
         .collect();
-    json!({
+    let mut value = json!({
         "base_ip": config.vip_cidr.network.to_string(),
         "prefix_len": config.vip_cidr.prefix_len,
         "ttl": config.file.dns.ttl,
         "pin_dir": config.file.pin_dir.display().to_string(),
         "domains": domains,
-    })
+    });
+    if let Some(idle) = config.file.dns.reclaim_idle_after {
+        value["reclaim_idle_after"] = json!(idle);
+    }
+    value
 }
 
 fn dns_listener(config: &Config) -> Value {

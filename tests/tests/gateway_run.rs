@@ -285,6 +285,46 @@ fn envoy_runs_unprivileged_as_another_user() -> Result<()> {
 }
 
 #[test]
+fn a_full_range_reclaims_the_idlest_vip_when_configured() -> Result<()> {
+    let needs = [tools_dir().join("bin/envoy"), module_so()];
+    if !prerequisites_met(&needs) {
+        return Ok(());
+    }
+    enter_private_netns()?;
+    // Two VIPs, a 1 s TTL, and reclaiming after 2 s idle.
+    let config = test_config()?
+        .replacen("10.10.0.0/24", "10.10.0.0/30", 1)
+        .replacen("ttl = 300", "ttl = 1\nreclaim_idle_after = 2", 1);
+    let scenario = SeedScenario::start(Some(config))?;
+    assert_eq!(dig(&scenario, "a.s3.aws.com")?, "10.10.0.1");
+    assert_eq!(dig(&scenario, "b.s3.aws.com")?, "10.10.0.2");
+    // Full, and nothing idle for 2 s yet: SERVFAIL (dig +short prints nothing).
+    assert_eq!(dig(&scenario, "c.s3.aws.com")?, "");
+    std::thread::sleep(Duration::from_millis(2500));
+    // b.s3.aws.com is used again just before: a.s3.aws.com is the idlest.
+    assert_eq!(dig(&scenario, "b.s3.aws.com")?, "10.10.0.2");
+    assert_eq!(dig(&scenario, "c.s3.aws.com")?, "10.10.0.1");
+    let stats = SeedScenario::admin_get("/stats")?;
+    for (counter, at_least) in [("reclaimed", 1), ("exhausted", 1)] {
+        let line = stats
+            .lines()
+            .find(|l| l.starts_with(&format!("dynamicmodulescustom.dns_gateway.{counter}:")))
+            .with_context(|| format!("no {counter} counter in /stats"))?;
+        let value: u64 = line.rsplit(' ').next().unwrap_or("0").trim().parse()?;
+        assert!(value >= at_least, "{line}");
+    }
+    // The shared map follows: the CLI sees the new owner.
+    let status = tests::status_json(scenario.pin_dir())?;
+    assert!(
+        status["vips"].as_array().is_some_and(|v| v
+            .iter()
+            .any(|e| e[0] == "10.10.0.1" && e[1] == "c.s3.aws.com")),
+        "{status}"
+    );
+    Ok(())
+}
+
+#[test]
 fn invalid_configuration_files_name_the_field() -> Result<()> {
     if !gateway_bin().exists() {
         assert!(!tests::in_ci(), "gateway binary missing");
