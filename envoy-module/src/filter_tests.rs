@@ -4,6 +4,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{atomic::Ordering, Arc},
+    time::Duration,
 };
 
 use hickory_proto::{
@@ -131,7 +132,7 @@ struct Gateway {
 
 fn gateway() -> Gateway {
     let maps = Arc::new(FakeMaps::default());
-    let state = Arc::new(GatewayState::new(maps.clone()));
+    let state = Arc::new(GatewayState::new(maps.clone()).with_reopen_interval(Duration::ZERO));
     let mut registry = FakeRegistry::default();
     let dns = DnsGatewayConfig::new(
         parse_dns_gateway(CONFIG.as_bytes()).unwrap(),

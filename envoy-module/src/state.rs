@@ -15,6 +15,7 @@ use std::{
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock},
+    time::{Duration, Instant},
 };
 
 use gateway_common::DEFAULT_PIN_DIR;
@@ -48,7 +49,13 @@ fn write<T>(lock: &RwLock<T>, value: T) {
 struct OrigDstSlot {
     dir: Option<PathBuf>,
     source: Option<Box<dyn OrigDstSource>>,
+    opened_at: Option<Instant>,
 }
+
+/// Shortest time between two reopenings of the original-destination map
+/// on a miss: a flood of connections that are not to a VIP must not turn
+/// into a flood of bpf() calls under the process-wide lock.
+pub const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
 
 /// State shared by every filter instance of the process.
 pub struct GatewayState {
@@ -57,6 +64,7 @@ pub struct GatewayState {
     pin_dir: RwLock<PathBuf>,
     opener: Arc<dyn MapOpener>,
     orig_dst: Mutex<OrigDstSlot>,
+    reopen_interval: Duration,
 }
 
 static GLOBAL: OnceLock<Arc<GatewayState>> = OnceLock::new();
@@ -70,7 +78,15 @@ impl GatewayState {
             pin_dir: RwLock::new(PathBuf::from(DEFAULT_PIN_DIR)),
             opener,
             orig_dst: Mutex::new(OrigDstSlot::default()),
+            reopen_interval: REOPEN_INTERVAL,
         }
+    }
+
+    /// The same state with another minimum time between reopenings of the
+    /// original-destination map (tests use zero).
+    pub fn with_reopen_interval(mut self, interval: Duration) -> Self {
+        self.reopen_interval = interval;
+        self
     }
 
     /// The state of this process (real pinned maps).
@@ -152,7 +168,7 @@ impl GatewayState {
 
     /// The original destination of `client` from the pinned map in `dir`
     /// (opened on first use; `reopen` opens it again, e.g. after a loader
-    /// restart recreated it).
+    /// restart recreated it, at most once per reopen interval).
     pub fn original_destination(
         &self,
         dir: &Path,
@@ -160,8 +176,13 @@ impl GatewayState {
         reopen: bool,
     ) -> Option<SocketAddrV4> {
         let mut slot = lock(&self.orig_dst);
-        if reopen || slot.dir.as_deref() != Some(dir) {
+        let may_reopen = reopen
+            && slot
+                .opened_at
+                .is_none_or(|at| at.elapsed() >= self.reopen_interval);
+        if may_reopen || slot.dir.as_deref() != Some(dir) {
             slot.dir = Some(dir.to_path_buf());
+            slot.opened_at = Some(Instant::now());
             slot.source = match self.opener.open_orig_dst(dir) {
                 Ok(source) => source,
                 Err(e) => {
@@ -261,7 +282,7 @@ pub(crate) mod tests {
     #[test]
     fn orig_dst_is_opened_once_and_reopened_on_request() {
         let maps = Arc::new(FakeMaps::default());
-        let state = GatewayState::new(maps.clone());
+        let state = GatewayState::new(maps.clone()).with_reopen_interval(Duration::ZERO);
         let client: SocketAddrV4 = "127.0.0.1:40000".parse().unwrap();
         let vip: SocketAddrV4 = "10.10.0.1:443".parse().unwrap();
         assert_eq!(
@@ -279,5 +300,19 @@ pub(crate) mod tests {
             Some(vip)
         );
         assert_eq!(maps.orig_dst_opens.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn reopening_is_rate_limited() {
+        let maps = Arc::new(FakeMaps::default());
+        let state = GatewayState::new(maps.clone()).with_reopen_interval(Duration::from_secs(3600));
+        let client: SocketAddrV4 = "127.0.0.1:40000".parse().unwrap();
+        for _ in 0..100 {
+            assert_eq!(
+                state.original_destination(Path::new("/p"), client, true),
+                None
+            );
+        }
+        assert_eq!(maps.orig_dst_opens.load(Ordering::SeqCst), 1);
     }
 }
