@@ -4,6 +4,7 @@ use std::{fs, path::Path};
 
 use anyhow::{bail, Context as _, Result};
 use nix::{
+    fcntl::{Flock, FlockArg},
     mount::{mount, MsFlags},
     sys::statfs::{statfs, BPF_FS_MAGIC},
 };
@@ -24,10 +25,19 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
     let root = Path::new(BPFFS_ROOT);
     if pin_dir.starts_with(root) && !is_bpffs(root) {
         fs::create_dir_all(root).with_context(|| format!("creating {BPFFS_ROOT}"))?;
-        mount(Some("bpf"), root, Some("bpf"), MsFlags::empty(), None::<&str>).with_context(
-            || format!("mounting bpffs at {BPFFS_ROOT} (needs CAP_SYS_ADMIN; or mount it yourself: mount -t bpf bpf {BPFFS_ROOT})"),
-        )?;
-        log::info!("mounted bpffs at {BPFFS_ROOT}");
+        // Several gateways starting at once must not stack several bpffs
+        // mounts (pins in a lower one would vanish from view): check again
+        // under a lock on the mount point.
+        let dir = fs::File::open(root).with_context(|| format!("opening {BPFFS_ROOT}"))?;
+        let _lock = Flock::lock(dir, FlockArg::LockExclusive)
+            .map_err(|(_, errno)| errno)
+            .with_context(|| format!("locking {BPFFS_ROOT}"))?;
+        if !is_bpffs(root) {
+            mount(Some("bpf"), root, Some("bpf"), MsFlags::empty(), None::<&str>).with_context(
+                || format!("mounting bpffs at {BPFFS_ROOT} (needs CAP_SYS_ADMIN; or mount it yourself: mount -t bpf bpf {BPFFS_ROOT})"),
+            )?;
+            log::info!("mounted bpffs at {BPFFS_ROOT}");
+        }
     }
     // Check before creating anything, so a wrong path leaves no directory.
     let existing = pin_dir

@@ -31,6 +31,7 @@ pub fn setup() -> Result<()> {
     rust_src()?;
     bpf_linker(llvm)?;
     envoy()?;
+    bpffs()?;
     eprintln!("setup: all prerequisites present");
     Ok(())
 }
@@ -149,6 +150,22 @@ fn installed_bpf_linker_llvm() -> Option<u32> {
                 .unwrap_or_default()
         })
         .find_map(|f| f.as_str()?.strip_prefix("llvm-")?.parse().ok())
+}
+
+/// Mounts bpffs at /sys/fs/bpf if it is not (fresh machines often lack
+/// it), so that tests starting loaders in parallel never race to mount it.
+fn bpffs() -> Result<()> {
+    let mounted = fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| {
+            l.split_whitespace().nth(1) == Some("/sys/fs/bpf")
+                && l.split_whitespace().nth(2) == Some("bpf")
+        });
+    if mounted || !nix_is_root() {
+        return Ok(());
+    }
+    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
 }
 
 fn envoy() -> Result<()> {
