@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
 """A stub DNS resolver for names the gateway does not own (the fallback),
 over UDP and TCP on one port: A records from --record NAME=IP, NXDOMAIN
-for everything else, NODATA for other types of known names.
+for everything else, NODATA for other types of known names. With --log,
+every query it answers is appended to FILE as one JSON line
+{"name", "type", "proto": "udp"|"tcp"}, before the answer is sent.
 
-  stub_resolver.py --port 5353 --record github.com=192.0.2.10
+  stub_resolver.py --port 5353 --record github.com=192.0.2.10 [--log FILE]
 """
 import argparse
+import json
 import socket
 import socketserver
 import struct
@@ -51,15 +54,31 @@ def answer(msg, records):
     return qid + flags + struct.pack("!HHHH", 1, 1, 0, 0) + question + rr
 
 
-def serve_udp(sock, records):
+_log_lock = threading.Lock()
+
+
+def log_query(log_path, msg, proto):
+    """Appends the question of `msg` to `log_path` (if any) as a JSON line."""
+    if not log_path:
+        return
+    q = parse_question(msg)
+    if q is None:
+        return
+    record = {"name": q[0], "type": q[1], "proto": proto}
+    with _log_lock, open(log_path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def serve_udp(sock, records, log_path):
     while True:
         msg, src = sock.recvfrom(4096)
         reply = answer(msg, records)
         if reply:
+            log_query(log_path, msg, "udp")
             sock.sendto(reply, src)
 
 
-def make_tcp_handler(records):
+def make_tcp_handler(records, log_path):
     class Handler(socketserver.BaseRequestHandler):
         def handle(self):
             while True:
@@ -75,6 +94,7 @@ def make_tcp_handler(records):
                     msg += chunk
                 reply = answer(msg, records)
                 if reply:
+                    log_query(log_path, msg, "tcp")
                     self.request.sendall(struct.pack("!H", len(reply)) + reply)
 
     return Handler
@@ -85,14 +105,15 @@ def main():
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--record", action="append", default=[])
+    p.add_argument("--log")
     a = p.parse_args()
     records = dict(r.lower().split("=", 1) for r in a.record)
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind((a.host, a.port))
-    threading.Thread(target=serve_udp, args=(udp, records), daemon=True).start()
+    threading.Thread(target=serve_udp, args=(udp, records, a.log), daemon=True).start()
     socketserver.ThreadingTCPServer.allow_reuse_address = True
     socketserver.ThreadingTCPServer.daemon_threads = True
-    tcp = socketserver.ThreadingTCPServer((a.host, a.port), make_tcp_handler(records))
+    tcp = socketserver.ThreadingTCPServer((a.host, a.port), make_tcp_handler(records, a.log))
     print(f"stub resolver on {a.host}:{a.port} (udp+tcp): {records}", flush=True)
     tcp.serve_forever()
 

@@ -1,29 +1,24 @@
 //! Running the real Envoy with the module in tests: bootstraps, the Envoy
-//! process, its admin API, `dig`, a stub DNS resolver for the fallback and
-//! HTTP CONNECT upstreams that record what they receive.
+//! process, its admin API, `dig`, and thin wrappers around the Python test
+//! servers of `tests/clients/`: the stub DNS resolver behind the fallback
+//! and the HTTP CONNECT upstreams, with what they observed.
 
 use std::{
     collections::{BTreeMap, HashMap},
-    io::{BufRead, BufReader, Read, Write},
+    fs,
+    io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket},
     path::{Path, PathBuf},
     process::{Command, ExitStatus},
-    sync::{
-        atomic::{AtomicBool, AtomicU32, Ordering},
-        Arc, Mutex,
-    },
-    thread,
+    sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
 use anyhow::{bail, Context as _, Result};
-use hickory_proto::{
-    op::{Message, MessageType, ResponseCode},
-    rr::{rdata::A, RData, Record, RecordType},
-};
+use serde::{de::DeserializeOwned, Deserialize};
 use serde_json::{json, Value};
 
-use crate::{target_dir, tools_dir, wait_for, which, Guarded};
+use crate::{scenario::python, target_dir, tools_dir, wait_for, wait_for_listener, which, Guarded};
 
 /// The Envoy binary (`ENVOY_BIN` overrides `.tools/bin/envoy`).
 pub fn envoy_bin() -> PathBuf {
@@ -464,231 +459,144 @@ pub fn dig(port: u16, name: &str, qtype: &str) -> Result<DigAnswer> {
     Ok(answer)
 }
 
-/// A DNS server on 127.0.0.1 (UDP and TCP) with a fixed zone: names in the
-/// zone get their A record, everything else NXDOMAIN. Stops when dropped.
-pub struct StubResolver {
-    stop: Arc<AtomicBool>,
-    queries: Arc<Mutex<Vec<String>>>,
+/// A scratch directory for a test server's log, removed when dropped.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn create(prefix: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(crate::unique_name(prefix));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Self(dir))
+    }
 }
 
-fn stub_answer(query: &[u8], zone: &BTreeMap<String, Ipv4Addr>) -> Option<(Vec<u8>, String)> {
-    let request = Message::from_vec(query).ok()?;
-    let question = request.queries().first()?.clone();
-    let name = question
-        .name()
-        .to_ascii()
-        .trim_end_matches('.')
-        .to_ascii_lowercase();
-    let mut response = Message::new();
-    response
-        .set_id(request.id())
-        .set_message_type(MessageType::Response)
-        .set_recursion_desired(request.recursion_desired())
-        .set_recursion_available(true)
-        .add_query(question.clone());
-    match zone.get(&name) {
-        Some(ip) if question.query_type() == RecordType::A => {
-            response.add_answer(Record::from_rdata(
-                question.name().clone(),
-                60,
-                RData::A(A(*ip)),
-            ));
-        }
-        Some(_) => {}
-        None => {
-            response.set_response_code(ResponseCode::NXDomain);
-        }
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
     }
-    Some((response.to_vec().ok()?, name))
+}
+
+/// The JSON lines of `path` (none while it does not exist), parsed.
+fn read_json_lines<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>> {
+    let text = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(err) => return Err(err).with_context(|| format!("reading {}", path.display())),
+    };
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            serde_json::from_str(line)
+                .with_context(|| format!("parsing {line:?} of {}", path.display()))
+        })
+        .collect()
+}
+
+/// One query the stub resolver answered.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct StubQuery {
+    /// The name asked (lower case, no trailing dot).
+    pub name: String,
+    /// The query type (1 for A, 28 for AAAA, …).
+    #[serde(rename = "type")]
+    pub qtype: u16,
+    /// How it came: `udp` or `tcp`.
+    pub proto: String,
+}
+
+/// `tests/clients/stub_resolver.py` on 127.0.0.1 (UDP and TCP) with a fixed
+/// zone: names in the zone get their A record, everything else NXDOMAIN.
+/// Stops when dropped.
+pub struct StubResolver {
+    process: Guarded,
+    log: PathBuf,
+    _dir: ScratchDir,
 }
 
 impl StubResolver {
-    /// Serves `zone` on 127.0.0.1:`port`, UDP and TCP.
+    /// Serves `zone` on 127.0.0.1:`port`, UDP and TCP, and waits until it
+    /// listens.
     pub fn start(port: u16, zone: &[(&str, Ipv4Addr)]) -> Result<Self> {
-        let zone: Arc<BTreeMap<String, Ipv4Addr>> =
-            Arc::new(zone.iter().map(|(n, ip)| ((*n).to_owned(), *ip)).collect());
-        let stop = Arc::new(AtomicBool::new(false));
-        let queries = Arc::new(Mutex::new(Vec::new()));
-        let udp =
-            UdpSocket::bind(("127.0.0.1", port)).context("binding the stub resolver (UDP)")?;
-        udp.set_read_timeout(Some(Duration::from_millis(50)))?;
-        let tcp =
-            TcpListener::bind(("127.0.0.1", port)).context("binding the stub resolver (TCP)")?;
-        tcp.set_nonblocking(true)?;
-        {
-            let (stop, zone, queries) = (stop.clone(), zone.clone(), queries.clone());
-            thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while !stop.load(Ordering::Relaxed) {
-                    if let Ok((len, from)) = udp.recv_from(&mut buf) {
-                        if let Some((answer, name)) = stub_answer(&buf[..len], &zone) {
-                            if let Ok(mut q) = queries.lock() {
-                                q.push(name);
-                            }
-                            let _ = udp.send_to(&answer, from);
-                        }
-                    }
-                }
-            });
+        let dir = ScratchDir::create("stub-resolver")?;
+        let log = dir.0.join("queries.jsonl");
+        let mut args = vec![
+            "--port".to_owned(),
+            port.to_string(),
+            "--log".to_owned(),
+            log.to_string_lossy().into_owned(),
+        ];
+        for (name, ip) in zone {
+            args.extend(["--record".to_owned(), format!("{name}={ip}")]);
         }
-        {
-            let (stop, queries) = (stop.clone(), queries.clone());
-            thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    match tcp.accept() {
-                        Ok((stream, _)) => {
-                            let (zone, queries) = (zone.clone(), queries.clone());
-                            thread::spawn(move || serve_dns_tcp(stream, &zone, &queries));
-                        }
-                        Err(_) => thread::sleep(Duration::from_millis(20)),
-                    }
-                }
-            });
-        }
-        Ok(Self { stop, queries })
-    }
-
-    /// Names asked so far (lower case, no trailing dot).
-    pub fn queries(&self) -> Vec<String> {
-        self.queries.lock().map(|q| q.clone()).unwrap_or_default()
-    }
-}
-
-fn serve_dns_tcp(
-    mut stream: TcpStream,
-    zone: &BTreeMap<String, Ipv4Addr>,
-    queries: &Mutex<Vec<String>>,
-) {
-    let _ = stream.set_nonblocking(false);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-    loop {
-        let mut len = [0u8; 2];
-        if stream.read_exact(&mut len).is_err() {
-            return;
-        }
-        let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
-        if stream.read_exact(&mut query).is_err() {
-            return;
-        }
-        let Some((answer, name)) = stub_answer(&query, zone) else {
-            return;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let process = Guarded::spawn("stub resolver", python("stub_resolver.py", &args))?;
+        let resolver = Self {
+            process,
+            log,
+            _dir: dir,
         };
-        if let Ok(mut q) = queries.lock() {
-            q.push(name);
-        }
-        let mut framed = (answer.len() as u16).to_be_bytes().to_vec();
-        framed.extend_from_slice(&answer);
-        if stream.write_all(&framed).is_err() {
-            return;
-        }
+        // UDP is bound before TCP listens.
+        wait_for_listener(&format!("127.0.0.1:{port}"), Duration::from_secs(10))
+            .with_context(|| format!("stub resolver output:\n{}", resolver.process.output()))?;
+        Ok(resolver)
     }
-}
 
-impl Drop for StubResolver {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+    /// The queries answered so far, in order.
+    pub fn queries(&self) -> Result<Vec<StubQuery>> {
+        read_json_lines(&self.log)
     }
 }
 
 /// One CONNECT request an upstream received.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Deserialize)]
 pub struct ConnectRequest {
     /// The request target (`host:port`).
+    #[serde(rename = "connect")]
     pub authority: String,
     /// Header names in lower case → values.
     pub headers: BTreeMap<String, String>,
 }
 
-/// An HTTP CONNECT proxy on 127.0.0.1 like the seed's `upstream_N.py`: it
-/// records each CONNECT, answers 200, then replies to whatever comes
-/// through the tunnel with `<name>\nCONNECT: <authority>\n`. Stops when
+/// `tests/clients/upstream.py` on 127.0.0.1, in the role of the seed's
+/// `upstream_N.py`: it records each CONNECT, answers 200, then answers
+/// whatever comes through the tunnel with an HTTP response whose body is
+/// `<name>\nCONNECT: <authority>\n` followed by the headers. Stops when
 /// dropped.
 pub struct ConnectUpstream {
-    stop: Arc<AtomicBool>,
-    requests: Arc<Mutex<Vec<ConnectRequest>>>,
+    process: Guarded,
+    log: PathBuf,
+    _dir: ScratchDir,
 }
 
 impl ConnectUpstream {
-    /// Listens on 127.0.0.1:`port`, announcing itself as `name`.
+    /// Listens on 127.0.0.1:`port`, announcing itself as `name`, and waits
+    /// until it accepts connections.
     pub fn start(name: &str, port: u16) -> Result<Self> {
-        let listener = TcpListener::bind(("127.0.0.1", port))
-            .with_context(|| format!("binding upstream {name}"))?;
-        listener.set_nonblocking(true)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let requests = Arc::new(Mutex::new(Vec::new()));
-        let (stop2, requests2, name) = (stop.clone(), requests.clone(), name.to_owned());
-        thread::spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _)) => {
-                        let (requests, name) = (requests2.clone(), name.clone());
-                        thread::spawn(move || {
-                            let _ = serve_connect(stream, &name, &requests);
-                        });
-                    }
-                    Err(_) => thread::sleep(Duration::from_millis(20)),
-                }
-            }
-        });
-        Ok(Self { stop, requests })
+        let dir = ScratchDir::create("connect-upstream")?;
+        let log = dir.0.join(format!("{name}.jsonl"));
+        let port_arg = port.to_string();
+        let log_arg = log.to_string_lossy().into_owned();
+        let args = ["--name", name, "--port", &port_arg, "--log", &log_arg];
+        let process = Guarded::spawn(name, python("upstream.py", &args))?;
+        let upstream = Self {
+            process,
+            log,
+            _dir: dir,
+        };
+        wait_for_listener(&format!("127.0.0.1:{port}"), Duration::from_secs(10))
+            .with_context(|| format!("upstream {name} output:\n{}", upstream.process.output()))?;
+        Ok(upstream)
     }
 
-    /// The CONNECT requests received so far.
-    pub fn requests(&self) -> Vec<ConnectRequest> {
-        self.requests.lock().map(|r| r.clone()).unwrap_or_default()
+    /// The CONNECT requests received so far, in order.
+    pub fn requests(&self) -> Result<Vec<ConnectRequest>> {
+        read_json_lines(&self.log)
     }
 }
 
-fn serve_connect(
-    stream: TcpStream,
-    name: &str,
-    requests: &Mutex<Vec<ConnectRequest>>,
-) -> Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    let mut reader = BufReader::new(stream.try_clone()?);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let mut parts = line.split_whitespace();
-    if parts.next() != Some("CONNECT") {
-        bail!("not a CONNECT: {line:?}");
-    }
-    let mut request = ConnectRequest {
-        authority: parts.next().unwrap_or("").to_owned(),
-        ..Default::default()
-    };
-    loop {
-        let mut header = String::new();
-        reader.read_line(&mut header)?;
-        let header = header.trim_end();
-        if header.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = header.split_once(':') {
-            request
-                .headers
-                .insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
-        }
-    }
-    if let Ok(mut r) = requests.lock() {
-        r.push(request.clone());
-    }
-    let mut stream = stream;
-    stream.write_all(b"HTTP/1.1 200 OK\r\n\r\n")?;
-    let mut buf = [0u8; 4096];
-    let _ = reader.read(&mut buf)?;
-    stream.write_all(format!("{name}\nCONNECT: {}\n", request.authority).as_bytes())?;
-    Ok(())
-}
-
-impl Drop for ConnectUpstream {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Connects to `to`, sends a line and returns what comes back until the
-/// peer closes or 3 s pass.
+/// Connects to `to`, sends a line and reads until the peer closes or 3 s
+/// pass. Returns the body of the HTTP response that came back (what
+/// follows the header), or everything when there is no HTTP header.
 pub fn tcp_exchange(to: SocketAddr) -> Result<String> {
     let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(3))
         .with_context(|| format!("connecting to {to}"))?;
@@ -698,15 +606,13 @@ pub fn tcp_exchange(to: SocketAddr) -> Result<String> {
     let mut buf = [0u8; 4096];
     loop {
         match stream.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                out.extend_from_slice(&buf[..n]);
-                if out.ends_with(b"\n") && out.windows(8).any(|w| w == b"CONNECT:") {
-                    break;
-                }
-            }
-            Err(_) => break,
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
         }
     }
-    Ok(String::from_utf8_lossy(&out).into_owned())
+    let text = String::from_utf8_lossy(&out).into_owned();
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/") => Ok(body.to_owned()),
+        _ => Ok(text),
+    }
 }

@@ -124,7 +124,12 @@ fn dns_answers_sequential_vips_nodata_and_falls_back() {
         "{}",
         fallback.raw
     );
-    assert!(s.resolver.queries().iter().any(|q| q == FALLBACK_NAME));
+    assert!(s
+        .resolver
+        .queries()
+        .unwrap()
+        .iter()
+        .any(|q| q.name == FALLBACK_NAME));
     // aws.com itself is not matched by *.aws.com: it goes to the fallback too.
     let apex = dig(port, "aws.com", "A").unwrap();
     assert_eq!(apex.status, "NXDOMAIN", "{}", apex.raw);
@@ -174,7 +179,7 @@ fn tcp_connections_reach_the_domains_upstream_with_its_metadata() {
     assert!(reply.starts_with("cluster_2\n"), "reply: {reply:?}");
 
     let [up1, up2] = &s.upstreams;
-    let (r1, r2) = (up1.requests(), up2.requests());
+    let (r1, r2) = (up1.requests().unwrap(), up2.requests().unwrap());
     assert_eq!(r1.len(), 1, "{r1:?}");
     assert_eq!(r1[0].authority, format!("one.s3.aws.com:{port}"));
     assert_eq!(
@@ -199,7 +204,10 @@ fn tcp_connections_reach_the_domains_upstream_with_its_metadata() {
         stats.get("dynamicmodulescustom.cache_lookup.lookup_miss"),
         Some(&1)
     );
-    assert_eq!(up1.requests().len() + up2.requests().len(), 2);
+    assert_eq!(
+        up1.requests().unwrap().len() + up2.requests().unwrap().len(),
+        2
+    );
 }
 
 #[test]
@@ -238,7 +246,7 @@ fn typed_cluster_state_works_and_on_miss_close_closes() {
         1
     );
     assert_eq!(
-        s.upstreams[0].requests().len() + s.upstreams[1].requests().len(),
+        s.upstreams[0].requests().unwrap().len() + s.upstreams[1].requests().unwrap().len(),
         1
     );
 }
@@ -386,23 +394,30 @@ fn a_panic_in_the_module_leaves_envoy_serving() {
         [FALLBACK_ANSWER.to_string()]
     );
     assert!(s.envoy.is_running());
-    assert!(s.resolver.queries().iter().any(|q| q == "panic.aws.com"));
+    assert!(s
+        .resolver
+        .queries()
+        .unwrap()
+        .iter()
+        .any(|q| q.name == "panic.aws.com"));
 }
 
 /// Connects from inside `cgroup` to `host:port`, sends a line and prints
-/// the reply (plain socket calls, as an unmodified application would).
+/// the body of the HTTP reply (plain socket calls, as an unmodified
+/// application would).
 fn connect_in_cgroup(cgroup: &TestCgroup, host: &str, port: u16) -> String {
     const CLIENT: &str = r#"
 import socket, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
 s.sendall(b"hello\n")
 data = b""
-while b"CONNECT:" not in data or not data.endswith(b"\n"):
+while True:
     chunk = s.recv(4096)
     if not chunk:
         break
     data += chunk
-sys.stdout.write(data.decode())
+head, sep, body = data.partition(b"\r\n\r\n")
+sys.stdout.write((body if sep and head.startswith(b"HTTP/") else data).decode())
 "#;
     let port = port.to_string();
     let out = cgroup
@@ -454,7 +469,7 @@ fn pinned_vip_map_persists_vips_and_redirected_connections_find_their_domain() {
         "reply {reply:?}\n{}",
         envoy.log()
     );
-    let requests = up1.requests();
+    let requests = up1.requests().unwrap();
     assert_eq!(requests.len(), 1);
     assert!(
         requests[0].authority.starts_with("one.s3.aws.com:"),
