@@ -448,11 +448,17 @@ impl Drop for Loader {
         if self.process.is_running() {
             let _ = self.process.stop(Signal::SIGINT, Duration::from_secs(10));
         }
-        let _ = Command::new(gateway_bin())
-            .args(["reset", "--pin-dir"])
-            .arg(&self.pin_dir)
-            .output();
+        reset_pins(&self.pin_dir);
     }
+}
+
+/// Best-effort cleanup: `gateway reset --pin-dir <dir>` (removes the pins a
+/// stopped gateway left).
+pub fn reset_pins(pin_dir: &Path) {
+    let _ = Command::new(gateway_bin())
+        .args(["reset", "--pin-dir"])
+        .arg(pin_dir)
+        .output();
 }
 
 /// `gateway status --json --pin-dir <dir>`, parsed.

@@ -256,10 +256,7 @@ impl Drop for SeedScenario {
         if self.gateway.is_running() {
             let _ = self.gateway.stop(Signal::SIGTERM, Duration::from_secs(20));
         }
-        let _ = Command::new(gateway_bin())
-            .args(["reset", "--pin-dir"])
-            .arg(&self.pin_dir)
-            .output();
+        crate::reset_pins(&self.pin_dir);
         let _ = fs::remove_dir(&self.cgroup);
         let _ = fs::remove_dir_all(&self.work_dir);
     }

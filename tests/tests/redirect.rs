@@ -489,10 +489,7 @@ fn attach_needs_exactly_bpf_perfmon_and_net_admin() -> Result<()> {
         Ok((tests::status_json(&pin_dir)?["attached"] == true).then_some(()))
     });
     let stop = loader.stop(Signal::SIGINT, WAIT);
-    let _ = Command::new(gateway_bin())
-        .args(["reset", "--pin-dir"])
-        .arg(&pin_dir)
-        .output();
+    tests::reset_pins(&pin_dir);
     attached.with_context(|| loader.output())?;
     assert!(stop?.success(), "{}", loader.output());
 
@@ -506,10 +503,7 @@ fn attach_needs_exactly_bpf_perfmon_and_net_admin() -> Result<()> {
         let status = tests::wait_for("limited loader to exit", WAIT, || {
             Ok((!loader.is_running()).then_some(()))
         });
-        let _ = Command::new(gateway_bin())
-            .args(["reset", "--pin-dir"])
-            .arg(&pin_dir)
-            .output();
+        tests::reset_pins(&pin_dir);
         status?;
         let output = loader.output();
         assert!(
