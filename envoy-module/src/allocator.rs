@@ -24,6 +24,18 @@ pub struct Pool {
     prefix_len: u8,
     max_entries: u32,
     reclaim_idle_after: Option<Duration>,
+    new_vip_rate: Option<NewVipRate>,
+}
+
+/// A cap on how fast new VIPs are handed out: `per_second` on average, at
+/// most `burst` at once. Without it one client could exhaust a range in a
+/// moment with random names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NewVipRate {
+    /// Sustained new allocations per second.
+    pub per_second: u32,
+    /// Allocations allowed at once.
+    pub burst: u32,
 }
 
 impl Pool {
@@ -59,7 +71,23 @@ impl Pool {
             prefix_len,
             max_entries,
             reclaim_idle_after: None,
+            new_vip_rate: None,
         })
+    }
+
+    /// The same pool, allocating at most `per_second` new VIPs a second
+    /// (bursts up to `burst`).
+    pub fn with_new_vip_rate(mut self, per_second: u32, burst: u32) -> Self {
+        self.new_vip_rate = Some(NewVipRate {
+            per_second: per_second.max(1),
+            burst: burst.max(1),
+        });
+        self
+    }
+
+    /// The cap on new allocations, if any.
+    pub fn new_vip_rate(&self) -> Option<NewVipRate> {
+        self.new_vip_rate
     }
 
     /// The same pool, reclaiming for a new name, once it is full, the VIP
@@ -140,6 +168,39 @@ pub enum AllocError {
     /// handed out: a VIP only this process knows could go to another name
     /// after a restart while clients still cache it.
     Store(String),
+    /// The pool's cap on new allocations per second is reached; names that
+    /// already have a VIP are not affected.
+    RateLimited,
+}
+
+/// A token bucket for [`NewVipRate`].
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn full(rate: NewVipRate, now: Instant) -> Self {
+        Self {
+            tokens: f64::from(rate.burst),
+            at: now,
+        }
+    }
+
+    /// Takes one token if there is one, after refilling for the time passed.
+    fn take(&mut self, rate: NewVipRate, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens =
+            (self.tokens + elapsed * f64::from(rate.per_second)).min(f64::from(rate.burst));
+        self.at = now.max(self.at);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 /// What claiming a candidate VIP in the store gave.
@@ -166,6 +227,8 @@ pub struct VipAllocator {
     /// When each VIP was last answered or connected to (in this process;
     /// VIPs learnt from the store count as used when learnt).
     last_used: HashMap<u32, Instant>,
+    /// Rate limits on new allocations, per pool.
+    buckets: HashMap<(u32, u8), Bucket>,
 }
 
 impl VipAllocator {
@@ -295,6 +358,15 @@ impl VipAllocator {
                 new: false,
                 reclaimed_from: None,
             });
+        }
+        if let Some(rate) = pool.new_vip_rate() {
+            let bucket = self
+                .buckets
+                .entry(pool.key())
+                .or_insert_with(|| Bucket::full(rate, now));
+            if !bucket.take(rate, now) {
+                return Err(AllocError::RateLimited);
+            }
         }
         let mut state = self.pool_state(pool);
         let span = pool.last() - pool.first() + 1;
@@ -459,6 +531,42 @@ pub(crate) mod tests {
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn new_allocations_are_capped_and_known_names_are_not() {
+        let pool = pool([10, 10, 0, 0], 24).with_new_vip_rate(2, 3);
+        let mut table = VipAllocator::new();
+        let t0 = Instant::now();
+        for name in ["a.com", "b.com", "c.com"] {
+            assert!(table.allocate_at(name, &pool, t0).unwrap().new, "{name}");
+        }
+        assert_eq!(
+            table.allocate_at("d.com", &pool, t0),
+            Err(AllocError::RateLimited)
+        );
+        for _ in 0..10 {
+            assert_eq!(
+                table.allocate_at("a.com", &pool, t0).unwrap().vip,
+                ip("10.10.0.1"),
+                "a known name is answered whatever the rate"
+            );
+        }
+        let later = t0 + Duration::from_millis(500);
+        assert!(table.allocate_at("d.com", &pool, later).unwrap().new);
+        assert_eq!(
+            table.allocate_at("e.com", &pool, later),
+            Err(AllocError::RateLimited)
+        );
+        let much_later = t0 + Duration::from_secs(60);
+        for name in ["e.com", "f.com", "g.com"] {
+            assert!(table.allocate_at(name, &pool, much_later).is_ok(), "{name}");
+        }
+        assert_eq!(
+            table.allocate_at("h.com", &pool, much_later),
+            Err(AllocError::RateLimited),
+            "the bucket refills to the burst, no further"
+        );
     }
 
     #[test]

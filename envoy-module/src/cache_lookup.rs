@@ -2,11 +2,12 @@
 //!
 //! On a new connection it finds the VIP the client dialled — the original
 //! destination recorded in the pinned map for the client's address when
-//! the gateway's kernel programs redirect, otherwise the connection's local
-//! address (the seed's iptables + `original_dst` setup) — then the VIP's
-//! domain, then the metadata of the most specific pattern of the latest
-//! `dns_gateway` config matching that domain, and publishes them as filter
-//! state:
+//! the gateway's kernel programs redirect (consumed: each entry serves one
+//! connection), and/or the connection's local address (the seed's
+//! iptables + `original_dst` setup), as `destination_from` says — then the
+//! VIP's domain, then the metadata of the most specific pattern of its
+//! gateway's `dns_gateway` config (same pin directory) matching that
+//! domain, and publishes them as filter state:
 //!
 //! | key | value |
 //! | --- | --- |
@@ -21,14 +22,20 @@
 //!
 //! With `set_tcp_proxy_cluster: true`, a `cluster` metadata value also
 //! selects the tcp_proxy cluster (`envoy.tcp_proxy.cluster`, typed).
-//! A miss (no VIP, or an unknown VIP) is logged and counted; the
+//! A miss (no recorded original destination: the gateway did not redirect
+//! this connection; or a VIP no name holds) is logged and counted; the
 //! connection goes on (`on_miss: "continue"`, the seed's behaviour) or is
-//! closed (`on_miss: "close"`). Before declaring a miss the pinned map is
-//! reopened once, in case a restarted loader recreated it.
+//! closed (`on_miss: "close"`, what `gateway run` uses). Before declaring a
+//! miss the pinned map is reopened once, in case a restarted loader
+//! recreated it. A panic while handling the connection closes it.
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
     sync::Arc,
+};
+
+pub use gateway_common::contract::{
+    DOMAIN_KEY, METADATA_KEY_PREFIX, PORT_KEY, TCP_PROXY_CLUSTER_KEY,
 };
 
 use crate::{
@@ -36,21 +43,9 @@ use crate::{
         log, CounterKind, Counters, LogLevel, NetworkFilter, NetworkFilterConfig,
         NetworkFilterHandle, NetworkStatus,
     },
-    config::{CacheLookupSettings, OnMiss},
+    config::{CacheLookupSettings, DestinationSource, OnMiss},
     state::GatewayState,
 };
-
-/// Filter-state key of the domain.
-pub const DOMAIN_KEY: &str = "envoy.dns_gateway.domain";
-
-/// Filter-state key of the port the client originally dialled.
-pub const PORT_KEY: &str = "envoy.dns_gateway.port";
-
-/// Prefix of the filter-state keys of the metadata.
-pub const METADATA_KEY_PREFIX: &str = "envoy.dns_gateway.metadata.";
-
-/// Envoy's typed filter-state key selecting the tcp_proxy cluster.
-pub const TCP_PROXY_CLUSTER_KEY: &str = "envoy.tcp_proxy.cluster";
 
 /// Counters of `cache_lookup`, visible on Envoy's `/stats` as
 /// `dynamicmodulescustom.cache_lookup.<name>`.
@@ -58,20 +53,37 @@ pub const TCP_PROXY_CLUSTER_KEY: &str = "envoy.tcp_proxy.cluster";
 pub enum CacheCounter {
     /// Connections whose domain was found.
     LookupHit,
-    /// Connections whose domain was not found.
+    /// Connections whose domain was not found (either reason below).
     LookupMiss,
     /// Connections closed on a miss.
     Closed,
+    /// Misses with no recorded original destination: connections the
+    /// gateway did not redirect (or whose record was already consumed).
+    NotRedirected,
+    /// Misses whose destination is no allocated VIP.
+    UnknownVip,
+    /// Connections closed because handling them panicked.
+    Panics,
 }
 
 impl CounterKind for CacheCounter {
-    const ALL: &'static [Self] = &[Self::LookupHit, Self::LookupMiss, Self::Closed];
+    const ALL: &'static [Self] = &[
+        Self::LookupHit,
+        Self::LookupMiss,
+        Self::Closed,
+        Self::NotRedirected,
+        Self::UnknownVip,
+        Self::Panics,
+    ];
 
     fn name(self) -> &'static str {
         match self {
             Self::LookupHit => "cache_lookup.lookup_hit",
             Self::LookupMiss => "cache_lookup.lookup_miss",
             Self::Closed => "cache_lookup.closed",
+            Self::NotRedirected => "cache_lookup.not_redirected",
+            Self::UnknownVip => "cache_lookup.unknown_vip",
+            Self::Panics => "cache_lookup.panics",
         }
     }
 
@@ -138,63 +150,71 @@ impl CacheLookupFilter {
         }
     }
 
-    /// The original destination (VIP and port) and domain of the
-    /// connection, if any.
-    fn resolve(
-        &self,
-        handle: &dyn NetworkFilterHandle,
-        reopen: bool,
-    ) -> Option<(SocketAddrV4, String)> {
+    /// The original destination (VIP and port) of the connection, if any:
+    /// consumed from the pinned map and/or the local address.
+    fn destination(&self, handle: &dyn NetworkFilterHandle) -> Option<SocketAddrV4> {
         let state = &self.shared.state;
-        let dir = self
-            .shared
-            .settings
-            .pin_dir
-            .clone()
-            .unwrap_or_else(|| state.pin_dir());
-        let original = ipv4(handle.remote_address())
-            .and_then(|client| state.original_destination(&dir, client, reopen));
-        let local = ipv4(handle.local_address());
-        [original, local]
-            .into_iter()
-            .flatten()
-            .find_map(|dst| state.domain_of(*dst.ip()).map(|domain| (dst, domain)))
+        let from_map = || {
+            let client = ipv4(handle.remote_address())?;
+            state
+                .take_original_destination(client, false)
+                .or_else(|| state.take_original_destination(client, true))
+        };
+        let local = || ipv4(handle.local_address());
+        match self.shared.settings.destination_from {
+            DestinationSource::PinnedMap => from_map(),
+            DestinationSource::LocalAddress => local(),
+            DestinationSource::Either => from_map()
+                .filter(|dst| state.domain_of(*dst.ip()).is_some())
+                .or_else(local),
+        }
     }
-}
 
-impl NetworkFilter for CacheLookupFilter {
-    fn on_new_connection(&mut self, handle: &mut dyn NetworkFilterHandle) -> NetworkStatus {
-        let found = self
-            .resolve(handle, false)
-            .or_else(|| self.resolve(handle, true));
-        let Some((destination, domain)) = found else {
-            self.count(handle, CacheCounter::LookupMiss);
+    fn miss(
+        &self,
+        handle: &mut dyn NetworkFilterHandle,
+        reason: CacheCounter,
+        what: String,
+    ) -> NetworkStatus {
+        self.count(handle, CacheCounter::LookupMiss);
+        self.count(handle, reason);
+        match self.shared.settings.on_miss {
+            OnMiss::Continue => {
+                log(
+                    LogLevel::Info,
+                    &format!("cache_lookup: {what}; continuing without filter state"),
+                );
+                NetworkStatus::Continue
+            }
+            OnMiss::Close => {
+                log(
+                    LogLevel::Info,
+                    &format!("cache_lookup: {what}; closing it (on_miss: close)"),
+                );
+                self.count(handle, CacheCounter::Closed);
+                handle.close();
+                NetworkStatus::StopIteration
+            }
+        }
+    }
+
+    fn lookup(&self, handle: &mut dyn NetworkFilterHandle) -> NetworkStatus {
+        let Some(destination) = self.destination(handle) else {
             let what = format!(
-                "cache_lookup: no domain for the connection from {:?} to {:?}",
-                handle.remote_address(),
-                handle.local_address()
+                "no original destination for the connection from {:?} (the gateway did not redirect it)",
+                handle.remote_address()
             );
-            return match self.shared.settings.on_miss {
-                OnMiss::Continue => {
-                    log(
-                        LogLevel::Info,
-                        &format!("{what}; continuing without filter state"),
-                    );
-                    NetworkStatus::Continue
-                }
-                OnMiss::Close => {
-                    log(
-                        LogLevel::Info,
-                        &format!("{what}; closing it (on_miss: close)"),
-                    );
-                    self.count(handle, CacheCounter::Closed);
-                    handle.close();
-                    NetworkStatus::StopIteration
-                }
-            };
+            return self.miss(handle, CacheCounter::NotRedirected, what);
+        };
+        let vip = *destination.ip();
+        let Some(domain) = self.shared.state.domain_of(vip) else {
+            let what = format!(
+                "no domain holds {destination} (connection from {:?})",
+                handle.remote_address()
+            );
+            return self.miss(handle, CacheCounter::UnknownVip, what);
         };
         self.count(handle, CacheCounter::LookupHit);
-        let vip = *destination.ip();
         let patterns = self.shared.state.patterns();
         let rule = patterns.best_match(&domain);
         if rule.is_none() {
@@ -223,5 +243,27 @@ impl NetworkFilter for CacheLookupFilter {
             &format!("cache_lookup: VIP {vip} -> {domain}"),
         );
         NetworkStatus::Continue
+    }
+}
+
+impl NetworkFilter for CacheLookupFilter {
+    fn on_new_connection(&mut self, handle: &mut dyn NetworkFilterHandle) -> NetworkStatus {
+        let looked_up =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.lookup(&mut *handle)));
+        match looked_up {
+            Ok(status) => status,
+            Err(payload) => {
+                // Fail closed: the connection may hold partial filter state.
+                // The payload is leaked: its Drop could panic too.
+                std::mem::forget(payload);
+                self.count(handle, CacheCounter::Panics);
+                log(
+                    LogLevel::Error,
+                    "cache_lookup: handling a connection panicked; closing it",
+                );
+                handle.close();
+                NetworkStatus::StopIteration
+            }
+        }
     }
 }

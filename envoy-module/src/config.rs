@@ -8,7 +8,13 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::PathBuf, time::Duration};
 
-use gateway_common::{DEFAULT_PIN_DIR, VIP_TABLE_CAPACITY};
+use gateway_common::{
+    contract::{
+        self, DEFAULT_MAX_NEW_VIPS_PER_SECOND, DEFAULT_NEW_VIP_BURST, MAX_NEW_VIP_RATE,
+        MAX_RECLAIM_IDLE_SECS, MAX_TTL_SECS,
+    },
+    DEFAULT_PIN_DIR, VIP_TABLE_CAPACITY,
+};
 use serde_json::{Map, Value};
 
 use crate::{
@@ -19,15 +25,9 @@ use crate::{
 /// Default TTL of answers (and of the negative-answer SOA), in seconds.
 pub const DEFAULT_TTL: u32 = 300;
 
-/// Largest accepted TTL: one week.
-pub const MAX_TTL: u32 = 604_800;
-
 /// Shortest `reclaim_idle_after`, seconds (it must also be at least twice
 /// the TTL).
 pub const MIN_RECLAIM_IDLE_SECS: u64 = 1;
-
-/// Longest `reclaim_idle_after`, seconds (30 days).
-pub const MAX_RECLAIM_IDLE_SECS: u64 = 30 * 24 * 3600;
 
 /// Settings of the `dns_gateway` UDP listener filter.
 #[derive(Clone, Debug)]
@@ -39,8 +39,12 @@ pub struct DnsGatewaySettings {
     /// TTL of A answers and of the SOA in negative answers.
     pub ttl: u32,
     /// Directory of the gateway's pinned maps; without a pinned VIP map the
-    /// VIP table lives in this process only.
+    /// VIP table lives in this process only (unless required).
     pub pin_dir: PathBuf,
+    /// The pinned VIP map must exist (as under `gateway run`): the config is
+    /// refused without it, and a lost map means SERVFAIL, never a silent
+    /// fall-back to an in-process table that would hand out VIPs again.
+    pub require_pinned_maps: bool,
     /// Test hook: a query for this (normalised) name panics inside the
     /// filter, to show that a panic never takes Envoy down.
     pub debug_panic_on_domain: Option<String>,
@@ -55,11 +59,30 @@ pub enum OnMiss {
     Close,
 }
 
+/// Where `cache_lookup` learns which VIP a connection dialled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DestinationSource {
+    /// Only the original destination the gateway's kernel programs
+    /// recorded (consumed once): a connection the gateway did not redirect
+    /// gets no domain. What `gateway run` uses.
+    PinnedMap,
+    /// Only the connection's local address (the seed's iptables DNAT with
+    /// `original_dst`).
+    LocalAddress,
+    /// The recorded original destination, else the local address (works in
+    /// both set-ups; the default, for the seed's configuration).
+    Either,
+}
+
 /// Settings of the `cache_lookup` network filter.
 #[derive(Clone, Debug)]
 pub struct CacheLookupSettings {
     /// Miss behaviour.
     pub on_miss: OnMiss,
+    /// Where the dialled VIP comes from.
+    pub destination_from: DestinationSource,
+    /// The pinned maps must exist: the config is refused without them.
+    pub require_pinned_maps: bool,
     /// Pinned-map directory; `None` = the one of the latest `dns_gateway`
     /// config (or the default when there is none).
     pub pin_dir: Option<PathBuf>,
@@ -72,6 +95,8 @@ impl Default for CacheLookupSettings {
     fn default() -> Self {
         Self {
             on_miss: OnMiss::Continue,
+            destination_from: DestinationSource::Either,
+            require_pinned_maps: false,
             pin_dir: None,
             set_tcp_proxy_cluster: false,
         }
@@ -132,11 +157,15 @@ fn integer(value: &Value, field: &str, min: u64, max: u64) -> Result<u64, String
 }
 
 fn path(value: &Value, field: &str) -> Result<PathBuf, String> {
-    let text = string(value, field)?;
-    if text.is_empty() {
-        return Err(format!("{field}: must not be empty"));
-    }
-    Ok(PathBuf::from(text))
+    let path = PathBuf::from(string(value, field)?);
+    contract::check_pin_dir(&path).map_err(|e| format!("{field}: {e}"))?;
+    Ok(path)
+}
+
+fn boolean(value: &Value, field: &str) -> Result<bool, String> {
+    value
+        .as_bool()
+        .ok_or_else(|| format!("{field}: expected a boolean, got {}", kind(value)))
 }
 
 fn metadata(value: &Value, field: &str) -> Result<BTreeMap<String, String>, String> {
@@ -148,19 +177,9 @@ fn metadata(value: &Value, field: &str) -> Result<BTreeMap<String, String>, Stri
     };
     map.iter()
         .map(|(key, value)| {
-            let valid_key = !key.is_empty()
-                && key
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
-            if !valid_key {
-                return Err(format!(
-                    "{field}.{key}: metadata keys are letters, digits, `_`, `-` and `.` (they become filter-state keys)"
-                ));
-            }
+            contract::check_metadata_key(key).map_err(|e| format!("{field}.{key}: {e}"))?;
             let text = string(value, &format!("{field}.{key}"))?;
-            if text.bytes().any(|b| b.is_ascii_control()) {
-                return Err(format!("{field}.{key}: control characters are not allowed"));
-            }
+            contract::check_metadata_value(text).map_err(|e| format!("{field}.{key}: {e}"))?;
             Ok((key.clone(), text.to_owned()))
         })
         .collect()
@@ -205,6 +224,9 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
             "pin_dir",
             "max_entries",
             "reclaim_idle_after",
+            "max_new_vips_per_second",
+            "new_vip_burst",
+            "require_pinned_maps",
             "debug_panic_on_domain",
         ],
     )?;
@@ -215,6 +237,11 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
     let prefix_len = map.get("prefix_len").ok_or("prefix_len: missing")?;
     // /31 and /32 have no address besides the network and broadcast ones.
     let prefix_len = integer(prefix_len, "prefix_len", 1, 30)? as u8;
+    if let Some(why) = contract::forbidden_vip_range(base_ip, prefix_len) {
+        return Err(format!(
+            "base_ip: {base_ip}/{prefix_len} cannot hold VIPs: {why}"
+        ));
+    }
     let usable = Pool::usable_hosts(prefix_len);
     let default_max = usable.min(u64::from(VIP_TABLE_CAPACITY));
     let max_entries = match map.get("max_entries") {
@@ -225,7 +252,7 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
         Pool::new(base_ip, prefix_len, max_entries as u32).map_err(|e| format!("base_ip: {e}"))?;
     let patterns = domains(map.get("domains").ok_or("domains: missing")?)?;
     let ttl = match map.get("ttl") {
-        Some(value) => integer(value, "ttl", 0, u64::from(MAX_TTL))? as u32,
+        Some(value) => integer(value, "ttl", 0, u64::from(MAX_TTL_SECS))? as u32,
         None => DEFAULT_TTL,
     };
     // Reclaiming a VIP a client may still cache would misroute it: the idle
@@ -240,7 +267,19 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
         )?)),
         None => None,
     };
-    let pool = pool.with_reclaim_idle_after(reclaim_idle_after);
+    let rate = |name: &str, default: u32| match map.get(name) {
+        Some(value) => integer(value, name, 1, u64::from(MAX_NEW_VIP_RATE)).map(|n| n as u32),
+        None => Ok(default),
+    };
+    let per_second = rate("max_new_vips_per_second", DEFAULT_MAX_NEW_VIPS_PER_SECOND)?;
+    let burst = rate("new_vip_burst", DEFAULT_NEW_VIP_BURST)?;
+    let pool = pool
+        .with_reclaim_idle_after(reclaim_idle_after)
+        .with_new_vip_rate(per_second, burst);
+    let require_pinned_maps = match map.get("require_pinned_maps") {
+        Some(value) => boolean(value, "require_pinned_maps")?,
+        None => false,
+    };
     let pin_dir = match map.get("pin_dir") {
         Some(value) => path(value, "pin_dir")?,
         None => PathBuf::from(DEFAULT_PIN_DIR),
@@ -257,6 +296,7 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
         patterns,
         ttl,
         pin_dir,
+        require_pinned_maps,
         debug_panic_on_domain,
     })
 }
@@ -267,7 +307,17 @@ pub fn parse_cache_lookup(bytes: &[u8]) -> Result<CacheLookupSettings, String> {
         return Ok(CacheLookupSettings::default());
     }
     let map = parse_object(bytes)?;
-    reject_unknown(&map, "", &["on_miss", "pin_dir", "set_tcp_proxy_cluster"])?;
+    reject_unknown(
+        &map,
+        "",
+        &[
+            "on_miss",
+            "destination_from",
+            "require_pinned_maps",
+            "pin_dir",
+            "set_tcp_proxy_cluster",
+        ],
+    )?;
     let mut settings = CacheLookupSettings::default();
     if let Some(value) = map.get("on_miss") {
         settings.on_miss = match string(value, "on_miss")? {
@@ -280,16 +330,26 @@ pub fn parse_cache_lookup(bytes: &[u8]) -> Result<CacheLookupSettings, String> {
             }
         };
     }
+    if let Some(value) = map.get("destination_from") {
+        settings.destination_from = match string(value, "destination_from")? {
+            "pinned_map" => DestinationSource::PinnedMap,
+            "local_address" => DestinationSource::LocalAddress,
+            "either" => DestinationSource::Either,
+            other => {
+                return Err(format!(
+                    "destination_from: expected \"pinned_map\", \"local_address\" or \"either\", got {other:?}"
+                ))
+            }
+        };
+    }
+    if let Some(value) = map.get("require_pinned_maps") {
+        settings.require_pinned_maps = boolean(value, "require_pinned_maps")?;
+    }
     if let Some(value) = map.get("pin_dir") {
         settings.pin_dir = Some(path(value, "pin_dir")?);
     }
     if let Some(value) = map.get("set_tcp_proxy_cluster") {
-        settings.set_tcp_proxy_cluster = value.as_bool().ok_or_else(|| {
-            format!(
-                "set_tcp_proxy_cluster: expected a boolean, got {}",
-                kind(value)
-            )
-        })?;
+        settings.set_tcp_proxy_cluster = boolean(value, "set_tcp_proxy_cluster")?;
     }
     Ok(settings)
 }
@@ -356,6 +416,27 @@ mod tests {
             (with("max_entries", "0"), "max_entries"),
             (with("reclaim_idle_after", "30"), "reclaim_idle_after"),
             (with("pin_dir", "\"\""), "pin_dir"),
+            (with("pin_dir", "\"/sys/fs/bpf\""), "pin_dir"),
+            (with("pin_dir", "\"relative\""), "pin_dir"),
+            (with("base_ip", "\"127.0.0.0\""), "base_ip"),
+            (with("base_ip", "\"224.0.0.0\""), "base_ip"),
+            (
+                with("max_new_vips_per_second", "0"),
+                "max_new_vips_per_second",
+            ),
+            (with("new_vip_burst", "1e6"), "new_vip_burst"),
+            (
+                with("require_pinned_maps", "\"yes\""),
+                "require_pinned_maps",
+            ),
+            (with("reclaim_idle_after", "2592001"), "reclaim_idle_after"),
+            (
+                with(
+                    "domains",
+                    "[{\"domain\":\"a.com\",\"metadata\":{\"t\":\"a\\r\\nX: y\"}}]",
+                ),
+                "domains[0].metadata.t",
+            ),
             (with("domains", "{}"), "domains"),
             (
                 with("domains", "[{\"domain\":\"a b\"}]"),
@@ -429,6 +510,9 @@ mod tests {
                 "set_tcp_proxy_cluster",
             ),
             (r#"{"onmiss":"close"}"#, "onmiss"),
+            (r#"{"destination_from":"peer"}"#, "destination_from"),
+            (r#"{"require_pinned_maps":1}"#, "require_pinned_maps"),
+            (r#"{"pin_dir":""}"#, "pin_dir"),
         ] {
             let e = parse_cache_lookup(json.as_bytes()).unwrap_err();
             assert!(e.starts_with(&format!("{field}:")), "{json} -> {e}");

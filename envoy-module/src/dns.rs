@@ -31,13 +31,37 @@ pub const SOA_RNAME: &str = "hostmaster.dns-gateway.invalid.";
 /// What a datagram turned out to be.
 #[derive(Debug)]
 pub enum Inspection {
-    /// Not a standard query with exactly one question (a response, another
-    /// opcode, zero or several questions): left to the next filter.
-    NotStandard(String),
-    /// Not parseable as a DNS message.
+    /// A DNS response (QR set): never answered, so two DNS speakers can
+    /// never answer each other's answers in a loop.
+    Response,
+    /// Shorter than a DNS header: nothing to echo, dropped.
     Malformed(String),
+    /// A query with a header but something wrong: answered with only the
+    /// header (`reply`, already encoded: the query's ID, opcode and RD, the
+    /// rcode) — NOTIMP for an opcode other than QUERY, FORMERR for zero or
+    /// several questions or an unparseable message.
+    Refused {
+        /// The reply to send.
+        reply: Vec<u8>,
+        /// NOTIMP or FORMERR.
+        rcode: ResponseCode,
+        /// What was wrong, for the log.
+        why: String,
+    },
     /// A standard query with one question.
     Query(Query),
+}
+
+/// A header-only reply to the query whose header is `header`: same ID,
+/// opcode and RD bit, QR set, `rcode`, no sections.
+pub fn header_reply(header: &[u8], rcode: ResponseCode) -> Vec<u8> {
+    let mut reply = vec![0u8; HEADER_LEN];
+    reply[..2].copy_from_slice(&header[..2]);
+    // QR=1, the query's opcode (bits 3-6) and RD (bit 0); AA, TC cleared.
+    reply[2] = 0x80 | (header[2] & 0x79);
+    // RA=1, Z/AD/CD cleared, the rcode (low 4 bits).
+    reply[3] = 0x80 | (u16::from(rcode) as u8 & 0x0f);
+    reply
 }
 
 /// A parsed standard query.
@@ -71,21 +95,29 @@ pub fn inspect(bytes: &[u8]) -> Inspection {
     let flags = bytes[2];
     let opcode = (flags >> 3) & 0x0f;
     let qdcount = u16::from_be_bytes([bytes[4], bytes[5]]);
+    let refuse = |rcode: ResponseCode, why: String| Inspection::Refused {
+        reply: header_reply(bytes, rcode),
+        rcode,
+        why,
+    };
     if flags & 0x80 != 0 {
-        return Inspection::NotStandard("a response (QR set)".to_owned());
+        return Inspection::Response;
     }
     if opcode != 0 {
-        return Inspection::NotStandard(format!("opcode {opcode}"));
+        return refuse(ResponseCode::NotImp, format!("opcode {opcode}"));
     }
     if qdcount != 1 {
-        return Inspection::NotStandard(format!("{qdcount} questions"));
+        return refuse(ResponseCode::FormErr, format!("{qdcount} questions"));
     }
     let message = match Message::from_vec(bytes) {
         Ok(message) => message,
-        Err(e) => return Inspection::Malformed(e.to_string()),
+        Err(e) => return refuse(ResponseCode::FormErr, e.to_string()),
     };
     let Some(question) = message.queries().first() else {
-        return Inspection::Malformed("no question after parsing".to_owned());
+        return refuse(
+            ResponseCode::FormErr,
+            "no question after parsing".to_owned(),
+        );
     };
     let qtype = question.query_type();
     let class_in = question.query_class() == DNSClass::IN;
@@ -276,25 +308,88 @@ pub(crate) mod tests {
         assert!(answer.answers().is_empty());
     }
 
+    /// What `inspect` should make of a datagram, for the table below.
+    #[derive(Debug, PartialEq)]
+    enum Expect {
+        Drop,
+        Response,
+        Reply(ResponseCode),
+        Query,
+    }
+
+    fn classify(bytes: &[u8]) -> Expect {
+        match inspect(bytes) {
+            Inspection::Malformed(_) => Expect::Drop,
+            Inspection::Response => Expect::Response,
+            Inspection::Refused { reply, rcode, .. } => {
+                let parsed = Message::from_vec(&reply).expect("header reply parses");
+                assert_eq!(parsed.id(), u16::from_be_bytes([bytes[0], bytes[1]]));
+                assert_eq!(parsed.message_type(), MessageType::Response);
+                assert_eq!(parsed.response_code(), rcode);
+                assert_eq!(u8::from(parsed.op_code()), (bytes[2] >> 3) & 0x0f);
+                Expect::Reply(rcode)
+            }
+            Inspection::Query(_) => Expect::Query,
+        }
+    }
+
     #[test]
     fn classification() {
-        assert!(matches!(inspect(&[1, 2, 3]), Inspection::Malformed(_)));
-        let mut header_only = query_bytes("a.com.", RecordType::A, false);
-        header_only.truncate(HEADER_LEN);
-        assert!(matches!(inspect(&header_only), Inspection::Malformed(_)));
-        let mut cut = query_bytes("a.com.", RecordType::A, false);
-        cut.truncate(cut.len() - 3);
-        assert!(matches!(inspect(&cut), Inspection::Malformed(_)));
-
-        let mut response = query_bytes("a.com.", RecordType::A, false);
-        response[2] |= 0x80;
-        assert!(matches!(inspect(&response), Inspection::NotStandard(_)));
-        let mut notify = query_bytes("a.com.", RecordType::A, false);
-        notify[2] |= 4 << 3;
-        assert!(matches!(inspect(&notify), Inspection::NotStandard(_)));
-        let mut two = query_bytes("a.com.", RecordType::A, false);
-        two[5] = 2;
-        assert!(matches!(inspect(&two), Inspection::NotStandard(_)));
+        let q = || query_bytes("a.com.", RecordType::A, false);
+        let edit = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut b = q();
+            f(&mut b);
+            b
+        };
+        let cases: Vec<(&str, Vec<u8>, Expect)> = vec![
+            ("three bytes", vec![1, 2, 3], Expect::Drop),
+            ("eleven bytes", vec![0; 11], Expect::Drop),
+            ("a plain query", q(), Expect::Query),
+            (
+                "header only",
+                edit(&|b| b.truncate(HEADER_LEN)),
+                Expect::Reply(ResponseCode::FormErr),
+            ),
+            (
+                "cut question",
+                edit(&|b| b.truncate(b.len() - 3)),
+                Expect::Reply(ResponseCode::FormErr),
+            ),
+            ("a response", edit(&|b| b[2] |= 0x80), Expect::Response),
+            (
+                "a response with opcode NOTIFY",
+                edit(&|b| b[2] |= 0x80 | (4 << 3)),
+                Expect::Response,
+            ),
+            (
+                "opcode NOTIFY",
+                edit(&|b| b[2] |= 4 << 3),
+                Expect::Reply(ResponseCode::NotImp),
+            ),
+            (
+                "opcode STATUS",
+                edit(&|b| b[2] |= 2 << 3),
+                Expect::Reply(ResponseCode::NotImp),
+            ),
+            (
+                "opcode UPDATE",
+                edit(&|b| b[2] |= 5 << 3),
+                Expect::Reply(ResponseCode::NotImp),
+            ),
+            (
+                "two questions",
+                edit(&|b| b[5] = 2),
+                Expect::Reply(ResponseCode::FormErr),
+            ),
+            (
+                "no question",
+                edit(&|b| b[5] = 0),
+                Expect::Reply(ResponseCode::FormErr),
+            ),
+        ];
+        for (what, bytes, expected) in cases {
+            assert_eq!(classify(&bytes), expected, "{what}");
+        }
 
         let mut odd = Message::new();
         odd.set_id(1).set_message_type(MessageType::Query);
@@ -317,7 +412,10 @@ pub(crate) mod tests {
                     seed as u8
                 })
                 .collect();
-            let _ = inspect(&bytes);
+            if let Inspection::Refused { reply, .. } = inspect(&bytes) {
+                assert_eq!(reply.len(), HEADER_LEN);
+                assert_eq!(reply[2] & 0x80, 0x80, "a refusal is always a response");
+            }
             let mut forced = bytes.clone();
             if forced.len() >= HEADER_LEN {
                 forced[2] &= 0x07;

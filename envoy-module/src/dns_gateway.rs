@@ -1,18 +1,26 @@
 //! The `dns_gateway` UDP listener filter.
 //!
 //! For each datagram:
-//! - not parseable as DNS (shorter than a header, bad names, truncated
-//!   records): counted as `malformed` and **dropped** (no answer, later
-//!   filters do not see it);
-//! - not a standard query with one question, a class other than IN, or a
-//!   name no pattern matches: counted as `passed_on` and handed to the next
-//!   UDP listener filter (`Continue`; the seed puts Envoy's `dns_filter`
-//!   there as the fallback resolver);
+//! - a response (QR set): counted as `responses_dropped` and **dropped**,
+//!   never answered and never passed on (no reply-to-reply loops);
+//! - shorter than a DNS header: counted as `malformed` and dropped;
+//! - an opcode other than QUERY: a header-only **NOTIMP** (`notimp`);
+//! - zero or several questions, or an unparseable message: a header-only
+//!   **FORMERR** (`formerr`);
+//! - a class other than IN, or a name no pattern matches: counted as
+//!   `passed_on` and handed to the next UDP listener filter (`Continue`;
+//!   the seed puts Envoy's `dns_filter` there as the fallback resolver);
 //! - a matched name asked for A (or ANY): the name's VIP in an
 //!   authoritative answer (`answered`; `allocations` when the VIP is new);
-//!   when the pool is exhausted: **SERVFAIL** (`exhausted`);
+//!   **SERVFAIL** when the pool is exhausted (`exhausted`), when the cap on
+//!   new VIPs per second is reached (`rate_limited`; names that already
+//!   have a VIP are still answered), or when the VIP cannot be recorded in
+//!   the pinned map (`store_errors`);
 //! - a matched name asked for any other type: NOERROR/NODATA with the
 //!   zone's SOA (`nodata`).
+//!
+//! A panic while handling a datagram drops that datagram (`panics`): the
+//! filter fails closed rather than passing a half-handled query on.
 
 use std::sync::Arc;
 
@@ -54,6 +62,16 @@ pub enum DnsCounter {
     SendErrors,
     /// VIPs taken over from an idle name for a new one (pool full).
     Reclaimed,
+    /// Responses (QR set) dropped unanswered.
+    ResponsesDropped,
+    /// NOTIMP answers to opcodes other than QUERY.
+    Notimp,
+    /// FORMERR answers to queries that are not one well-formed question.
+    Formerr,
+    /// SERVFAIL answers because the cap on new VIPs per second was reached.
+    RateLimited,
+    /// Datagrams dropped because handling them panicked.
+    Panics,
 }
 
 impl CounterKind for DnsCounter {
@@ -68,6 +86,11 @@ impl CounterKind for DnsCounter {
         Self::StoreErrors,
         Self::SendErrors,
         Self::Reclaimed,
+        Self::ResponsesDropped,
+        Self::Notimp,
+        Self::Formerr,
+        Self::RateLimited,
+        Self::Panics,
     ];
 
     fn name(self) -> &'static str {
@@ -82,6 +105,11 @@ impl CounterKind for DnsCounter {
             Self::StoreErrors => "store_errors",
             Self::SendErrors => "send_errors",
             Self::Reclaimed => "reclaimed",
+            Self::ResponsesDropped => "responses_dropped",
+            Self::Notimp => "notimp",
+            Self::Formerr => "formerr",
+            Self::RateLimited => "rate_limited",
+            Self::Panics => "panics",
         }
     }
 
@@ -102,14 +130,18 @@ pub struct DnsGatewayConfig {
 }
 
 impl DnsGatewayConfig {
-    /// Builds the config and registers its patterns and pin directory with
-    /// `state` (reloading the VIP table from the pinned map, if any).
+    /// Builds the config and registers its patterns with its gateway's
+    /// `state` (reloading the VIP table from the pinned map, if any). Fails
+    /// when the pinned maps are required and missing.
     pub fn new(
         settings: DnsGatewaySettings,
         state: Arc<GatewayState>,
         counters: Counters<DnsCounter>,
-    ) -> Self {
-        let summary = state.register(Arc::new(settings.patterns.clone()), &settings.pin_dir);
+    ) -> Result<Self, String> {
+        let summary = state.register(
+            Arc::new(settings.patterns.clone()),
+            settings.require_pinned_maps,
+        )?;
         log(
             LogLevel::Info,
             &format!(
@@ -121,13 +153,13 @@ impl DnsGatewayConfig {
                 settings.ttl
             ),
         );
-        Self {
+        Ok(Self {
             shared: Arc::new(Shared {
                 settings,
                 state,
                 counters,
             }),
-        }
+        })
     }
 }
 
@@ -160,6 +192,14 @@ impl DnsGatewayFilter {
     fn decide(&self, handle: &mut dyn UdpFilterHandle, datagram: &[u8]) -> Outcome {
         let settings = &self.shared.settings;
         let query = match dns::inspect(datagram) {
+            Inspection::Response => {
+                self.count(handle, DnsCounter::ResponsesDropped);
+                log(
+                    LogLevel::Debug,
+                    "dns_gateway: dropping a DNS response sent to the gateway",
+                );
+                return Outcome::Drop;
+            }
             Inspection::Malformed(why) => {
                 self.count(handle, DnsCounter::Malformed);
                 log(
@@ -168,10 +208,18 @@ impl DnsGatewayFilter {
                 );
                 return Outcome::Drop;
             }
-            Inspection::NotStandard(why) => {
-                self.count(handle, DnsCounter::PassedOn);
-                log(LogLevel::Trace, &format!("dns_gateway: passing on {why}"));
-                return Outcome::PassOn;
+            Inspection::Refused { reply, rcode, why } => {
+                let counter = if rcode == ResponseCode::NotImp {
+                    DnsCounter::Notimp
+                } else {
+                    DnsCounter::Formerr
+                };
+                self.count(handle, counter);
+                log(
+                    LogLevel::Debug,
+                    &format!("dns_gateway: answering {rcode} to {why}"),
+                );
+                return Outcome::Reply(reply);
             }
             Inspection::Query(query) => query,
         };
@@ -188,7 +236,11 @@ impl DnsGatewayFilter {
         };
         let answer = match query.qtype {
             RecordType::A | RecordType::ANY => {
-                match self.shared.state.allocate(name, &settings.pool) {
+                match self
+                    .shared
+                    .state
+                    .allocate(name, &settings.pool, settings.require_pinned_maps)
+                {
                     Ok(allocated) => {
                         if let Some(previous) = &allocated.reclaimed_from {
                             self.count(handle, DnsCounter::Reclaimed);
@@ -218,6 +270,14 @@ impl DnsGatewayFilter {
                         log(
                             LogLevel::Warn,
                             &format!("dns_gateway: cannot record a VIP for {name} in the shared VIP map: {e}; SERVFAIL"),
+                        );
+                        dns::error_answer(&query, ResponseCode::ServFail)
+                    }
+                    Err(AllocError::RateLimited) => {
+                        self.count(handle, DnsCounter::RateLimited);
+                        log(
+                            LogLevel::Debug,
+                            &format!("dns_gateway: new-VIP rate cap reached: SERVFAIL for {name}"),
                         );
                         dns::error_answer(&query, ResponseCode::ServFail)
                     }
@@ -259,7 +319,24 @@ impl UdpListenerFilter for DnsGatewayFilter {
     fn on_data(&mut self, handle: &mut dyn UdpFilterHandle) -> UdpStatus {
         self.count(handle, DnsCounter::Queries);
         let datagram = handle.datagram();
-        match self.decide(handle, &datagram) {
+        let decided = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.decide(&mut *handle, &datagram)
+        }));
+        let outcome = match decided {
+            Ok(outcome) => outcome,
+            Err(payload) => {
+                // Fail closed: the query is dropped, never passed on half
+                // handled. The payload is leaked: its Drop could panic too.
+                std::mem::forget(payload);
+                self.count(handle, DnsCounter::Panics);
+                log(
+                    LogLevel::Error,
+                    "dns_gateway: handling a datagram panicked; dropped it",
+                );
+                Outcome::Drop
+            }
+        };
+        match outcome {
             Outcome::PassOn => UdpStatus::Continue,
             Outcome::Drop => UdpStatus::StopIteration,
             Outcome::Reply(bytes) => {

@@ -3,7 +3,8 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    sync::{atomic::Ordering, Arc},
+    path::Path,
+    sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
 };
 
@@ -131,14 +132,21 @@ struct Gateway {
 }
 
 fn gateway() -> Gateway {
+    gateway_with(CONFIG)
+}
+
+fn gateway_with(config: &str) -> Gateway {
     let maps = Arc::new(FakeMaps::default());
-    let state = Arc::new(GatewayState::new(maps.clone()).with_reopen_interval(Duration::ZERO));
+    let state = Arc::new(
+        GatewayState::new(Path::new("/pins"), maps.clone()).with_reopen_interval(Duration::ZERO),
+    );
     let mut registry = FakeRegistry::default();
     let dns = DnsGatewayConfig::new(
-        parse_dns_gateway(CONFIG.as_bytes()).unwrap(),
+        parse_dns_gateway(config.as_bytes()).unwrap(),
         state.clone(),
         Counters::define(&mut registry),
-    );
+    )
+    .unwrap();
     Gateway {
         state,
         maps,
@@ -205,11 +213,7 @@ fn unmatched_and_non_standard_queries_continue() {
         assert_eq!(status, UdpStatus::Continue, "{name}");
         assert!(answer.is_none());
     }
-    let mut response = query_bytes("one.aws.com.", RecordType::A, false);
-    response[2] |= 0x80;
-    h.datagram = response;
-    assert_eq!(gw.dns.new_filter().on_data(&mut h), UdpStatus::Continue);
-    assert_eq!(counter(&gw.registry, &h.counters, "passed_on"), 4);
+    assert_eq!(counter(&gw.registry, &h.counters, "passed_on"), 3);
     assert!(h.sent.is_empty());
     assert!(
         gw.state.entries().is_empty(),
@@ -233,24 +237,89 @@ fn other_types_get_nodata_with_soa() {
 }
 
 #[test]
-fn malformed_datagrams_are_counted_and_dropped() {
+fn responses_are_never_answered_nor_passed_on() {
+    let gw = gateway();
+    let mut h = FakeUdp::default();
+    for name in ["one.aws.com.", "github.com."] {
+        let mut response = query_bytes(name, RecordType::A, false);
+        response[2] |= 0x80;
+        h.datagram = response;
+        assert_eq!(
+            gw.dns.new_filter().on_data(&mut h),
+            UdpStatus::StopIteration,
+            "{name}"
+        );
+    }
+    assert!(h.sent.is_empty());
+    assert_eq!(counter(&gw.registry, &h.counters, "responses_dropped"), 2);
+    assert_eq!(counter(&gw.registry, &h.counters, "passed_on"), 0);
+}
+
+#[test]
+fn bad_queries_get_formerr_or_notimp_and_short_ones_are_dropped() {
     let gw = gateway();
     let mut h = FakeUdp::default();
     let mut truncated = query_bytes("one.aws.com.", RecordType::A, false);
     truncated.truncate(truncated.len() - 2);
-    for datagram in [vec![], vec![0x12, 0x34, 0x01], truncated, vec![0; 12 + 3]] {
-        let mut garbage = datagram.clone();
-        if garbage.len() >= 6 {
-            garbage[5] = 1; // one question, so it must be parsed
-        }
-        h.datagram = garbage;
+    let mut notify = query_bytes("one.aws.com.", RecordType::A, false);
+    notify[2] |= 4 << 3;
+    let mut zeros = vec![0; 12 + 3];
+    zeros[5] = 1; // one question, so it must be parsed
+    let cases: [(Vec<u8>, Option<ResponseCode>); 5] = [
+        (vec![], None),
+        (vec![0x12, 0x34, 0x01], None),
+        (truncated, Some(ResponseCode::FormErr)),
+        (zeros, Some(ResponseCode::FormErr)),
+        (notify, Some(ResponseCode::NotImp)),
+    ];
+    for (datagram, expected) in cases {
+        h.datagram = datagram.clone();
+        h.sent.clear();
         assert_eq!(
             gw.dns.new_filter().on_data(&mut h),
             UdpStatus::StopIteration
         );
+        let answer = h
+            .sent
+            .first()
+            .map(|(bytes, _)| Message::from_vec(bytes).unwrap());
+        assert_eq!(
+            answer.as_ref().map(|a| a.response_code()),
+            expected,
+            "{datagram:?}"
+        );
+        if let Some(answer) = answer {
+            assert_eq!(answer.id(), u16::from_be_bytes([datagram[0], datagram[1]]));
+        }
     }
-    assert!(h.sent.is_empty());
-    assert_eq!(counter(&gw.registry, &h.counters, "malformed"), 4);
+    assert_eq!(counter(&gw.registry, &h.counters, "malformed"), 2);
+    assert_eq!(counter(&gw.registry, &h.counters, "formerr"), 2);
+    assert_eq!(counter(&gw.registry, &h.counters, "notimp"), 1);
+    assert!(gw.state.entries().is_empty());
+}
+
+#[test]
+fn a_flood_of_new_names_is_capped_and_known_names_keep_working() {
+    let config = CONFIG.replace(
+        r#""ttl":42,"#,
+        r#""ttl":42,"max_new_vips_per_second":1,"new_vip_burst":2,"#,
+    );
+    let gw = gateway_with(&config);
+    let mut h = FakeUdp::default();
+    let (_, first) = ask(&gw, &mut h, "known.aws.com.", RecordType::A);
+    let vip = a_of(&first.unwrap());
+    let mut refused = 0;
+    for i in 0..5 {
+        let (_, answer) = ask(&gw, &mut h, &format!("flood{i}.aws.com."), RecordType::A);
+        if answer.unwrap().response_code() == ResponseCode::ServFail {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 4, "one token was left after the first name");
+    assert_eq!(counter(&gw.registry, &h.counters, "rate_limited"), 4);
+    let (_, again) = ask(&gw, &mut h, "known.aws.com.", RecordType::A);
+    assert_eq!(a_of(&again.unwrap()), vip, "known names are not capped");
+    assert_eq!(gw.state.entries().len(), 2);
 }
 
 #[test]
@@ -275,7 +344,7 @@ fn exhaustion_answers_servfail() {
 }
 
 #[test]
-fn debug_panic_hook_panics_inside_the_filter() {
+fn a_panic_drops_the_query_and_is_counted() {
     let gw = gateway();
     let mut h = FakeUdp {
         datagram: query_bytes("panic.test.", RecordType::A, false),
@@ -283,7 +352,16 @@ fn debug_panic_hook_panics_inside_the_filter() {
     };
     let mut filter = gw.dns.new_filter();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| filter.on_data(&mut h)));
-    assert!(result.is_err());
+    assert_eq!(
+        result.expect("the filter catches its own panic"),
+        UdpStatus::StopIteration,
+        "fails closed: never passed on"
+    );
+    assert!(h.sent.is_empty());
+    assert_eq!(counter(&gw.registry, &h.counters, "panics"), 1);
+    // The filter keeps serving.
+    let (_, answer) = ask(&gw, &mut h, "one.aws.com.", RecordType::A);
+    assert!(answer.is_some());
 }
 
 fn cache_lookup(gw: &Gateway, config: &str) -> (CacheLookupConfig, FakeRegistry) {
@@ -365,8 +443,10 @@ fn cache_lookup_prefers_the_pinned_original_destination_and_reopens_on_miss() {
         "opened once, reopened once before declaring the miss"
     );
     // The loader (re)creates the map: the next connection's reopen finds it.
-    *gw.maps.orig_dst.lock().unwrap() =
-        Some(HashMap::from([(client, "10.10.0.1:443".parse().unwrap())]));
+    *gw.maps.orig_dst.lock().unwrap() = Some(Arc::new(Mutex::new(HashMap::from([(
+        client,
+        "10.10.0.1:443".parse().unwrap(),
+    )]))));
     let mut conn = FakeNet::new("127.0.0.1:15001", &client.to_string());
     assert_eq!(
         config.new_filter().on_new_connection(&mut conn),
@@ -377,6 +457,51 @@ fn cache_lookup_prefers_the_pinned_original_destination_and_reopens_on_miss() {
     assert_eq!(conn.state["envoy.dns_gateway.port"], "443");
     assert_eq!(conn.typed["envoy.tcp_proxy.cluster"], "cluster_1");
     assert_eq!(gw.maps.orig_dst_opens.load(Ordering::SeqCst), opens + 1);
+}
+
+#[test]
+fn pinned_map_mode_gives_each_record_to_one_connection_and_nothing_to_others() {
+    let gw = gateway();
+    let mut h = FakeUdp::default();
+    ask(&gw, &mut h, "one.s3.aws.com.", RecordType::A);
+    let client: SocketAddrV4 = "127.0.0.1:40009".parse().unwrap();
+    *gw.maps.orig_dst.lock().unwrap() = Some(Arc::new(Mutex::new(HashMap::from([(
+        client,
+        "10.10.0.1:443".parse().unwrap(),
+    )]))));
+    let (config, registry) = cache_lookup(
+        &gw,
+        r#"{"destination_from":"pinned_map","on_miss":"close"}"#,
+    );
+    let mut first = FakeNet::new("127.0.0.1:15001", &client.to_string());
+    assert_eq!(
+        config.new_filter().on_new_connection(&mut first),
+        NetworkStatus::Continue
+    );
+    assert_eq!(
+        first.state["envoy.dns_gateway.metadata.auth_token"],
+        "abc123"
+    );
+    // The same client address again (a reused port): the record is gone.
+    let mut reused = FakeNet::new("127.0.0.1:15001", &client.to_string());
+    assert_eq!(
+        config.new_filter().on_new_connection(&mut reused),
+        NetworkStatus::StopIteration
+    );
+    assert!(reused.closed && reused.state.is_empty());
+    // A connection whose local address is a VIP is not trusted in this
+    // mode: only what the kernel recorded counts.
+    let mut direct = FakeNet::new("10.10.0.1:443", "127.0.0.1:40010");
+    assert_eq!(
+        config.new_filter().on_new_connection(&mut direct),
+        NetworkStatus::StopIteration
+    );
+    assert!(direct.closed && direct.state.is_empty());
+    assert_eq!(
+        counter(&registry, &direct.counters, "cache_lookup.not_redirected")
+            + counter(&registry, &reused.counters, "cache_lookup.not_redirected"),
+        2
+    );
 }
 
 #[test]

@@ -80,11 +80,11 @@ pub mod state;
 use api::{CounterRegistry, Counters, NetworkFilterConfig, UdpListenerFilterConfig};
 use state::GatewayState;
 
-/// Filter name of the UDP listener filter.
-pub const DNS_GATEWAY: &str = "dns_gateway";
+/// Filter name of the UDP listener filter (the shared contract's).
+pub const DNS_GATEWAY: &str = gateway_common::contract::DNS_GATEWAY_FILTER;
 
-/// Filter name of the network filter.
-pub const CACHE_LOOKUP: &str = "cache_lookup";
+/// Filter name of the network filter (the shared contract's).
+pub const CACHE_LOOKUP: &str = gateway_common::contract::CACHE_LOOKUP_FILTER;
 
 /// Creates the UDP listener filter config called `name` from its config
 /// bytes; the error names the offending field.
@@ -99,11 +99,10 @@ pub fn new_udp_listener_filter_config(
         ));
     }
     let settings = config::parse_dns_gateway(config).map_err(|e| format!("{DNS_GATEWAY}: {e}"))?;
-    Ok(Box::new(dns_gateway::DnsGatewayConfig::new(
-        settings,
-        GatewayState::global(),
-        Counters::define(registry),
-    )))
+    let state = GatewayState::for_pin_dir(&settings.pin_dir);
+    let config = dns_gateway::DnsGatewayConfig::new(settings, state, Counters::define(registry))
+        .map_err(|e| format!("{DNS_GATEWAY}: {e}"))?;
+    Ok(Box::new(config))
 }
 
 /// Creates the network filter config called `name` from its config bytes;
@@ -120,9 +119,19 @@ pub fn new_network_filter_config(
     }
     let settings =
         config::parse_cache_lookup(config).map_err(|e| format!("{CACHE_LOOKUP}: {e}"))?;
+    let pin_dir = settings
+        .pin_dir
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from(gateway_common::DEFAULT_PIN_DIR));
+    let state = GatewayState::for_pin_dir(&pin_dir);
+    if settings.require_pinned_maps {
+        state
+            .has_orig_dst_map()
+            .map_err(|e| format!("{CACHE_LOOKUP}: pin_dir: {e}"))?;
+    }
     Ok(Box::new(cache_lookup::CacheLookupConfig::new(
         settings,
-        GatewayState::global(),
+        state,
         Counters::define(registry),
     )))
 }

@@ -20,8 +20,9 @@ use crate::allocator::VipStore;
 
 /// Where a connection's client originally connected to.
 pub trait OrigDstSource: Send {
-    /// The original destination of the connection whose client is `client`.
-    fn lookup(&self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>, String>;
+    /// Consumes the original destination of the connection whose client is
+    /// `client`: at most one caller ever gets it.
+    fn take(&mut self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>, String>;
 }
 
 /// Opens the persistent maps of a pin directory.
@@ -59,8 +60,8 @@ impl VipStore for PinnedVips {
 struct PinnedOrigDst(OrigDstTable);
 
 impl OrigDstSource for PinnedOrigDst {
-    fn lookup(&self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>, String> {
-        self.0.lookup(client).map_err(|e| format!("{e:#}"))
+    fn take(&mut self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>, String> {
+        self.0.take(client).map_err(|e| format!("{e:#}"))
     }
 }
 

@@ -1,24 +1,24 @@
-//! Process-wide state shared by both filters and all Envoy workers.
+//! State shared by both filters and all Envoy workers, one per gateway
+//! (per pin directory), so that two gateways served by one Envoy never see
+//! each other's patterns or VIPs:
 //!
 //! - the VIP table ([`VipAllocator`]) behind one mutex, so a name gets the
 //!   same VIP whichever worker answers it;
-//! - the domain patterns of the latest `dns_gateway` config, which
+//! - the domain patterns of the gateway's `dns_gateway` config, which
 //!   `cache_lookup` uses to find a domain's metadata;
-//! - the pin directory of that config and the opened original-destination
-//!   map.
+//! - the opened original-destination map.
 //!
 //! Locks are never held across a call into Envoy, and a poisoned lock (a
 //! panic elsewhere, caught by the hook) is recovered: the data it guards is
 //! always left consistent between statements.
 
 use std::{
+    collections::HashMap,
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock},
     time::{Duration, Instant},
 };
-
-use gateway_common::DEFAULT_PIN_DIR;
 
 use crate::{
     allocator::{AllocError, Allocated, Pool, VipAllocator},
@@ -47,35 +47,36 @@ fn write<T>(lock: &RwLock<T>, value: T) {
 
 #[derive(Default)]
 struct OrigDstSlot {
-    dir: Option<PathBuf>,
     source: Option<Box<dyn OrigDstSource>>,
     opened_at: Option<Instant>,
 }
 
 /// Shortest time between two reopenings of the original-destination map
 /// on a miss: a flood of connections that are not to a VIP must not turn
-/// into a flood of bpf() calls under the process-wide lock.
+/// into a flood of bpf() calls under the lock.
 pub const REOPEN_INTERVAL: Duration = Duration::from_secs(1);
 
-/// State shared by every filter instance of the process.
+/// The state of one gateway (one pin directory) in this process.
 pub struct GatewayState {
+    pin_dir: PathBuf,
     allocator: Mutex<VipAllocator>,
     patterns: RwLock<Arc<PatternSet>>,
-    pin_dir: RwLock<PathBuf>,
     opener: Arc<dyn MapOpener>,
     orig_dst: Mutex<OrigDstSlot>,
     reopen_interval: Duration,
 }
 
-static GLOBAL: OnceLock<Arc<GatewayState>> = OnceLock::new();
+/// Every gateway's state in this process, by pin directory.
+static REGISTRY: OnceLock<Mutex<HashMap<PathBuf, Arc<GatewayState>>>> = OnceLock::new();
 
 impl GatewayState {
-    /// Fresh state that opens maps with `opener`.
-    pub fn new(opener: Arc<dyn MapOpener>) -> Self {
+    /// Fresh state for the gateway whose maps are pinned in `pin_dir`,
+    /// opened with `opener`.
+    pub fn new(pin_dir: &Path, opener: Arc<dyn MapOpener>) -> Self {
         Self {
+            pin_dir: pin_dir.to_path_buf(),
             allocator: Mutex::new(VipAllocator::new()),
             patterns: RwLock::new(Arc::new(PatternSet::default())),
-            pin_dir: RwLock::new(PathBuf::from(DEFAULT_PIN_DIR)),
             opener,
             orig_dst: Mutex::new(OrigDstSlot::default()),
             reopen_interval: REOPEN_INTERVAL,
@@ -89,31 +90,47 @@ impl GatewayState {
         self
     }
 
-    /// The state of this process (real pinned maps).
-    pub fn global() -> Arc<Self> {
-        GLOBAL
-            .get_or_init(|| Arc::new(Self::new(Arc::new(PinnedMaps))))
+    /// The state of the gateway pinned in `pin_dir`, shared by every filter
+    /// config of this process that names that directory (real pinned maps).
+    pub fn for_pin_dir(pin_dir: &Path) -> Arc<Self> {
+        let registry = REGISTRY.get_or_init(|| Mutex::new(HashMap::new()));
+        lock(registry)
+            .entry(pin_dir.to_path_buf())
+            .or_insert_with(|| Arc::new(Self::new(pin_dir, Arc::new(PinnedMaps))))
             .clone()
     }
 
-    /// Registers a `dns_gateway` config: its patterns and pin directory
-    /// become the process's, and the VIP table is (re)loaded from the
-    /// pinned VIP map when there is one. Returns a summary for the log.
-    pub fn register(&self, patterns: Arc<PatternSet>, pin_dir: &Path) -> String {
-        write(&self.patterns, patterns);
-        write(&self.pin_dir, pin_dir.to_path_buf());
+    /// The pin directory of this gateway.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Registers a `dns_gateway` config of this gateway: its patterns
+    /// become the gateway's, and the VIP table is (re)loaded from the
+    /// pinned VIP map when there is one. With `require_map`, a missing map
+    /// is an error (the config is refused) instead of an in-process table.
+    /// Returns a summary for the log.
+    pub fn register(&self, patterns: Arc<PatternSet>, require_map: bool) -> Result<String, String> {
+        let pin_dir = &self.pin_dir;
         let store = match self.opener.open_vips(pin_dir) {
             Ok(store) => store,
             Err(e) => {
                 let allocator = lock(&self.allocator);
                 if allocator.has_store() {
                     // A transient failure must not detach a working store.
-                    return format!(
+                    drop(allocator);
+                    write(&self.patterns, patterns);
+                    return Ok(format!(
                         "cannot reopen the pinned VIP map in {} ({e}); keeping the one already open",
                         pin_dir.display()
-                    );
+                    ));
                 }
-                drop(allocator);
+                if require_map {
+                    return Err(format!(
+                        "pin_dir: cannot open the pinned VIP map in {}: {e}",
+                        pin_dir.display()
+                    ));
+                }
                 log(
                     LogLevel::Warn,
                     &format!("dns_gateway: cannot open the pinned VIP map in {}: {e}; VIPs stay in this process", pin_dir.display()),
@@ -121,9 +138,16 @@ impl GatewayState {
                 None
             }
         };
+        if store.is_none() && require_map && !self.is_persistent() {
+            return Err(format!(
+                "pin_dir: no pinned VIP map in {} (require_pinned_maps is set: is the gateway's loader running with this pin directory?)",
+                pin_dir.display()
+            ));
+        }
+        write(&self.patterns, patterns);
         let persistent = store.is_some();
         let mut allocator = lock(&self.allocator);
-        match allocator.attach_store(store) {
+        Ok(match allocator.attach_store(store) {
             Ok(loaded) if persistent => format!(
                 "VIP table persisted in {} ({loaded} VIPs loaded)",
                 pin_dir.display()
@@ -133,22 +157,31 @@ impl GatewayState {
                 pin_dir.display()
             ),
             Err(e) => format!("VIP map in {}: {e}", pin_dir.display()),
-        }
+        })
     }
 
-    /// The patterns of the latest `dns_gateway` config.
+    /// The patterns of this gateway's `dns_gateway` config.
     pub fn patterns(&self) -> Arc<PatternSet> {
         read(&self.patterns)
     }
 
-    /// The pin directory of the latest `dns_gateway` config.
-    pub fn pin_dir(&self) -> PathBuf {
-        read(&self.pin_dir)
-    }
-
     /// The VIP of `domain` in `pool` (see [`VipAllocator::allocate`]).
-    pub fn allocate(&self, domain: &str, pool: &Pool) -> Result<Allocated, AllocError> {
-        lock(&self.allocator).allocate(domain, pool)
+    /// With `require_map`, a table without its pinned map allocates
+    /// nothing (a VIP only this process knows could be handed out twice).
+    pub fn allocate(
+        &self,
+        domain: &str,
+        pool: &Pool,
+        require_map: bool,
+    ) -> Result<Allocated, AllocError> {
+        let mut allocator = lock(&self.allocator);
+        if require_map && !allocator.has_store() {
+            return Err(AllocError::Store(format!(
+                "no pinned VIP map in {}",
+                self.pin_dir.display()
+            )));
+        }
+        allocator.allocate(domain, pool)
     }
 
     /// The domain `vip` stands for.
@@ -166,24 +199,36 @@ impl GatewayState {
         lock(&self.allocator).has_store()
     }
 
-    /// The original destination of `client` from the pinned map in `dir`
+    /// Whether the original-destination map can be opened now.
+    pub fn has_orig_dst_map(&self) -> Result<(), String> {
+        match self.opener.open_orig_dst(&self.pin_dir)? {
+            Some(_) => Ok(()),
+            None => Err(format!(
+                "no pinned original-destination map in {} (is the gateway's loader running with this pin directory?)",
+                self.pin_dir.display()
+            )),
+        }
+    }
+
+    /// Consumes the original destination of `client` from the pinned map
     /// (opened on first use; `reopen` opens it again, e.g. after a loader
-    /// restart recreated it, at most once per reopen interval).
-    pub fn original_destination(
+    /// restart recreated it, at most once per reopen interval). An entry is
+    /// handed out once: a second connection from the same address gets
+    /// nothing.
+    pub fn take_original_destination(
         &self,
-        dir: &Path,
         client: SocketAddrV4,
         reopen: bool,
     ) -> Option<SocketAddrV4> {
         let mut slot = lock(&self.orig_dst);
-        let may_reopen = reopen
-            && slot
-                .opened_at
-                .is_none_or(|at| at.elapsed() >= self.reopen_interval);
-        if may_reopen || slot.dir.as_deref() != Some(dir) {
-            slot.dir = Some(dir.to_path_buf());
+        let may_reopen = slot.opened_at.is_none()
+            || (reopen
+                && slot
+                    .opened_at
+                    .is_some_and(|at| at.elapsed() >= self.reopen_interval));
+        if may_reopen {
             slot.opened_at = Some(Instant::now());
-            slot.source = match self.opener.open_orig_dst(dir) {
+            slot.source = match self.opener.open_orig_dst(&self.pin_dir) {
                 Ok(source) => source,
                 Err(e) => {
                     log(LogLevel::Debug, &format!("cache_lookup: {e}"));
@@ -191,12 +236,12 @@ impl GatewayState {
                 }
             };
         }
-        let source = slot.source.as_ref()?;
-        match source.lookup(client) {
+        let source = slot.source.as_mut()?;
+        match source.take(client) {
             Ok(found) => found,
             Err(e) => {
                 log(
-                    LogLevel::Debug,
+                    LogLevel::Warn,
                     &format!("cache_lookup: original destination of {client}: {e}"),
                 );
                 None
@@ -220,15 +265,18 @@ pub(crate) mod tests {
     #[derive(Default)]
     pub(crate) struct FakeMaps {
         pub vips: Mutex<Option<MemStore>>,
-        pub orig_dst: Arc<Mutex<Option<HashMap<SocketAddrV4, SocketAddrV4>>>>,
+        #[allow(clippy::type_complexity)]
+        pub orig_dst: Mutex<Option<Arc<Mutex<HashMap<SocketAddrV4, SocketAddrV4>>>>>,
         pub orig_dst_opens: AtomicUsize,
     }
 
-    struct FakeOrigDst(HashMap<SocketAddrV4, SocketAddrV4>);
+    /// A view of the shared fake table, like a map fd: writes go through,
+    /// but a "recreated" table (a new `Arc`) is not seen until reopened.
+    struct FakeOrigDst(Arc<Mutex<HashMap<SocketAddrV4, SocketAddrV4>>>);
 
     impl OrigDstSource for FakeOrigDst {
-        fn lookup(&self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>, String> {
-            Ok(self.0.get(&client).copied())
+        fn take(&mut self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>, String> {
+            Ok(self.0.lock().unwrap().remove(&client))
         }
     }
 
@@ -243,7 +291,6 @@ pub(crate) mod tests {
         }
         fn open_orig_dst(&self, _dir: &Path) -> Result<Option<Box<dyn OrigDstSource>>, String> {
             self.orig_dst_opens.fetch_add(1, Ordering::SeqCst);
-            // A snapshot, like a map fd that goes stale when the map is recreated.
             Ok(self
                 .orig_dst
                 .lock()
@@ -251,6 +298,10 @@ pub(crate) mod tests {
                 .clone()
                 .map(|m| Box::new(FakeOrigDst(m)) as Box<dyn OrigDstSource>))
         }
+    }
+
+    fn state(maps: &Arc<FakeMaps>) -> GatewayState {
+        GatewayState::new(Path::new("/pins"), maps.clone())
     }
 
     #[test]
@@ -263,56 +314,100 @@ pub(crate) mod tests {
             .insert("10.10.0.7".parse().unwrap(), "kept.com".into());
         let maps = Arc::new(FakeMaps::default());
         *maps.vips.lock().unwrap() = Some(store.clone());
-        let state = GatewayState::new(maps);
-        let summary = state.register(Arc::new(PatternSet::default()), Path::new("/pins"));
+        let state = state(&maps);
+        let summary = state
+            .register(Arc::new(PatternSet::default()), true)
+            .unwrap();
         assert!(summary.contains("1 VIPs loaded"), "{summary}");
         assert!(state.is_persistent());
         let pool = Pool::new("10.10.0.0".parse().unwrap(), 24, 254).unwrap();
         assert_eq!(
-            state.allocate("new.com", &pool).unwrap().vip.to_string(),
+            state
+                .allocate("new.com", &pool, true)
+                .unwrap()
+                .vip
+                .to_string(),
             "10.10.0.8"
         );
         assert_eq!(
-            state.allocate("kept.com", &pool).unwrap().vip.to_string(),
+            state
+                .allocate("kept.com", &pool, true)
+                .unwrap()
+                .vip
+                .to_string(),
             "10.10.0.7"
         );
         assert_eq!(store.0.lock().unwrap().len(), 2);
     }
 
     #[test]
-    fn orig_dst_is_opened_once_and_reopened_on_request() {
+    fn a_required_vip_map_that_is_missing_refuses_the_config_and_allocates_nothing() {
         let maps = Arc::new(FakeMaps::default());
-        let state = GatewayState::new(maps.clone()).with_reopen_interval(Duration::ZERO);
+        let state = state(&maps);
+        let err = state
+            .register(Arc::new(PatternSet::default()), true)
+            .unwrap_err();
+        assert!(err.starts_with("pin_dir:"), "{err}");
+        let pool = Pool::new("10.10.0.0".parse().unwrap(), 24, 254).unwrap();
+        assert!(matches!(
+            state.allocate("a.com", &pool, true),
+            Err(AllocError::Store(_))
+        ));
+        // Not required (the seed's set-up): an in-process table.
+        assert!(state
+            .register(Arc::new(PatternSet::default()), false)
+            .is_ok());
+        assert!(state.allocate("a.com", &pool, false).is_ok());
+    }
+
+    #[test]
+    fn an_original_destination_is_handed_out_once() {
+        let maps = Arc::new(FakeMaps::default());
         let client: SocketAddrV4 = "127.0.0.1:40000".parse().unwrap();
         let vip: SocketAddrV4 = "10.10.0.1:443".parse().unwrap();
+        *maps.orig_dst.lock().unwrap() = Some(Arc::new(Mutex::new(HashMap::from([(client, vip)]))));
+        let state = state(&maps);
+        assert_eq!(state.take_original_destination(client, false), Some(vip));
+        assert_eq!(state.take_original_destination(client, false), None);
+        assert_eq!(state.take_original_destination(client, true), None);
+    }
+
+    #[test]
+    fn orig_dst_is_opened_once_and_reopened_on_request() {
+        let maps = Arc::new(FakeMaps::default());
+        let state = state(&maps).with_reopen_interval(Duration::ZERO);
+        let client: SocketAddrV4 = "127.0.0.1:40000".parse().unwrap();
+        let vip: SocketAddrV4 = "10.10.0.1:443".parse().unwrap();
+        assert_eq!(state.take_original_destination(client, false), None);
+        *maps.orig_dst.lock().unwrap() = Some(Arc::new(Mutex::new(HashMap::from([(client, vip)]))));
         assert_eq!(
-            state.original_destination(Path::new("/p"), client, false),
-            None
-        );
-        *maps.orig_dst.lock().unwrap() = Some(HashMap::from([(client, vip)]));
-        assert_eq!(
-            state.original_destination(Path::new("/p"), client, false),
+            state.take_original_destination(client, false),
             None,
             "stale handle"
         );
-        assert_eq!(
-            state.original_destination(Path::new("/p"), client, true),
-            Some(vip)
-        );
+        assert_eq!(state.take_original_destination(client, true), Some(vip));
         assert_eq!(maps.orig_dst_opens.load(Ordering::SeqCst), 2);
     }
 
     #[test]
     fn reopening_is_rate_limited() {
         let maps = Arc::new(FakeMaps::default());
-        let state = GatewayState::new(maps.clone()).with_reopen_interval(Duration::from_secs(3600));
+        let state = state(&maps).with_reopen_interval(Duration::from_secs(3600));
         let client: SocketAddrV4 = "127.0.0.1:40000".parse().unwrap();
         for _ in 0..100 {
-            assert_eq!(
-                state.original_destination(Path::new("/p"), client, true),
-                None
-            );
+            assert_eq!(state.take_original_destination(client, true), None);
         }
         assert_eq!(maps.orig_dst_opens.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn gateways_with_different_pin_dirs_do_not_share_state() {
+        let a = GatewayState::for_pin_dir(Path::new("/sys/fs/bpf/unit-test-a"));
+        let b = GatewayState::for_pin_dir(Path::new("/sys/fs/bpf/unit-test-b"));
+        assert!(!Arc::ptr_eq(&a, &b));
+        assert!(Arc::ptr_eq(
+            &a,
+            &GatewayState::for_pin_dir(Path::new("/sys/fs/bpf/unit-test-a"))
+        ));
     }
 }

@@ -8,6 +8,7 @@
 //! carry them, so the eBPF side never converts.
 #![cfg_attr(not(any(feature = "user", test)), no_std)]
 
+pub mod contract;
 #[cfg(feature = "user")]
 pub mod pattern;
 #[cfg(feature = "user")]
@@ -34,8 +35,8 @@ pub const MAP_CONFIG: &str = "GW_CONFIG";
 pub const MAP_COUNTERS: &str = "GW_COUNTERS";
 /// Name of the LRU map socket cookie → original destination.
 pub const MAP_SOCK_ORIG: &str = "GW_SOCK_ORIG";
-/// Name of the LRU map client address → original destination (what the
-/// proxy reads, keyed by the peer of its accepted socket).
+/// Name of the LRU map client address → [`OrigDstEntry`] (what the proxy
+/// consumes, keyed by the peer of its accepted socket).
 pub const MAP_ORIG_DST: &str = "GW_ORIG_DST";
 /// Name of the VIP table: VIP → [`VipRecord`]. It outlives the loader and
 /// Envoy so that VIPs stay stable across restarts.
@@ -63,6 +64,9 @@ pub const TRANSIENT_MAPS: [&str; 5] = [
     MAP_ORIG_DST,
     MAP_LOADER,
 ];
+
+/// Where bpffs is conventionally mounted; never a pin directory itself.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf";
 
 /// Default directory (on bpffs) where the loader pins the maps and the Envoy
 /// module looks for them.
@@ -163,6 +167,11 @@ pub struct GatewayConfig {
     pub vip_cidr_count: u32,
     /// Networks whose TCP connects are redirected.
     pub vip_cidrs: [Ipv4Cidr; MAX_VIP_CIDRS],
+    /// Cookie of the network namespace the proxy serves (the loader's).
+    /// Sockets in any other namespace are neither redirected nor recorded:
+    /// the proxy's loopback listeners are not reachable from there, and an
+    /// address recorded there could collide with a client of the proxy.
+    pub netns_cookie: u64,
 }
 
 impl GatewayConfig {
@@ -178,6 +187,19 @@ impl GatewayConfig {
         }
         false
     }
+}
+
+/// What the kernel records for the proxy about one redirected TCP
+/// connection: where it was going, and which socket it was (so that the
+/// entry is removed when that socket closes, and never outlives it).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct OrigDstEntry {
+    /// The VIP and port the application dialled.
+    pub dst: SockAddrV4,
+    /// Socket cookie of the client socket that dialled it.
+    pub cookie: u64,
 }
 
 /// One entry of the VIP table: the domain a VIP stands for.
@@ -234,10 +256,15 @@ pub enum Counter {
     MapUpdateFailed = 10,
     /// Programs ran before the loader wrote a configuration.
     NotConfigured = 11,
+    /// A socket in another network namespace than the proxy's, left alone.
+    ForeignNetnsPassed = 12,
+    /// An original destination nobody consumed, removed when its client
+    /// socket closed.
+    OrigDstClosed = 13,
 }
 
 /// Number of counter slots.
-pub const COUNTER_COUNT: u32 = 12;
+pub const COUNTER_COUNT: u32 = 14;
 
 impl Counter {
     /// Every counter, in slot order.
@@ -254,6 +281,8 @@ impl Counter {
         Counter::OrigDstMissing,
         Counter::MapUpdateFailed,
         Counter::NotConfigured,
+        Counter::ForeignNetnsPassed,
+        Counter::OrigDstClosed,
     ];
 
     /// Stable snake_case name used by `gateway status`.
@@ -271,6 +300,8 @@ impl Counter {
             Counter::OrigDstMissing => "orig_dst_missing",
             Counter::MapUpdateFailed => "map_update_failed",
             Counter::NotConfigured => "not_configured",
+            Counter::ForeignNetnsPassed => "foreign_netns_passed",
+            Counter::OrigDstClosed => "orig_dst_closed",
         }
     }
 }

@@ -16,16 +16,18 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use bytemuck::Pod;
 
 use crate::{
-    Counter, GatewayConfig, LoaderInfo, SockAddrV4, VipRecord, MAP_CONFIG, MAP_COUNTERS,
-    MAP_LOADER, MAP_ORIG_DST, MAP_SOCK_ORIG, MAP_VIPS, MAX_DOMAIN_LEN,
+    Counter, GatewayConfig, LoaderInfo, OrigDstEntry, SockAddrV4, VipRecord, MAP_CONFIG,
+    MAP_COUNTERS, MAP_LOADER, MAP_ORIG_DST, MAP_SOCK_ORIG, MAP_VIPS, MAX_DOMAIN_LEN,
 };
 
 const SOCKADDR_SIZE: usize = size_of::<SockAddrV4>();
+const ORIG_DST_ENTRY_SIZE: usize = size_of::<OrigDstEntry>();
 const VIP_RECORD_SIZE: usize = size_of::<VipRecord>();
 const CONFIG_SIZE: usize = size_of::<GatewayConfig>();
 const LOADER_INFO_SIZE: usize = size_of::<LoaderInfo>();
 
 type SockAddrBytes = [u8; SOCKADDR_SIZE];
+type OrigDstEntryBytes = [u8; ORIG_DST_ENTRY_SIZE];
 type VipRecordBytes = [u8; VIP_RECORD_SIZE];
 
 /// Key and value sizes each pinned map must have; a pin with other sizes
@@ -34,7 +36,11 @@ const EXPECTED_LAYOUTS: [(&str, u32, u32); 6] = [
     (MAP_CONFIG, 4, CONFIG_SIZE as u32),
     (MAP_COUNTERS, 4, 8),
     (MAP_SOCK_ORIG, 8, SOCKADDR_SIZE as u32),
-    (MAP_ORIG_DST, SOCKADDR_SIZE as u32, SOCKADDR_SIZE as u32),
+    (
+        MAP_ORIG_DST,
+        SOCKADDR_SIZE as u32,
+        ORIG_DST_ENTRY_SIZE as u32,
+    ),
     (MAP_VIPS, 4, VIP_RECORD_SIZE as u32),
     (MAP_LOADER, 4, LOADER_INFO_SIZE as u32),
 ];
@@ -56,6 +62,8 @@ fn from_bytes<T: Pod, const N: usize>(bytes: &[u8; N]) -> T {
 
 const _: () = assert!(SOCKADDR_SIZE == 8);
 const _: () = assert!(VIP_RECORD_SIZE == 260);
+const _: () = assert!(ORIG_DST_ENTRY_SIZE == 16);
+const _: () = assert!(CONFIG_SIZE == 96);
 
 /// Converts a std socket address to the kernel's representation.
 pub fn sockaddr_from_std(addr: SocketAddrV4) -> SockAddrV4 {
@@ -249,28 +257,60 @@ impl PinDir {
 }
 
 /// Client (ip, port) → the destination it originally dialled, as recorded
-/// by the sockops program.
+/// by the sockops program for a connection the gateway redirected.
 pub struct OrigDstTable {
-    map: HashMap<MapData, SockAddrBytes, SockAddrBytes>,
+    map: HashMap<MapData, SockAddrBytes, OrigDstEntryBytes>,
+}
+
+/// Whether a map error means "no such entry".
+fn is_missing(err: &aya::maps::MapError) -> bool {
+    match err {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(e) => e.io_error.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    }
 }
 
 impl OrigDstTable {
     /// The original destination of the connection whose client side is
-    /// `client` (the peer address of the proxy's accepted socket).
-    pub fn lookup(&self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>> {
+    /// `client`, without consuming it (diagnostics).
+    pub fn peek(&self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>> {
         let key = to_bytes::<_, SOCKADDR_SIZE>(&sockaddr_from_std(client));
         match self.map.get(&key, 0) {
-            Ok(value) => Ok(Some(sockaddr_to_std(from_bytes(&value)))),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Ok(value) => Ok(Some(sockaddr_to_std(
+                from_bytes::<OrigDstEntry, ORIG_DST_ENTRY_SIZE>(&value).dst,
+            ))),
+            Err(e) if is_missing(&e) => Ok(None),
             Err(e) => Err(e).context("looking up the original destination"),
         }
     }
 
-    /// Records an original destination by hand (tests, or a proxy that
-    /// learned it elsewhere).
+    /// Consumes the original destination of the connection whose client
+    /// side is `client` (the peer address of the proxy's accepted socket):
+    /// it is handed out at most once. Only the caller whose delete
+    /// succeeds gets it; a concurrent taker gets `None`.
+    pub fn take(&mut self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>> {
+        let Some(found) = self.peek(client)? else {
+            return Ok(None);
+        };
+        match self
+            .map
+            .remove(&to_bytes::<_, SOCKADDR_SIZE>(&sockaddr_from_std(client)))
+        {
+            Ok(()) => Ok(Some(found)),
+            Err(e) if is_missing(&e) => Ok(None),
+            Err(e) => Err(e).context("consuming the original destination"),
+        }
+    }
+
+    /// Records an original destination by hand (tests).
     pub fn insert(&mut self, client: SocketAddrV4, original: SocketAddrV4) -> Result<()> {
         let key = to_bytes::<_, SOCKADDR_SIZE>(&sockaddr_from_std(client));
-        let value = to_bytes::<_, SOCKADDR_SIZE>(&sockaddr_from_std(original));
+        let entry = OrigDstEntry {
+            dst: sockaddr_from_std(original),
+            cookie: 0,
+        };
+        let value = to_bytes::<_, ORIG_DST_ENTRY_SIZE>(&entry);
         self.map
             .insert(key, value, 0)
             .context("recording an original destination")
@@ -284,7 +324,7 @@ impl OrigDstTable {
                 let (k, v) = item.context("iterating original destinations")?;
                 Ok((
                     sockaddr_to_std(from_bytes(&k)),
-                    sockaddr_to_std(from_bytes(&v)),
+                    sockaddr_to_std(from_bytes::<OrigDstEntry, ORIG_DST_ENTRY_SIZE>(&v).dst),
                 ))
             })
             .collect()

@@ -3,8 +3,11 @@
 //! tables again (see `gateway_common::ALL_MAPS`).
 
 use aya_ebpf::{
-    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB,
-    helpers::bpf_get_socket_cookie,
+    bindings::{
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
+    },
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext},
@@ -12,7 +15,7 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use gateway_common::{
-    Counter, GatewayConfig, LoaderInfo, SockAddrV4, VipRecord, CONFIG_FLAG_ENABLED,
+    Counter, GatewayConfig, LoaderInfo, OrigDstEntry, SockAddrV4, VipRecord, CONFIG_FLAG_ENABLED,
     CONNECTION_TABLE_CAPACITY, COUNTER_COUNT, VIP_TABLE_CAPACITY,
 };
 
@@ -42,12 +45,18 @@ static GW_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
 #[map]
 static GW_SOCK_ORIG: LruHashMap<u64, SockAddrV4> = LruHashMap::pinned(CONNECTION_TABLE_CAPACITY, 0);
 
-/// Client (ip, port) → original destination, for the proxy. LRU rather
-/// than delete-on-close: a client may close before the proxy has read the
-/// entry (short request, then FIN), and a delete at close would race with
-/// the accept. A reused client port simply overwrites its old entry.
+/// Client (ip, port) → original destination and client socket, for the
+/// proxy. An entry belongs to one connection: the proxy consumes it
+/// (lookup and delete) when it accepts the connection, and sockops deletes
+/// it when the client socket reaches TCP_CLOSE unconsumed. A client socket
+/// only reaches TCP_CLOSE after the proxy's side closed (it accepted, and
+/// so consumed, first), after a reset, or after the connect failed, so the
+/// delete never races the accept. Only sockets of the proxy's network
+/// namespace are recorded, where a live (ip, port) is unique. LRU so that
+/// a full table evicts instead of failing; an evicted entry makes that one
+/// connection fail closed at the proxy.
 #[map]
-static GW_ORIG_DST: LruHashMap<SockAddrV4, SockAddrV4> =
+static GW_ORIG_DST: LruHashMap<SockAddrV4, OrigDstEntry> =
     LruHashMap::pinned(CONNECTION_TABLE_CAPACITY, 0);
 
 /// VIP → domain, written by the Envoy module. Owned here so that the
@@ -104,6 +113,22 @@ fn destination(ctx: &SockAddrContext) -> Destination {
     }
 }
 
+/// Whether the socket lives in the network namespace the proxy serves.
+/// Elsewhere the proxy's loopback listeners are unreachable, and an
+/// address recorded there could collide with a real client of the proxy.
+#[inline(always)]
+fn in_proxy_netns<C: EbpfContext>(ctx: &C, cfg: &GatewayConfig) -> bool {
+    // SAFETY: bpf_get_netns_cookie accepts sock_addr (5.7+) and sock_ops
+    // (5.15+) contexts.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    if cookie == cfg.netns_cookie {
+        true
+    } else {
+        count(Counter::ForeignNetnsPassed);
+        false
+    }
+}
+
 #[inline(always)]
 fn socket_cookie<C: EbpfContext>(ctx: &C) -> u64 {
     // SAFETY: bpf_get_socket_cookie accepts sock_addr and sock_ops contexts.
@@ -153,6 +178,9 @@ pub fn gw_connect4(ctx: SockAddrContext) -> i32 {
         count(Counter::OtherPassed);
         return ALLOW;
     }
+    if !in_proxy_netns(&ctx, cfg) {
+        return ALLOW;
+    }
     match dest.protocol {
         IPPROTO_TCP => {
             if cfg.is_vip(dest.ip) && redirect(&ctx, &dest, cfg.tcp_target) {
@@ -194,11 +222,14 @@ pub fn gw_sendmsg4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     };
     let dest = destination(&ctx);
-    if dest.family == AF_INET
-        && dest.port == DNS_PORT
-        && !is_target(&dest, &cfg.dns_target)
-        && redirect(&ctx, &dest, cfg.dns_target)
-    {
+    if dest.family != AF_INET || dest.port != DNS_PORT {
+        count(Counter::UdpPassed);
+        return ALLOW;
+    }
+    if !in_proxy_netns(&ctx, cfg) {
+        return ALLOW;
+    }
+    if !is_target(&dest, &cfg.dns_target) && redirect(&ctx, &dest, cfg.dns_target) {
         count(Counter::UdpSendRedirected);
         debug!(
             &ctx,
@@ -254,13 +285,29 @@ pub fn gw_getpeername4(ctx: SockAddrContext) -> i32 {
 
 /// At TCP_CONNECT_CB the client's port is assigned and the cookie is the
 /// one connect4 saw: publish the original destination keyed by the client
-/// address for the proxy.
+/// address for the proxy, and ask for state callbacks so that the entry is
+/// removed when the socket closes. At TCP_CLOSE, remove the entry if it is
+/// still this socket's (the proxy did not consume it).
 #[sock_ops]
 pub fn gw_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB && ctx.family() == AF_INET {
-        record_original_destination(&ctx);
+    if ctx.family() != AF_INET {
+        return 1;
+    }
+    match ctx.op() {
+        BPF_SOCK_OPS_TCP_CONNECT_CB => record_original_destination(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => forget_original_destination(&ctx),
+        _ => {}
     }
     1
+}
+
+#[inline(always)]
+fn client_address(ctx: &SockOpsContext) -> SockAddrV4 {
+    SockAddrV4 {
+        ip: ctx.local_ip4(),
+        port: (ctx.local_port() as u16).to_be(),
+        _pad: 0,
+    }
 }
 
 #[inline(always)]
@@ -273,21 +320,42 @@ fn record_original_destination(ctx: &SockOpsContext) {
     if ctx.remote_ip4() != cfg.tcp_target.ip || remote_port != cfg.tcp_target.port {
         return;
     }
+    if !in_proxy_netns(ctx, cfg) {
+        return;
+    }
+    let cookie = socket_cookie(ctx);
     // SAFETY: the value is copied out at once (see restore_original).
-    let Some(original) = (unsafe { GW_SOCK_ORIG.get(&socket_cookie(ctx)) }).copied() else {
+    let Some(original) = (unsafe { GW_SOCK_ORIG.get(&cookie) }).copied() else {
         // Someone dialled the proxy directly: nothing to record.
         count(Counter::OrigDstMissing);
         return;
     };
-    let client = SockAddrV4 {
-        ip: ctx.local_ip4(),
-        port: (ctx.local_port() as u16).to_be(),
-        _pad: 0,
+    let entry = OrigDstEntry {
+        dst: original,
+        cookie,
     };
-    if GW_ORIG_DST.insert(&client, &original, 0).is_ok() {
-        count(Counter::OrigDstRecorded);
-    } else {
+    if GW_ORIG_DST.insert(&client_address(ctx), &entry, 0).is_err() {
         count(Counter::MapUpdateFailed);
+        return;
+    }
+    count(Counter::OrigDstRecorded);
+    // Without the state callback the entry would outlive an unaccepted
+    // connection; then it must not exist at all.
+    if ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32).is_err() {
+        let _ = GW_ORIG_DST.remove(&client_address(ctx));
+        count(Counter::MapUpdateFailed);
+    }
+}
+
+#[inline(always)]
+fn forget_original_destination(ctx: &SockOpsContext) {
+    let client = client_address(ctx);
+    // SAFETY: the value is copied out at once (see restore_original).
+    let Some(entry) = (unsafe { GW_ORIG_DST.get(&client) }).copied() else {
+        return;
+    };
+    if entry.cookie == socket_cookie(ctx) && GW_ORIG_DST.remove(&client).is_ok() {
+        count(Counter::OrigDstClosed);
     }
 }
 

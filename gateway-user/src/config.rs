@@ -58,8 +58,11 @@ pub struct Listeners {
     pub dns: String,
     /// TCP listener (the kernel sends VIP connects here).
     pub tcp: String,
-    /// Envoy admin interface (stats, readiness); keep it on loopback.
-    pub admin: String,
+    /// No longer accepted: Envoy's admin interface is a Unix socket in the
+    /// gateway's state directory, reachable by root only (it shows every
+    /// token and can stop Envoy). Kept to refuse it with a clear message.
+    #[serde(default, skip_serializing)]
+    pub admin: Option<String>,
 }
 
 impl Default for Listeners {
@@ -67,7 +70,7 @@ impl Default for Listeners {
         Self {
             dns: "127.0.0.1:15053".into(),
             tcp: "127.0.0.1:15001".into(),
-            admin: "127.0.0.1:15000".into(),
+            admin: None,
         }
     }
 }
@@ -90,6 +93,13 @@ pub struct Dns {
     /// range answers SERVFAIL). At least twice the TTL.
     #[serde(default)]
     pub reclaim_idle_after: Option<u64>,
+    /// Cap on new VIPs handed out per second; a query for a new name over
+    /// the cap gets SERVFAIL (names that have a VIP are always answered).
+    #[serde(default)]
+    pub max_new_vips_per_second: Option<u32>,
+    /// New VIPs that may be handed out at once before the cap applies.
+    #[serde(default)]
+    pub new_vip_burst: Option<u32>,
 }
 
 fn default_ttl() -> u32 {
@@ -139,8 +149,6 @@ pub struct Config {
     pub dns_listener: SocketAddrV4,
     /// TCP listener.
     pub tcp_listener: SocketAddrV4,
-    /// Admin listener.
-    pub admin_listener: SocketAddrV4,
     /// Fallback resolvers (from the file or /etc/resolv.conf).
     pub fallback: Vec<SocketAddrV4>,
     /// Cluster addresses by name.
@@ -173,7 +181,12 @@ fn field<T>(name: &str, result: std::result::Result<T, String>) -> Result<T> {
     result.map_err(|e| anyhow::anyhow!("{name}: {e}"))
 }
 
-fn validate(file: GatewayFile) -> Result<Config> {
+/// Validates a configuration (after command-line overrides).
+pub fn validate(file: GatewayFile) -> Result<Config> {
+    field(
+        "pin_dir",
+        gateway_common::contract::check_pin_dir(&file.pin_dir),
+    )?;
     if file.cgroup.as_os_str().is_empty()
         || file
             .cgroup
@@ -188,6 +201,11 @@ fn validate(file: GatewayFile) -> Result<Config> {
             "dns.vip_cidr: /{} leaves no usable VIPs (network and broadcast are never handed out); use /30 or shorter",
             vip_cidr.prefix_len
         );
+    }
+    if let Some(why) =
+        gateway_common::contract::forbidden_vip_range(vip_cidr.network, vip_cidr.prefix_len)
+    {
+        bail!("dns.vip_cidr: {vip_cidr} cannot hold VIPs: {why}");
     }
     if vip_cidr.prefix_len < 16 {
         bail!(
@@ -209,20 +227,31 @@ fn validate(file: GatewayFile) -> Result<Config> {
             );
         }
     }
+    if let Some(admin) = &file.listeners.admin {
+        bail!(
+            "listeners.admin: {admin:?} is no longer accepted: Envoy's admin interface (which shows every \
+             token and can stop Envoy) is now a Unix socket in the gateway's state directory, reachable \
+             by root only; remove this line"
+        );
+    }
     let dns_listener = field("listeners.dns", parse_socket_addr(&file.listeners.dns))?;
     let tcp_listener = field("listeners.tcp", parse_socket_addr(&file.listeners.tcp))?;
-    let admin_listener = field("listeners.admin", parse_socket_addr(&file.listeners.admin))?;
     for (name, addr) in [
         ("listeners.dns", dns_listener),
         ("listeners.tcp", tcp_listener),
-        ("listeners.admin", admin_listener),
     ] {
         if vip_cidr.contains(*addr.ip()) {
             bail!("{name}: {addr} lies inside dns.vip_cidr {vip_cidr}");
         }
-    }
-    if tcp_listener == admin_listener {
-        bail!("listeners.admin: {admin_listener} is also listeners.tcp");
+        if addr.port() == 0 {
+            bail!("{name}: {addr} needs a fixed port (the kernel redirects to it)");
+        }
+        if !addr.ip().is_loopback() {
+            bail!(
+                "{name}: {addr} is not a loopback address: the listener would be open to the network \
+                 (the TCP listener tunnels with the domains' credentials to whoever connects); use 127.0.0.1"
+            );
+        }
     }
     let fallback = if file.dns.fallback.is_empty() {
         system_resolvers()?
@@ -234,8 +263,16 @@ fn validate(file: GatewayFile) -> Result<Config> {
             .map(|(i, r)| field(&format!("dns.fallback[{i}]"), parse_socket_addr(r)))
             .collect::<Result<_>>()?
     };
-    if let Some(i) = fallback.iter().position(|r| *r == dns_listener) {
-        bail!("dns.fallback[{i}]: {dns_listener} is the gateway's own DNS listener (queries would loop)");
+    for (i, resolver) in fallback.iter().enumerate() {
+        if *resolver == dns_listener {
+            bail!("dns.fallback[{i}]: {dns_listener} is the gateway's own DNS listener (queries would loop)");
+        }
+        if resolver.port() == 0 {
+            bail!("dns.fallback[{i}]: {resolver} needs a port");
+        }
+        if vip_cidr.contains(*resolver.ip()) {
+            bail!("dns.fallback[{i}]: {resolver} lies inside dns.vip_cidr {vip_cidr}");
+        }
     }
 
     let mut clusters = BTreeMap::new();
@@ -258,6 +295,12 @@ fn validate(file: GatewayFile) -> Result<Config> {
             &format!("clusters[{i}].address"),
             parse_socket_addr(&c.address),
         )?;
+        if address.port() == 0 {
+            bail!("clusters[{i}].address: {address} needs a port");
+        }
+        if vip_cidr.contains(*address.ip()) {
+            bail!("clusters[{i}].address: {address} lies inside dns.vip_cidr {vip_cidr} (connections to it would be redirected back)");
+        }
         if clusters.insert(c.name.clone(), address).is_some() {
             bail!("clusters[{i}].name: {:?} is defined twice", c.name);
         }
@@ -291,27 +334,63 @@ fn validate(file: GatewayFile) -> Result<Config> {
         }
     }
     for (header, key) in &file.tunnel.headers {
-        if header.is_empty()
-            || !header
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-')
-        {
-            bail!("tunnel.headers: {header:?} is not a valid header name");
-        }
+        field(
+            &format!("tunnel.headers.{header}"),
+            gateway_common::contract::check_tunnel_header(header),
+        )?;
         if !file.domains.iter().any(|d| d.metadata.contains_key(key)) {
             bail!("tunnel.headers.{header}: no domain has metadata key {key:?}");
         }
     }
 
-    Ok(Config {
+    let config = Config {
         file,
         vip_cidr,
         dns_listener,
         tcp_listener,
-        admin_listener,
         fallback,
         clusters,
-    })
+    };
+    module_accepts(&config)?;
+    Ok(config)
+}
+
+/// The configuration field a filter-config field of the module comes from.
+fn file_field(module_field: &str) -> String {
+    let head = module_field
+        .split(['.', '['])
+        .next()
+        .unwrap_or(module_field);
+    match head {
+        "base_ip" | "prefix_len" | "max_entries" => "dns.vip_cidr".to_owned(),
+        "ttl" | "reclaim_idle_after" | "max_new_vips_per_second" | "new_vip_burst" => {
+            format!("dns.{module_field}")
+        }
+        _ => module_field.to_owned(),
+    }
+}
+
+/// Runs the module's own parsers on the filter configurations this
+/// configuration generates, so that `gateway run` refuses, before Envoy
+/// starts and naming the field, everything the module would refuse.
+fn module_accepts(config: &Config) -> Result<()> {
+    let dns = crate::envoy_bootstrap::dns_gateway_config(config).to_string();
+    if let Err(e) = connectivity_envoy_module::config::parse_dns_gateway(dns.as_bytes()) {
+        let (module_field, problem) = e.split_once(": ").unwrap_or(("config", e.as_str()));
+        bail!(
+            "{}: {problem} (refused by the Envoy module's {} filter as `{module_field}`)",
+            file_field(module_field),
+            gateway_common::contract::DNS_GATEWAY_FILTER
+        );
+    }
+    let lookup = crate::envoy_bootstrap::cache_lookup_config(config).to_string();
+    if let Err(e) = connectivity_envoy_module::config::parse_cache_lookup(lookup.as_bytes()) {
+        bail!(
+            "{e} (refused by the Envoy module's {} filter)",
+            gateway_common::contract::CACHE_LOOKUP_FILTER
+        );
+    }
+    Ok(())
 }
 
 /// The IPv4 nameservers of /etc/resolv.conf, port 53.
@@ -403,6 +482,73 @@ mod tests {
                 with("fallback = []", "fallback = [\"127.0.0.1:15053\"]"),
                 "dns.fallback[0]",
             ),
+            // What the module or Envoy would refuse, refused here first.
+            (
+                with("auth_token = \"abc123\"", "\"bad key\" = \"abc123\""),
+                "domains[0].metadata.bad key",
+            ),
+            (
+                with("\"abc123\"", "\"abc\\r\\nX-Injected: 1\""),
+                "domains[0].metadata.auth_token",
+            ),
+            (
+                with("ttl = 300", "ttl = 300\nreclaim_idle_after = 3456000"),
+                "dns.reclaim_idle_after",
+            ),
+            (with("\"X-Auth-Token\"", "\"Host\""), "tunnel.headers.Host"),
+            (
+                with("\"X-Auth-Token\"", "\":authority\""),
+                "tunnel.headers.:authority",
+            ),
+            (
+                with(
+                    "pin_dir = \"/sys/fs/bpf/dns-egress-gateway\"",
+                    "pin_dir = \"\"",
+                ),
+                "pin_dir",
+            ),
+            (
+                with(
+                    "pin_dir = \"/sys/fs/bpf/dns-egress-gateway\"",
+                    "pin_dir = \"/sys/fs/bpf\"",
+                ),
+                "pin_dir",
+            ),
+            (
+                with(
+                    "pin_dir = \"/sys/fs/bpf/dns-egress-gateway\"",
+                    "pin_dir = \"gw\"",
+                ),
+                "pin_dir",
+            ),
+            (with("127.0.0.1:15001", "0.0.0.0:15001"), "listeners.tcp"),
+            (with("127.0.0.1:15053", "192.0.2.1:15053"), "listeners.dns"),
+            (
+                with(
+                    "tcp = \"127.0.0.1:15001\"",
+                    "tcp = \"127.0.0.1:15001\"\nadmin = \"127.0.0.1:15000\"",
+                ),
+                "listeners.admin",
+            ),
+            (with("10.10.0.0/24", "127.0.0.0/24"), "dns.vip_cidr"),
+            (with("10.10.0.0/24", "0.0.0.0/24"), "dns.vip_cidr"),
+            (with("10.10.0.0/24", "224.0.0.0/24"), "dns.vip_cidr"),
+            (
+                with("127.0.0.1:18001", "10.10.0.9:18001"),
+                "clusters[0].address",
+            ),
+            (
+                with("fallback = []", "fallback = [\"10.10.0.53:53\"]"),
+                "dns.fallback[0]",
+            ),
+            (
+                with(
+                    "max_new_vips_per_second = 50",
+                    "max_new_vips_per_second = 0",
+                ),
+                "dns.max_new_vips_per_second",
+            ),
+            (with("ttl = 300", "ttl = 9999999"), "dns.ttl"),
         ];
         for (text, field) in cases {
             let err = error_of(&text);

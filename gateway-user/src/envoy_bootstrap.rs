@@ -5,12 +5,16 @@
 //! filters are those of the seed design; only the capture differs (eBPF
 //! instead of iptables, so no `original_dst` listener filter).
 
+use std::path::Path;
+
+pub use gateway_common::contract::MODULE_NAME;
+use gateway_common::contract::{
+    CACHE_LOOKUP_FILTER, DNS_GATEWAY_FILTER, DOMAIN_KEY, METADATA_KEY_PREFIX, PORT_KEY,
+    TCP_PROXY_CLUSTER_KEY,
+};
 use serde_json::{json, Value};
 
 use crate::config::Config;
-
-/// Name under which Envoy loads the module (`lib<name>.so`), as in the seed.
-pub const MODULE_NAME: &str = "connectivity_envoy_module";
 
 /// Bound on Envoy's downstream connections (DNS is UDP and not counted).
 pub const MAX_DOWNSTREAM_CONNECTIONS: u32 = 50_000;
@@ -37,8 +41,10 @@ fn dynamic_module(filter_name: &str) -> Value {
     })
 }
 
-/// The `dns_gateway` filter configuration (the seed's schema plus `ttl`
-/// and `pin_dir`).
+/// The `dns_gateway` filter configuration (the seed's schema plus `ttl`,
+/// `pin_dir`, the allocation cap, and `require_pinned_maps`: under the
+/// gateway the pinned VIP map is the table of record, never an in-process
+/// copy).
 pub fn dns_gateway_config(config: &Config) -> Value {
     let domains: Vec<Value> = config
         .file
@@ -51,16 +57,35 @@ pub fn dns_gateway_config(config: &Config) -> Value {
         "prefix_len": config.vip_cidr.prefix_len,
         "ttl": config.file.dns.ttl,
         "pin_dir": config.file.pin_dir.display().to_string(),
+        "require_pinned_maps": true,
         "domains": domains,
     });
     if let Some(idle) = config.file.dns.reclaim_idle_after {
         value["reclaim_idle_after"] = json!(idle);
     }
+    if let Some(rate) = config.file.dns.max_new_vips_per_second {
+        value["max_new_vips_per_second"] = json!(rate);
+    }
+    if let Some(burst) = config.file.dns.new_vip_burst {
+        value["new_vip_burst"] = json!(burst);
+    }
     value
 }
 
+/// The `cache_lookup` filter configuration: only an original destination
+/// the kernel recorded (and the module consumes) gives a connection a
+/// domain; any other connection to the TCP listener is closed.
+pub fn cache_lookup_config(config: &Config) -> Value {
+    json!({
+        "pin_dir": config.file.pin_dir.display().to_string(),
+        "destination_from": "pinned_map",
+        "on_miss": "close",
+        "require_pinned_maps": true,
+    })
+}
+
 fn dns_listener(config: &Config) -> Value {
-    let mut gateway = dynamic_module("dns_gateway");
+    let mut gateway = dynamic_module(DNS_GATEWAY_FILTER);
     gateway["@type"] =
         json!("type.googleapis.com/envoy.extensions.filters.udp.dynamic_modules.v3.DynamicModuleUdpListenerFilter");
     gateway["filter_config"] = json!({
@@ -102,12 +127,12 @@ fn dns_listener(config: &Config) -> Value {
 }
 
 fn tcp_listener(config: &Config) -> Value {
-    let mut lookup = dynamic_module("cache_lookup");
+    let mut lookup = dynamic_module(CACHE_LOOKUP_FILTER);
     lookup["@type"] =
         json!("type.googleapis.com/envoy.extensions.filters.network.dynamic_modules.v3.DynamicModuleNetworkFilter");
     lookup["filter_config"] = json!({
         "@type": "type.googleapis.com/google.protobuf.Struct",
-        "value": { "pin_dir": config.file.pin_dir.display().to_string() },
+        "value": cache_lookup_config(config),
     });
     let headers: Vec<Value> = config
         .file
@@ -117,7 +142,7 @@ fn tcp_listener(config: &Config) -> Value {
         .map(|(header, key)| {
             json!({ "header": {
                 "key": header,
-                "value": format!("%FILTER_STATE(envoy.dns_gateway.metadata.{key}:PLAIN)%"),
+                "value": format!("%FILTER_STATE({METADATA_KEY_PREFIX}{key}:PLAIN)%"),
             }})
         })
         .collect();
@@ -131,9 +156,9 @@ fn tcp_listener(config: &Config) -> Value {
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.network.set_filter_state.v3.Config",
                     "on_new_connection": [{
-                        "object_key": "envoy.tcp_proxy.cluster",
+                        "object_key": TCP_PROXY_CLUSTER_KEY,
                         "format_string": { "text_format_source": {
-                            "inline_string": "%FILTER_STATE(envoy.dns_gateway.metadata.cluster:PLAIN)%",
+                            "inline_string": format!("%FILTER_STATE({METADATA_KEY_PREFIX}cluster:PLAIN)%"),
                         }},
                     }],
                 },
@@ -145,7 +170,7 @@ fn tcp_listener(config: &Config) -> Value {
                     "stat_prefix": "egress",
                     "cluster": NO_MATCH_CLUSTER,
                     "tunneling_config": {
-                        "hostname": "%FILTER_STATE(envoy.dns_gateway.domain:PLAIN)%:%FILTER_STATE(envoy.dns_gateway.port:PLAIN)%",
+                        "hostname": format!("%FILTER_STATE({DOMAIN_KEY}:PLAIN)%:%FILTER_STATE({PORT_KEY}:PLAIN)%"),
                         "headers_to_add": headers,
                     },
                 },
@@ -174,11 +199,18 @@ fn clusters(config: &Config) -> Vec<Value> {
         .collect()
 }
 
-/// The whole bootstrap.
-pub fn bootstrap(config: &Config) -> Value {
+/// Mode of the admin socket: root (and Envoy's own user) only.
+const ADMIN_SOCKET_MODE: u32 = 0o600;
+
+/// The whole bootstrap. The admin interface is a Unix socket at
+/// `admin_socket` (mode 0600): it shows every token and can stop Envoy.
+pub fn bootstrap(config: &Config, admin_socket: &Path) -> Value {
     json!({
         "node": { "id": "dns-egress-gateway", "cluster": "dns-egress-gateway" },
-        "admin": { "address": socket_address(config.admin_listener, false) },
+        "admin": { "address": { "pipe": {
+            "path": admin_socket.display().to_string(),
+            "mode": ADMIN_SOCKET_MODE,
+        }}},
         "overload_manager": { "resource_monitors": [{
             "name": "envoy.resource_monitors.global_downstream_max_connections",
             "typed_config": {
@@ -194,9 +226,10 @@ pub fn bootstrap(config: &Config) -> Value {
 }
 
 /// The bootstrap as text; JSON is valid YAML, so it may be saved as either.
-pub fn render(config: &Config) -> anyhow::Result<String> {
+pub fn render(config: &Config, admin_socket: &Path) -> anyhow::Result<String> {
     use anyhow::Context as _;
-    serde_json::to_string_pretty(&bootstrap(config)).context("rendering Envoy's bootstrap")
+    serde_json::to_string_pretty(&bootstrap(config, admin_socket))
+        .context("rendering Envoy's bootstrap")
 }
 
 #[cfg(test)]
@@ -207,7 +240,9 @@ mod tests {
     #[test]
     fn bootstrap_follows_the_configuration() {
         let config = config::parse(config::DEFAULT_CONFIG).expect("default config");
-        let b = bootstrap(&config);
+        let b = bootstrap(&config, Path::new("/run/gw/admin.sock"));
+        assert_eq!(b["admin"]["address"]["pipe"]["path"], "/run/gw/admin.sock");
+        assert_eq!(b["admin"]["address"]["pipe"]["mode"], 0o600);
         let listeners = &b["static_resources"]["listeners"];
         assert_eq!(
             listeners[0]["address"]["socket_address"]["port_value"],
@@ -225,6 +260,10 @@ mod tests {
         );
         let tcp = &listeners[1]["filter_chains"][0]["filters"];
         assert_eq!(tcp[0]["typed_config"]["filter_name"], "cache_lookup");
+        let lookup = &tcp[0]["typed_config"]["filter_config"]["value"];
+        assert_eq!(lookup["destination_from"], "pinned_map");
+        assert_eq!(lookup["on_miss"], "close");
+        assert_eq!(gw["filter_config"]["value"]["require_pinned_maps"], true);
         let headers = &tcp[2]["typed_config"]["tunneling_config"]["headers_to_add"];
         assert_eq!(headers[0]["header"]["key"], "X-Auth-Token");
         assert_eq!(

@@ -22,10 +22,11 @@ pub fn exec(config_path: Option<&Path>, command: &[String]) -> Result<()> {
         );
     }
     let pins = PinDir::new(&config.file.pin_dir);
-    let owner_alive = pins
-        .loader_info()
-        .map(|info| loader::process_alive(info.pid))
-        .unwrap_or(false);
+    let owner_alive = loader::owner_alive(&config.file.pin_dir)
+        && pins
+            .loader_info()
+            .map(|info| info.pid != 0)
+            .unwrap_or(false);
     if !owner_alive {
         log::warn!(
             "no running gateway owns {}: {program} runs in {} without redirection",

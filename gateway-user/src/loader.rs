@@ -127,11 +127,33 @@ impl Attached {
     }
 }
 
+/// Whether a gateway holds the lock on `pin_dir`, i.e. is alive and owns
+/// the pins. The lock dies with its owner however it dies, so unlike a
+/// recorded pid this is right under pid reuse and in pid namespaces.
+pub fn owner_alive(pin_dir: &Path) -> bool {
+    let Ok(file) = File::open(pin_dir) else {
+        return false;
+    };
+    matches!(
+        Flock::lock(file, FlockArg::LockSharedNonblock),
+        Err((_, Errno::EWOULDBLOCK))
+    )
+}
+
 /// Removes the pinned maps of a stopped gateway; refuses while the loader
-/// that owns them is alive. Returns the removed paths.
+/// that owns them is alive, and touches nothing that is not on bpffs.
+/// Returns the removed paths.
 pub fn reset(pin_dir: &Path) -> Result<Vec<PathBuf>> {
+    gateway_common::contract::check_pin_dir(pin_dir)
+        .map_err(|e| anyhow::anyhow!("--pin-dir: {e}"))?;
     if !pin_dir.exists() {
         return Ok(Vec::new());
+    }
+    if !bpffs::is_bpffs(pin_dir) {
+        bail!(
+            "{} is not on bpffs: `gateway reset` only removes pinned maps, and there are none here",
+            pin_dir.display()
+        );
     }
     let _lock = PinLock::acquire(pin_dir)?;
     PinDir::new(pin_dir).remove_all()
@@ -149,6 +171,11 @@ pub fn kernel_config(request: &AttachRequest) -> Result<GatewayConfig> {
         );
     }
     for cidr in &request.vip_cidrs {
+        if let Some(why) =
+            gateway_common::contract::forbidden_vip_range(cidr.network, cidr.prefix_len)
+        {
+            bail!("VIP CIDR {cidr} cannot hold VIPs: {why}");
+        }
         for target in [request.dns_to, request.tcp_to] {
             if cidr.contains(*target.ip()) {
                 bail!(
@@ -163,17 +190,13 @@ pub fn kernel_config(request: &AttachRequest) -> Result<GatewayConfig> {
         tcp_target: sockaddr_from_std(request.tcp_to),
         flags: CONFIG_FLAG_ENABLED,
         vip_cidr_count: request.vip_cidrs.len() as u32,
+        netns_cookie: crate::netns::current_netns_cookie()?,
         ..Default::default()
     };
     for (slot, cidr) in config.vip_cidrs.iter_mut().zip(&request.vip_cidrs) {
         *slot = cidr.to_kernel();
     }
     Ok(config)
-}
-
-/// Whether the process `pid` still exists (0 means "nobody").
-pub fn process_alive(pid: u32) -> bool {
-    pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// Kernel log level for aya-log: above `info` only when the operator asked

@@ -60,7 +60,7 @@ enum Command {
         #[arg(long, value_parser = parse_socket_addr)]
         tcp_to: SocketAddrV4,
         /// bpffs directory for the maps Envoy reads.
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        #[arg(long, default_value = DEFAULT_PIN_DIR, value_parser = parse_pin_dir)]
         pin_dir: PathBuf,
         /// Allow attaching to the root cgroup (redirects the whole host).
         #[arg(long)]
@@ -74,7 +74,7 @@ enum Command {
     /// original destinations and the VIP table.
     Status {
         /// bpffs directory the maps are pinned in.
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        #[arg(long, default_value = DEFAULT_PIN_DIR, value_parser = parse_pin_dir)]
         pin_dir: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -103,6 +103,10 @@ enum Command {
         /// Resolver for unmatched names (repeatable), as for `run`.
         #[arg(long, value_parser = parse_socket_addr)]
         fallback: Vec<SocketAddrV4>,
+        /// Parent of the state directory whose admin socket the bootstrap
+        /// names, as for `run`.
+        #[arg(long, default_value = gateway_user::instance::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Print the built-in default configuration, a starting point for your own.
     DefaultConfig,
@@ -110,9 +114,16 @@ enum Command {
     /// gateway stopped. Refuses while a gateway still owns them.
     Reset {
         /// bpffs directory the maps are pinned in.
-        #[arg(long, default_value = DEFAULT_PIN_DIR)]
+        #[arg(long, default_value = DEFAULT_PIN_DIR, value_parser = parse_pin_dir)]
         pin_dir: PathBuf,
     },
+}
+
+/// `--pin-dir`: the same rule as the configuration's `pin_dir`.
+fn parse_pin_dir(text: &str) -> Result<PathBuf, String> {
+    let path = PathBuf::from(text);
+    gateway_common::contract::check_pin_dir(&path)?;
+    Ok(path)
 }
 
 fn main() -> ExitCode {
@@ -173,9 +184,17 @@ fn run(command: Command) -> Result<()> {
             .context("starting the async runtime")?
             .block_on(run::run(options)),
         Command::Exec { config, command } => exec::exec(config.as_deref(), &command),
-        Command::EnvoyConfig { config, fallback } => {
+        Command::EnvoyConfig {
+            config,
+            fallback,
+            state_dir,
+        } => {
             let config = run::effective_config(config.as_deref(), &fallback)?;
-            println!("{}", envoy_bootstrap::render(&config)?);
+            let instance = gateway_user::instance::Instance::new(&state_dir, &config.file.pin_dir);
+            println!(
+                "{}",
+                envoy_bootstrap::render(&config, &instance.admin_socket())?
+            );
             Ok(())
         }
         Command::DefaultConfig => {

@@ -4,7 +4,6 @@
 //! supervises Envoy, and on SIGINT/SIGTERM stops Envoy and detaches.
 
 use std::{
-    fs,
     net::SocketAddrV4,
     path::{Path, PathBuf},
 };
@@ -16,6 +15,7 @@ use crate::{
     addr::{parse_socket_addr, parse_user, RunAs},
     cgroup, config,
     envoy_bootstrap::{self, MODULE_NAME},
+    instance::{Instance, DEFAULT_STATE_DIR},
     kernel_log,
     loader::{self, AttachRequest, Attached},
     supervisor::{self, EnvoyCommand},
@@ -40,27 +40,32 @@ pub struct RunOptions {
     /// $ENVOY_DYNAMIC_MODULES_SEARCH_PATH, then next to this binary).
     #[arg(long)]
     pub module_dir: Option<PathBuf>,
-    /// Where the generated Envoy bootstrap is written.
-    #[arg(long, default_value = "/run/dns-egress-gateway")]
+    /// Parent of the gateway's state directory (`<dir>/<name>-<digest>/`,
+    /// one per pin directory, mode 0700): the generated Envoy bootstrap
+    /// (0600, it holds the tokens) and Envoy's admin socket.
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
     /// Envoy's log level.
-    #[arg(long, default_value = "warn")]
+    #[arg(long, default_value = "warn", value_parser = ["trace", "debug", "info", "warn", "error", "critical", "off"])]
     pub envoy_log_level: String,
-    /// Envoy worker threads.
-    #[arg(long, default_value_t = 2)]
+    /// Envoy worker threads (1 to 128).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=i64::from(gateway_common::contract::MAX_CONCURRENCY)))]
     pub concurrency: u32,
-    /// Run Envoy as this user (name or uid), without capabilities; the
-    /// pinned maps are shared with the user's primary group.
+    /// Run Envoy as this user (name or uid), without capabilities; the two
+    /// maps Envoy writes are shared with the user's primary group, which
+    /// must be its own (see README, "Security model").
     #[arg(long, value_parser = parse_user)]
     pub envoy_user: Option<RunAs>,
 }
 
-/// The configuration with command-line overrides applied.
+/// The configuration with command-line overrides applied, validated as a
+/// whole again: the command line gets the same checks as the file.
 pub fn effective_config(path: Option<&Path>, fallback: &[SocketAddrV4]) -> Result<config::Config> {
     let mut config = config::load(path)?;
     if !fallback.is_empty() {
-        config.fallback = fallback.to_vec();
-        config.file.dns.fallback = fallback.iter().map(ToString::to_string).collect();
+        let mut file = config.file;
+        file.dns.fallback = fallback.iter().map(ToString::to_string).collect();
+        config = config::validate(file).context("invalid --fallback")?;
     }
     Ok(config)
 }
@@ -142,21 +147,18 @@ pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
 pub async fn run(options: RunOptions) -> Result<()> {
     let shutdown = shutdown_signal()?;
     let config = effective_config(options.config.as_deref(), &options.fallback)?;
+    if let Some(user) = &options.envoy_user {
+        crate::addr::check_dedicated_user_here(user)?;
+    }
     let envoy_binary = find_envoy(options.envoy.as_deref())?;
     let module_dir = find_module_dir(options.module_dir.as_deref())?;
     let cgroup_path = cgroup::resolve(&config.file.cgroup)?;
     cgroup::ensure_outside(&cgroup_path)?;
 
-    // One bootstrap file per pin directory, so gateways with different
-    // pin directories never share one; written only once this gateway
-    // holds its pin directory (see run_with_cgroup).
-    let pin_name = config
-        .file
-        .pin_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "gateway".to_owned());
-    let bootstrap = options.state_dir.join(format!("envoy-{pin_name}.json"));
+    // One state directory per pin directory, so gateways never share a
+    // bootstrap or an admin socket; written only once this gateway holds
+    // its pin directory's lock (see run_with_cgroup).
+    let instance = Instance::new(&options.state_dir, &config.file.pin_dir);
 
     let created_cgroup = cgroup::ensure_exists(&cgroup_path)?;
     let result = run_with_cgroup(
@@ -164,11 +166,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
         &options,
         &cgroup_path,
         shutdown,
+        &instance,
         EnvoyCommand {
             binary: envoy_binary,
-            bootstrap,
+            bootstrap: instance.bootstrap(),
             module_dir,
-            admin: config.admin_listener,
+            admin: instance.admin_socket(),
             log_level: options.envoy_log_level.clone(),
             concurrency: options.concurrency,
             run_as: options.envoy_user.clone(),
@@ -193,6 +196,7 @@ async fn run_with_cgroup(
     options: &RunOptions,
     cgroup_path: &Path,
     shutdown: impl std::future::Future<Output = ()>,
+    instance: &Instance,
     envoy: EnvoyCommand,
 ) -> Result<()> {
     let request = AttachRequest {
@@ -208,17 +212,12 @@ async fn run_with_cgroup(
     // table; programs attach only once Envoy listens, so no query is
     // redirected to nothing.
     let mut loaded = Some(loader::load(&request)?);
-    fs::create_dir_all(&options.state_dir).with_context(|| {
-        format!(
-            "creating the state directory {}",
-            options.state_dir.display()
-        )
-    })?;
-    let partial = envoy.bootstrap.with_extension("partial");
-    fs::write(&partial, envoy_bootstrap::render(config)?)
-        .with_context(|| format!("writing {}", partial.display()))?;
-    fs::rename(&partial, &envoy.bootstrap)
-        .with_context(|| format!("writing {}", envoy.bootstrap.display()))?;
+    let owner = options.envoy_user.as_ref().map(|u| (u.uid, u.gid));
+    instance.prepare(owner)?;
+    instance.write_bootstrap(
+        &envoy_bootstrap::render(config, &instance.admin_socket())?,
+        owner,
+    )?;
     let mut attached: Option<Attached> = None;
     let mut log_task = None;
     log::info!(

@@ -34,7 +34,7 @@ pub struct Status {
 pub struct LoaderStatus {
     /// Process id, 0 once it detached.
     pub pid: u32,
-    /// Whether that process still exists.
+    /// Whether a gateway holds the pin directory's lock and has attached.
     pub alive: bool,
     /// The cgroup the programs were attached to.
     pub cgroup: String,
@@ -71,7 +71,10 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
         return Ok(status);
     }
     let info = pins.loader_info()?;
-    let alive = crate::loader::process_alive(info.pid);
+    // Liveness is the pin directory's lock, which dies with its owner;
+    // the recorded pid is only informative (it may be reused, or be from
+    // another pid namespace).
+    let alive = crate::loader::owner_alive(pin_dir) && info.pid != 0;
     let len = (info.cgroup_path_len as usize).min(info.cgroup_path.len());
     status.loader = Some(LoaderStatus {
         pid: info.pid,

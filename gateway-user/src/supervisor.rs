@@ -1,11 +1,13 @@
 //! Running Envoy as a supervised child: its output goes to the gateway's
-//! log, an unexpected exit is followed by a restart with backoff, and a
-//! shutdown stops it gracefully (SIGTERM, then SIGKILL).
+//! log, an unexpected exit or an Envoy whose listeners stopped (for
+//! example drained through the admin interface) is followed by a restart
+//! with backoff, and a shutdown stops it gracefully (SIGTERM, then
+//! SIGKILL). Envoy's admin interface is a Unix socket only root and
+//! Envoy's user can open.
 
 use std::{
     future::Future,
-    net::SocketAddrV4,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{ExitStatus, Stdio},
     time::{Duration, Instant},
 };
@@ -17,7 +19,7 @@ use nix::{
 };
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader},
-    net::TcpStream,
+    net::UnixStream,
     process::{Child, Command},
 };
 
@@ -39,8 +41,8 @@ pub struct EnvoyCommand {
     pub bootstrap: PathBuf,
     /// Directory holding `libconnectivity_envoy_module.so`.
     pub module_dir: PathBuf,
-    /// Envoy's admin address, for readiness checks.
-    pub admin: SocketAddrV4,
+    /// Envoy's admin socket, for readiness and health checks.
+    pub admin: PathBuf,
     /// Envoy's `-l` log level.
     pub log_level: String,
     /// Worker threads.
@@ -106,24 +108,27 @@ impl EnvoyCommand {
 /// How long one admin request may take.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// GETs `path` from Envoy's admin interface (HTTP/1.1: Envoy refuses
+/// GETs `path` from Envoy's admin socket (HTTP/1.1: Envoy refuses
 /// HTTP/1.0 by default); returns the raw body, which may be chunked. Gives
 /// up after [`ADMIN_TIMEOUT`], so a stuck peer cannot hang the gateway.
-pub async fn admin_get(admin: SocketAddrV4, path: &str) -> Result<String> {
+pub async fn admin_get(admin: &Path, path: &str) -> Result<String> {
     tokio::time::timeout(ADMIN_TIMEOUT, admin_get_unbounded(admin, path))
         .await
         .with_context(|| {
-            format!("Envoy's admin at {admin} did not answer {path} within {ADMIN_TIMEOUT:?}")
+            format!(
+                "Envoy's admin at {} did not answer {path} within {ADMIN_TIMEOUT:?}",
+                admin.display()
+            )
         })?
 }
 
-async fn admin_get_unbounded(admin: SocketAddrV4, path: &str) -> Result<String> {
-    let mut stream = TcpStream::connect(admin)
+async fn admin_get_unbounded(admin: &Path, path: &str) -> Result<String> {
+    let mut stream = UnixStream::connect(admin)
         .await
-        .with_context(|| format!("connecting to Envoy's admin at {admin}"))?;
+        .with_context(|| format!("connecting to Envoy's admin at {}", admin.display()))?;
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
         )
         .await?;
     let mut response = String::new();
@@ -137,7 +142,32 @@ async fn admin_get_unbounded(admin: SocketAddrV4, path: &str) -> Result<String> 
     Ok(body.to_owned())
 }
 
-async fn wait_ready(admin: SocketAddrV4, child: &mut Child) -> Result<()> {
+/// How often a running Envoy's health is checked.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
+/// Failed health checks in a row after which Envoy is restarted.
+const HEALTH_FAILURES: u32 = 3;
+
+/// Whether Envoy still serves: its admin answers and none of its listeners
+/// has been stopped (a drained listener no longer accepts anything while
+/// the process and `/ready` look fine).
+async fn healthy(admin: &Path) -> Result<()> {
+    let stats = admin_get(
+        admin,
+        "/stats?filter=^listener_manager%5C.listener_stopped$",
+    )
+    .await?;
+    let stopped = stats
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("listener_manager.listener_stopped:"))
+        .map(|n| n.trim().parse::<u64>().unwrap_or(u64::MAX))
+        .context("Envoy's stats lack listener_manager.listener_stopped")?;
+    if stopped > 0 {
+        bail!("{stopped} of Envoy's listeners were stopped (drained): DNS or connections are no longer served");
+    }
+    Ok(())
+}
+
+async fn wait_ready(admin: &Path, child: &mut Child) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Ok(body) = admin_get(admin, "/ready").await {
@@ -181,17 +211,20 @@ pub async fn supervise(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     tokio::pin!(shutdown);
-    if admin_get(envoy.admin, "/ready").await.is_ok() {
+    if admin_get(&envoy.admin, "/ready").await.is_ok() {
         bail!(
-            "something already answers on Envoy's admin address {}: another gateway or Envoy runs; \
-             stop it or choose another listeners.admin",
-            envoy.admin
+            "an Envoy still answers on this gateway's admin socket {}: it was left by a gateway that \
+             did not stop cleanly; stop it (curl --unix-socket {} -X POST http://admin/quitquitquit) and start again",
+            envoy.admin.display(),
+            envoy.admin.display()
         );
     }
+    // A socket file nobody answers on was left by a killed Envoy.
+    let _ = std::fs::remove_file(&envoy.admin);
     let mut child = envoy.spawn()?;
     let first = tokio::select! {
         () = &mut shutdown => None,
-        ready = wait_ready(envoy.admin, &mut child) => Some(ready),
+        ready = wait_ready(&envoy.admin, &mut child) => Some(ready),
     };
     match first {
         None => {
@@ -208,21 +241,51 @@ pub async fn supervise(
     on_ready()?;
     let mut backoff = MIN_BACKOFF;
     let mut started = Instant::now();
+    let mut health = tokio::time::interval(HEALTH_INTERVAL);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failures = 0u32;
     loop {
-        let exited = tokio::select! {
-            () = &mut shutdown => None,
-            status = child.wait() => Some(status),
+        enum Event {
+            Shutdown,
+            Exited(std::io::Result<ExitStatus>),
+            Check,
+        }
+        let event = tokio::select! {
+            () = &mut shutdown => Event::Shutdown,
+            status = child.wait() => Event::Exited(status),
+            _ = health.tick() => Event::Check,
         };
-        let Some(status) = exited else {
-            if let Some(status) = stop(&mut child).await? {
-                log::info!("Envoy stopped ({status})");
+        match event {
+            Event::Shutdown => {
+                if let Some(status) = stop(&mut child).await? {
+                    log::info!("Envoy stopped ({status})");
+                }
+                return Ok(());
             }
-            return Ok(());
-        };
-        let status = status.context("waiting for Envoy")?;
-        log::error!(
-            "Envoy exited unexpectedly ({status}); the VIP table is kept in the pinned map"
-        );
+            Event::Check => {
+                match healthy(&envoy.admin).await {
+                    Ok(()) => failures = 0,
+                    Err(err) => {
+                        failures += 1;
+                        log::warn!(
+                            "Envoy health check failed ({failures}/{HEALTH_FAILURES}): {err:#}"
+                        );
+                    }
+                }
+                if failures < HEALTH_FAILURES {
+                    continue;
+                }
+                failures = 0;
+                log::error!("Envoy is running but not serving; restarting it");
+                let _ = stop(&mut child).await;
+            }
+            Event::Exited(status) => {
+                let status = status.context("waiting for Envoy")?;
+                log::error!(
+                    "Envoy exited unexpectedly ({status}); the VIP table is kept in the pinned map"
+                );
+            }
+        }
         if started.elapsed() > STABLE_RUN {
             backoff = MIN_BACKOFF;
         }
@@ -237,6 +300,7 @@ pub async fn supervise(
                 return Ok(());
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
+            let _ = std::fs::remove_file(&envoy.admin);
             child = match envoy.spawn() {
                 Ok(child) => child,
                 Err(err) => {
@@ -247,7 +311,7 @@ pub async fn supervise(
             started = Instant::now();
             let ready = tokio::select! {
                 () = &mut shutdown => None,
-                ready = wait_ready(envoy.admin, &mut child) => Some(ready),
+                ready = wait_ready(&envoy.admin, &mut child) => Some(ready),
             };
             match ready {
                 None => {

@@ -40,24 +40,27 @@ pub fn setup() -> Result<()> {
 /// crate; bpf-linker must be built against the same one. Installs nightly
 /// if it is missing.
 fn nightly_llvm_major() -> Result<u32> {
-    let version = match output(Command::new("rustc").args(["+nightly", "-vV"])) {
+    let nightly = pinned_nightly()?;
+    let plus = format!("+{nightly}");
+    let version = match output(Command::new("rustc").args([plus.as_str(), "-vV"])) {
         Some(v) => v,
         None => {
             run(Command::new("rustup").args([
                 "toolchain",
                 "install",
-                "nightly",
+                nightly.as_str(),
                 "--profile",
                 "minimal",
             ]))?;
-            output(Command::new("rustc").args(["+nightly", "-vV"]))
-                .context("rustc +nightly still does not run after installing nightly")?
+            output(Command::new("rustc").args([plus.as_str(), "-vV"])).with_context(|| {
+                format!("rustc {plus} still does not run after installing {nightly}")
+            })?
         }
     };
     let llvm = version
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
-        .context("rustc +nightly -vV printed no LLVM version")?;
+        .with_context(|| format!("rustc {plus} -vV printed no LLVM version"))?;
     llvm.split('.')
         .next()
         .and_then(|m| m.trim().parse().ok())
@@ -99,19 +102,35 @@ fn nix_is_root() -> bool {
     output(Command::new("id").arg("-u")).is_some_and(|u| u.trim() == "0")
 }
 
+/// The nightly toolchain that builds the eBPF crate, pinned by date in the
+/// repository's `ebpf-toolchain` file (also read by gateway-user's
+/// build.rs), so CI does not break the day nightly moves on.
+pub fn pinned_nightly() -> Result<String> {
+    let path = crate::util::repo_root().join("ebpf-toolchain");
+    let text = fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(text.trim().to_owned())
+}
+
 fn rust_src() -> Result<()> {
+    let nightly = pinned_nightly()?;
     let have = output(Command::new("rustup").args([
         "component",
         "list",
         "--installed",
         "--toolchain",
-        "nightly",
+        nightly.as_str(),
     ]))
     .is_some_and(|l| l.lines().any(|c| c.starts_with("rust-src")));
     if have {
         return Ok(());
     }
-    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+    run(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        nightly.as_str(),
+    ]))
 }
 
 fn bpf_linker(llvm: u32) -> Result<()> {
@@ -165,7 +184,9 @@ fn bpffs() -> Result<()> {
     if mounted || !nix_is_root() {
         return Ok(());
     }
-    run(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+    // Mode 0700: only root may create pin directories (the default, 1777,
+    // lets any user squat on a pin directory name).
+    run(Command::new("mount").args(["-t", "bpf", "-o", "mode=0700", "bpf", "/sys/fs/bpf"]))
 }
 
 fn envoy() -> Result<()> {

@@ -1,7 +1,8 @@
 //! The `extern "C"` hooks Envoy calls. Each one catches panics: a panic
 //! that crossed into Envoy would abort the whole proxy. A caught panic is
-//! logged and mapped to a safe outcome (`Continue`, or NULL for a config,
-//! which makes Envoy reject that config).
+//! logged and fails closed: the datagram is dropped (`StopIteration`), the
+//! connection is closed, a config is rejected (NULL). The filters catch
+//! their own panics first, to count them; these guards are the last line.
 
 use std::{
     ffi::c_char,
@@ -140,10 +141,12 @@ pub extern "C" fn envoy_dynamic_module_on_udp_listener_filter_on_data(
 ) -> u32 {
     guarded(
         "on_udp_listener_filter_on_data",
-        UdpStatus::Continue as u32,
+        UdpStatus::StopIteration as u32,
         || {
             if filter.is_null() {
-                return UdpStatus::Continue as u32;
+                // No filter instance (its creation failed): drop, never
+                // pass a query on unexamined.
+                return UdpStatus::StopIteration as u32;
             }
             // SAFETY: `filter` came from filter_new and is only used by the
             // worker thread that owns it, one hook at a time.
@@ -222,22 +225,31 @@ pub extern "C" fn envoy_dynamic_module_on_network_filter_new(
     })
 }
 
-/// Runs `body` on the filter behind `filter`, or returns Continue.
+/// Runs `body` on the filter behind `filter`. Without a filter instance
+/// (its creation failed) or after a panic, the connection is closed: it
+/// must not reach tcp_proxy without its lookup.
 fn with_network_filter(
     hook: &str,
     filter_envoy: EnvoyPtr,
     filter: ModulePtr,
     body: impl FnOnce(&mut dyn NetworkFilter, &mut NetworkHandle) -> NetworkStatus,
 ) -> u32 {
-    guarded(hook, NetworkStatus::Continue as u32, || {
+    let outcome = guarded(hook, None, || {
         if filter.is_null() {
-            return NetworkStatus::Continue as u32;
+            return None;
         }
         // SAFETY: `filter` came from filter_new; a connection's hooks run
         // on its worker thread one at a time.
         let filter = unsafe { &mut *(filter as *mut Box<dyn NetworkFilter>) };
         let mut handle = NetworkHandle::new(filter_envoy);
-        body(filter.as_mut(), &mut handle) as u32
+        Some(body(filter.as_mut(), &mut handle) as u32)
+    });
+    outcome.unwrap_or_else(|| {
+        guarded(hook, (), || {
+            use crate::api::NetworkFilterHandle as _;
+            NetworkHandle::new(filter_envoy).close();
+        });
+        NetworkStatus::StopIteration as u32
     })
 }
 
@@ -310,10 +322,11 @@ mod tests {
     fn a_panic_becomes_the_fallback() {
         assert_eq!(guarded("test", 7u32, || panic!("boom")), 7);
         assert_eq!(guarded("test", 7u32, || 3), 3);
-        // Entry points with null pointers are safe no-ops.
+        // Entry points with null pointers are safe and fail closed: a
+        // datagram without a filter instance is dropped, not passed on.
         assert_eq!(
             envoy_dynamic_module_on_udp_listener_filter_on_data(ptr::null_mut(), ptr::null()),
-            UdpStatus::Continue as u32
+            UdpStatus::StopIteration as u32
         );
         assert!(
             envoy_dynamic_module_on_udp_listener_filter_new(ptr::null(), ptr::null_mut()).is_null()

@@ -1,0 +1,161 @@
+//! The state directory of one gateway: `<state dir>/<name>/`, where
+//! `<name>` is derived from the pin directory (which identifies a gateway:
+//! its lock allows one per pin directory). It holds the generated Envoy
+//! bootstrap (tokens inside) and Envoy's admin socket, so it is readable
+//! by root and by Envoy's own user only.
+
+use std::{
+    fs,
+    os::unix::fs::{chown, DirBuilderExt as _, MetadataExt as _, PermissionsExt as _},
+    path::{Path, PathBuf},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+/// Default parent of the gateways' state directories.
+pub const DEFAULT_STATE_DIR: &str = "/run/dns-egress-gateway";
+
+/// Where one gateway keeps its files.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Instance {
+    dir: PathBuf,
+}
+
+/// FNV-1a, 64 bits: a stable short digest of the pin directory's path.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+impl Instance {
+    /// The state directory of the gateway pinned in `pin_dir`: its last
+    /// path component (readable) and a digest of the whole path (unique, so
+    /// /a/gw and /b/gw never share a bootstrap).
+    pub fn new(state_dir: &Path, pin_dir: &Path) -> Self {
+        let last: String = pin_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "gateway".to_owned())
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let digest = fnv1a(pin_dir.as_os_str().as_encoded_bytes());
+        Self {
+            dir: state_dir.join(format!("{last}-{digest:016x}")),
+        }
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The generated Envoy bootstrap (mode 0600).
+    pub fn bootstrap(&self) -> PathBuf {
+        self.dir.join("envoy.json")
+    }
+
+    /// Envoy's admin interface: a Unix socket (mode 0600), the only way to
+    /// reach it.
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.join("admin.sock")
+    }
+
+    /// Creates the directories: the parent 0711 owned by root (others may
+    /// pass through, not list), this gateway's 0700 owned by `owner` (root,
+    /// or Envoy's user, which must create its admin socket there). An
+    /// existing directory owned by someone else is refused.
+    pub fn prepare(&self, owner: Option<(u32, u32)>) -> Result<()> {
+        let me = nix::unistd::geteuid().as_raw();
+        let parent = self
+            .dir
+            .parent()
+            .context("state directory without parent")?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(parent)
+            .with_context(|| format!("creating the state directory {}", parent.display()))?;
+        let meta = fs::symlink_metadata(parent)
+            .with_context(|| format!("inspecting {}", parent.display()))?;
+        if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+            bail!(
+                "state directory {} must be a directory owned by uid {me} and writable by nobody else \
+                 (it holds credentials); fix or remove it, or pass another --state-dir",
+                parent.display()
+            );
+        }
+        match fs::DirBuilder::new().mode(0o700).create(&self.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("creating {}", self.dir.display())),
+        }
+        let meta = fs::symlink_metadata(&self.dir)
+            .with_context(|| format!("inspecting {}", self.dir.display()))?;
+        let (uid, gid) = owner.unwrap_or((me, nix::unistd::getegid().as_raw()));
+        if !meta.is_dir() || (meta.uid() != me && meta.uid() != uid) {
+            bail!(
+                "{} is not a directory of this gateway (owner uid {}); remove it and start again",
+                self.dir.display(),
+                meta.uid()
+            );
+        }
+        chown(&self.dir, Some(uid), Some(gid))
+            .with_context(|| format!("chown {}", self.dir.display()))?;
+        fs::set_permissions(&self.dir, fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("chmod 700 {}", self.dir.display()))?;
+        Ok(())
+    }
+
+    /// Writes the bootstrap atomically, mode 0600, owned by `owner` (Envoy's
+    /// user when it runs as one, so it can read it).
+    pub fn write_bootstrap(&self, text: &str, owner: Option<(u32, u32)>) -> Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let target = self.bootstrap();
+        let partial = target.with_extension("partial");
+        let _ = fs::remove_file(&partial);
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&partial)
+            .with_context(|| format!("creating {}", partial.display()))?;
+        file.write_all(text.as_bytes())
+            .with_context(|| format!("writing {}", partial.display()))?;
+        if let Some((uid, gid)) = owner {
+            chown(&partial, Some(uid), Some(gid))
+                .with_context(|| format!("chown {}", partial.display()))?;
+        }
+        fs::rename(&partial, &target).with_context(|| format!("writing {}", target.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_dirs_with_the_same_last_component_get_different_directories() {
+        let state = Path::new("/run/gw");
+        let a = Instance::new(state, Path::new("/sys/fs/bpf/a/gw"));
+        let b = Instance::new(state, Path::new("/sys/fs/bpf/b/gw"));
+        assert_ne!(a, b);
+        assert_eq!(a, Instance::new(state, Path::new("/sys/fs/bpf/a/gw")));
+        assert!(a
+            .dir()
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("gw-"));
+        assert_eq!(a.bootstrap().parent(), Some(a.dir()));
+        assert_eq!(a.admin_socket().parent(), Some(a.dir()));
+    }
+}
