@@ -200,7 +200,17 @@ pub struct OrigDstEntry {
     pub dst: SockAddrV4,
     /// Socket cookie of the client socket that dialled it.
     pub cookie: u64,
+    /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the client socket closed
+    /// first while the proxy may not have accepted yet; 0 while it is open.
+    /// The loader removes such entries after [`ORIG_DST_CLOSE_GRACE_NS`].
+    pub closed_at_ns: u64,
 }
+
+/// How long an entry whose client closed first (orderly, before the proxy
+/// may have accepted) stays available to the proxy. Shorter than the one
+/// second after which loopback may reuse a TIME_WAIT 4-tuple, so no other
+/// socket can present the same client address within it.
+pub const ORIG_DST_CLOSE_GRACE_NS: u64 = 500_000_000;
 
 /// One entry of the VIP table: the domain a VIP stands for.
 #[repr(C)]

@@ -62,7 +62,7 @@ fn from_bytes<T: Pod, const N: usize>(bytes: &[u8; N]) -> T {
 
 const _: () = assert!(SOCKADDR_SIZE == 8);
 const _: () = assert!(VIP_RECORD_SIZE == 260);
-const _: () = assert!(ORIG_DST_ENTRY_SIZE == 16);
+const _: () = assert!(ORIG_DST_ENTRY_SIZE == 24);
 const _: () = assert!(CONFIG_SIZE == 96);
 
 /// Converts a std socket address to the kernel's representation.
@@ -309,11 +309,37 @@ impl OrigDstTable {
         let entry = OrigDstEntry {
             dst: sockaddr_from_std(original),
             cookie: 0,
+            closed_at_ns: 0,
         };
         let value = to_bytes::<_, ORIG_DST_ENTRY_SIZE>(&entry);
         self.map
             .insert(key, value, 0)
             .context("recording an original destination")
+    }
+
+    /// Removes the entries whose client socket closed more than `grace_ns`
+    /// before `now_ns` (CLOCK_MONOTONIC) without the proxy consuming them.
+    /// Returns how many were removed.
+    pub fn reap_closed(&mut self, now_ns: u64, grace_ns: u64) -> Result<usize> {
+        let expired: Vec<SockAddrBytes> = self
+            .map
+            .iter()
+            .filter_map(|item| item.ok())
+            .filter(|(_, v)| {
+                let entry: OrigDstEntry = from_bytes(v);
+                entry.closed_at_ns != 0 && now_ns.saturating_sub(entry.closed_at_ns) > grace_ns
+            })
+            .map(|(k, _)| k)
+            .collect();
+        let mut removed = 0;
+        for key in expired {
+            match self.map.remove(&key) {
+                Ok(()) => removed += 1,
+                Err(e) if is_missing(&e) => {}
+                Err(e) => return Err(e).context("removing a closed original destination"),
+            }
+        }
+        Ok(removed)
     }
 
     /// Every recorded (client, original destination) pair.

@@ -5,9 +5,9 @@
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE,
+        BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT2,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext},
@@ -47,11 +47,13 @@ static GW_SOCK_ORIG: LruHashMap<u64, SockAddrV4> = LruHashMap::pinned(CONNECTION
 
 /// Client (ip, port) → original destination and client socket, for the
 /// proxy. An entry belongs to one connection: the proxy consumes it
-/// (lookup and delete) when it accepts the connection, and sockops deletes
-/// it when the client socket reaches TCP_CLOSE unconsumed. A client socket
-/// only reaches TCP_CLOSE after the proxy's side closed (it accepted, and
-/// so consumed, first), after a reset, or after the connect failed, so the
-/// delete never races the accept. Only sockets of the proxy's network
+/// (lookup and delete) when it accepts the connection, and sockops removes
+/// it when the client socket reaches TCP_CLOSE unconsumed: at once when
+/// the proxy's side closed first, the connection was reset or the connect
+/// failed (the proxy has accepted, or never will); when the client closed
+/// first (from FIN_WAIT2: the proxy may not have accepted yet) it is
+/// stamped instead, and the loader removes it after a grace shorter than
+/// the TIME_WAIT reuse delay. Only sockets of the proxy's network
 /// namespace are recorded, where a live (ip, port) is unique. LRU so that
 /// a full table evicts instead of failing; an evicted entry makes that one
 /// connection fail closed at the proxy.
@@ -295,7 +297,9 @@ pub fn gw_sockops(ctx: SockOpsContext) -> u32 {
     }
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => record_original_destination(&ctx),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => forget_original_destination(&ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            forget_original_destination(&ctx, ctx.arg(0) == BPF_TCP_FIN_WAIT2)
+        }
         _ => {}
     }
     1
@@ -333,6 +337,7 @@ fn record_original_destination(ctx: &SockOpsContext) {
     let entry = OrigDstEntry {
         dst: original,
         cookie,
+        closed_at_ns: 0,
     };
     if GW_ORIG_DST.insert(&client_address(ctx), &entry, 0).is_err() {
         count(Counter::MapUpdateFailed);
@@ -348,13 +353,22 @@ fn record_original_destination(ctx: &SockOpsContext) {
 }
 
 #[inline(always)]
-fn forget_original_destination(ctx: &SockOpsContext) {
+fn forget_original_destination(ctx: &SockOpsContext, client_closed_first: bool) {
     let client = client_address(ctx);
     // SAFETY: the value is copied out at once (see restore_original).
-    let Some(entry) = (unsafe { GW_ORIG_DST.get(&client) }).copied() else {
+    let Some(mut entry) = (unsafe { GW_ORIG_DST.get(&client) }).copied() else {
         return;
     };
-    if entry.cookie == socket_cookie(ctx) && GW_ORIG_DST.remove(&client).is_ok() {
+    if entry.cookie != socket_cookie(ctx) {
+        return;
+    }
+    if client_closed_first {
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        entry.closed_at_ns = unsafe { bpf_ktime_get_ns() }.max(1);
+        if GW_ORIG_DST.insert(&client, &entry, 0).is_err() {
+            count(Counter::MapUpdateFailed);
+        }
+    } else if GW_ORIG_DST.remove(&client).is_ok() {
         count(Counter::OrigDstClosed);
     }
 }

@@ -18,6 +18,7 @@ pub mod loader;
 #[allow(unsafe_code)]
 pub mod netns;
 pub mod privileges;
+pub mod reaper;
 pub mod run;
 pub mod status;
 pub mod supervisor;

@@ -208,6 +208,7 @@ async fn attach_foreground(request: AttachRequest) -> Result<()> {
     let shutdown = run::shutdown_signal()?;
     let mut attached = loader::attach(&request)?;
     let log_task = gateway_user::kernel_log::forward(attached.ebpf_mut());
+    let reaper = gateway_user::reaper::spawn(request.pin_dir.clone());
     log::info!(
         "attached to {}: DNS to {}, VIP connects ({}) to {}; maps pinned in {}; Ctrl-C or SIGTERM detaches",
         attached.cgroup().display(),
@@ -222,6 +223,7 @@ async fn attach_foreground(request: AttachRequest) -> Result<()> {
         request.pin_dir.display()
     );
     shutdown.await;
+    reaper.abort();
     if let Some(task) = log_task {
         task.abort();
     }

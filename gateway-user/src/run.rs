@@ -220,6 +220,7 @@ async fn run_with_cgroup(
     )?;
     let mut attached: Option<Attached> = None;
     let mut log_task = None;
+    let mut reaper = None;
     log::info!(
         "starting Envoy {} (bootstrap {}, module from {})",
         envoy.binary.display(),
@@ -232,6 +233,7 @@ async fn run_with_cgroup(
             let loaded = loaded.take().context("programs already attached")?;
             let mut done = loaded.attach()?;
             log_task = kernel_log::forward(done.ebpf_mut());
+            reaper = Some(crate::reaper::spawn(config.file.pin_dir.clone()));
             log::info!(
                 "gateway ready: {} is gated (DNS → {}, {} → {}); run programs in it with `gateway exec{} -- <command>`; `gateway status` shows the state",
                 cgroup_path.display(),
@@ -250,7 +252,7 @@ async fn run_with_cgroup(
         shutdown,
     )
     .await;
-    if let Some(task) = log_task {
+    for task in log_task.into_iter().chain(reaper) {
         task.abort();
     }
     let detached = match attached {

@@ -461,6 +461,46 @@ pub fn reset_pins(pin_dir: &Path) {
         .output();
 }
 
+/// A system user with a group of its own, for running Envoy unprivileged
+/// (`--envoy-user` refuses shared groups such as nogroup).
+pub struct DedicatedUser {
+    /// Its name.
+    pub name: String,
+    /// Its uid.
+    pub uid: u32,
+}
+
+/// The name of the test's dedicated Envoy user.
+pub const ENVOY_TEST_USER: &str = "gw-test-envoy";
+
+/// Creates [`ENVOY_TEST_USER`] (system user, own group, no home) if it does
+/// not exist yet, and returns it.
+pub fn dedicated_user() -> Result<DedicatedUser> {
+    let lookup = || nix::unistd::User::from_name(ENVOY_TEST_USER).ok().flatten();
+    if lookup().is_none() {
+        let out = Command::new("useradd")
+            .args([
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                ENVOY_TEST_USER,
+            ])
+            .output()
+            .context("running useradd")?;
+        // A concurrent test may have created it meanwhile.
+        if !out.status.success() && lookup().is_none() {
+            bail!("useradd failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let user = lookup().context("the dedicated user does not exist after useradd")?;
+    Ok(DedicatedUser {
+        name: ENVOY_TEST_USER.to_owned(),
+        uid: user.uid.as_raw(),
+    })
+}
+
 /// `gateway status --json --pin-dir <dir>`, parsed.
 pub fn status_json(pin_dir: &Path) -> Result<serde_json::Value> {
     let out = Command::new(gateway_bin())

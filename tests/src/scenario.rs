@@ -22,8 +22,6 @@ pub const FALLBACK: &str = "127.0.0.1:5353";
 pub const FALLBACK_NAME: &str = "github.com";
 /// The stub resolver's answer for [`FALLBACK_NAME`].
 pub const FALLBACK_ANSWER: &str = "192.0.2.10";
-/// Envoy's admin address in the built-in configuration.
-pub const ADMIN: &str = "127.0.0.1:15000";
 
 /// The upstreams of the built-in configuration: (cluster, port).
 pub const UPSTREAMS: [(&str, u16); 2] = [("cluster_1", 18001), ("cluster_2", 18002)];
@@ -31,6 +29,7 @@ pub const UPSTREAMS: [(&str, u16); 2] = [("cluster_1", 18001), ("cluster_2", 180
 /// A running seed scenario; dropping it stops everything.
 pub struct SeedScenario {
     work_dir: PathBuf,
+    admin_socket: PathBuf,
     config_path: Option<PathBuf>,
     pin_dir: PathBuf,
     cgroup: PathBuf,
@@ -150,6 +149,8 @@ impl SeedScenario {
         ])
         .arg(work_dir.join("state"))
         .args(extra_args);
+        let admin_socket =
+            gateway_user::instance::Instance::new(&work_dir.join("state"), &pin_dir).admin_socket();
         let mut gateway = Guarded::spawn("gateway run", cmd)?;
         let pins = pin_dir.clone();
         let ready = wait_for("gateway run to be ready", Duration::from_secs(60), || {
@@ -165,6 +166,7 @@ impl SeedScenario {
         }
         Ok(Self {
             work_dir,
+            admin_socket,
             config_path,
             pin_dir,
             cgroup,
@@ -229,11 +231,27 @@ impl SeedScenario {
             .ok()
     }
 
-    /// GET from Envoy's admin interface (with curl).
-    pub fn admin_get(path: &str) -> Result<String> {
+    /// Envoy's admin socket (root only).
+    pub fn admin_socket(&self) -> &Path {
+        &self.admin_socket
+    }
+
+    /// The directory holding the state of `gateway run` (bootstrap, admin).
+    pub fn state_dir(&self) -> PathBuf {
+        self.work_dir.join("state")
+    }
+
+    /// The directory the upstreams log their CONNECTs in.
+    pub fn work_dir(&self) -> &Path {
+        &self.work_dir
+    }
+
+    /// GET from Envoy's admin socket (with curl, as root).
+    pub fn admin_get(&self, path: &str) -> Result<String> {
         let out = Command::new("curl")
-            .args(["-sS", "--max-time", "5"])
-            .arg(format!("http://{ADMIN}{path}"))
+            .args(["-sS", "--max-time", "5", "--unix-socket"])
+            .arg(&self.admin_socket)
+            .arg(format!("http://admin{path}"))
             .output()
             .context("running curl against Envoy's admin")?;
         if !out.status.success() {

@@ -18,7 +18,7 @@ use anyhow::{Context as _, Result};
 use gateway_common::pinned::PinDir;
 use nix::sys::signal::Signal;
 use tests::{
-    cgroup2_root, enter_private_netns, gateway_bin, prerequisites_met, repo_root, Loader,
+    cgroup2_root, enter_private_netns, gateway_bin, prerequisites_met, repo_root, wait_for, Loader,
     TestCgroup,
 };
 
@@ -70,15 +70,24 @@ fn probe(
 struct TcpServer {
     peers: mpsc::Receiver<SocketAddr>,
     stop: Arc<AtomicBool>,
+    held: Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
 }
 
 impl TcpServer {
     fn start(at: &str) -> Result<Self> {
+        Self::start_holding(at, false)
+    }
+
+    /// With `hold`, accepted connections stay open (the proxy's side does
+    /// not close) until [`TcpServer::close_held`].
+    fn start_holding(at: &str, hold: bool) -> Result<Self> {
         let listener = TcpListener::bind(at).with_context(|| format!("binding {at}"))?;
         listener.set_nonblocking(true)?;
         let (tx, peers) = mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
+        let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let holder = held.clone();
         thread::spawn(move || {
             while !stopped.load(Ordering::Relaxed) {
                 match listener.accept() {
@@ -89,12 +98,24 @@ impl TcpServer {
                         let _ = conn.read_exact(&mut buf);
                         let _ = conn.write_all(b"pong");
                         let _ = tx.send(peer);
+                        if hold {
+                            if let Ok(mut h) = holder.lock() {
+                                h.push(conn);
+                            }
+                        }
                     }
                     Err(_) => thread::sleep(Duration::from_millis(10)),
                 }
             }
         });
-        Ok(Self { peers, stop })
+        Ok(Self { peers, stop, held })
+    }
+
+    /// Closes the connections kept open so far (the proxy's side closes).
+    fn close_held(&self) {
+        if let Ok(mut h) = self.held.lock() {
+            h.clear();
+        }
     }
 
     fn next_peer(&self) -> Option<SocketAddr> {
@@ -163,7 +184,9 @@ fn tcp_connect_to_vip_reaches_proxy_and_original_destination_is_recovered() -> R
     let Some(cgroup) = setup()? else {
         return Ok(());
     };
-    let proxy = TcpServer::start(TCP_TO)?;
+    // The proxy keeps its side open, so the client side cannot finish
+    // closing: the record lives until the proxy consumes it.
+    let proxy = TcpServer::start_holding(TCP_TO, true)?;
     let loader = attach(&cgroup)?;
 
     let seen = probe(Some(&cgroup), "tcp", "10.10.0.7", 443)?;
@@ -186,12 +209,7 @@ fn tcp_connect_to_vip_reaches_proxy_and_original_destination_is_recovered() -> R
         panic!("IPv4 peer expected, got {accepted}");
     };
 
-    // Another process (this test, not the loader) recovers the original
-    // destination from the pinned map, given only the accepted peer.
-    let original = PinDir::new(loader.pin_dir()).orig_dst()?.lookup(accepted)?;
-    assert_eq!(original, Some(addr("10.10.0.7:443")));
-
-    // And so does the CLI.
+    // The CLI shows the record while the proxy has not consumed it.
     let status = loader.status()?;
     let recorded = status["original_destinations"]
         .as_array()
@@ -204,6 +222,67 @@ fn tcp_connect_to_vip_reaches_proxy_and_original_destination_is_recovered() -> R
     );
     assert_eq!(loader.counter("tcp_redirected")?, 1);
     assert_eq!(loader.counter("orig_dst_recorded")?, 1);
+
+    // Another process (this test, not the loader) recovers the original
+    // destination from the pinned map, given only the accepted peer, and
+    // it is handed out once: a later socket on the same address gets none.
+    let mut table = PinDir::new(loader.pin_dir()).orig_dst()?;
+    assert_eq!(table.take(accepted)?, Some(addr("10.10.0.7:443")));
+    assert_eq!(table.take(accepted)?, None, "an entry is consumed once");
+    Ok(())
+}
+
+/// Whether `gateway status` still lists an original destination for
+/// `client`.
+fn recorded(loader: &Loader, client: SocketAddr) -> Result<bool> {
+    let status = loader.status()?;
+    Ok(status["original_destinations"]
+        .as_array()
+        .context("original_destinations")?
+        .iter()
+        .any(|pair| pair[0] == client.to_string().as_str()))
+}
+
+#[test]
+fn an_unconsumed_original_destination_dies_with_its_connection() -> Result<()> {
+    let Some(cgroup) = setup()? else {
+        return Ok(());
+    };
+    let proxy = TcpServer::start_holding(TCP_TO, true)?;
+    let loader = attach(&cgroup)?;
+
+    // The client closes first (it exits after the exchange) while the
+    // proxy's side stays open: the record is kept for the grace period, in
+    // case the proxy accepts late, then removed by the loader.
+    let seen = probe(Some(&cgroup), "tcp", "10.10.0.7", 443)?;
+    assert_eq!(seen["ok"], true, "{seen}");
+    let client_first = proxy.next_peer().context("the proxy accepted nothing")?;
+    wait_for(
+        "the loader to remove the record of a client that closed first",
+        Duration::from_secs(5),
+        || Ok((!recorded(&loader, client_first)?).then_some(())),
+    )?;
+
+    // The proxy's side closes first: the record goes at once, in the kernel.
+    let closed_before = loader.counter("orig_dst_closed")?;
+    let python = "import socket\n\
+        s=socket.create_connection(('10.10.0.8',80),timeout=3)\n\
+        s.sendall(b'ping'); s.recv(4)\n\
+        s.settimeout(10)\n\
+        while s.recv(100): pass\n\
+        s.close()\n";
+    let mut client = cgroup.command("python3", &["-c", python]).spawn()?;
+    let proxy_first = proxy.next_peer().context("the proxy accepted nothing")?;
+    assert!(recorded(&loader, proxy_first)?, "not recorded while open");
+    proxy.close_held();
+    let status = client.wait()?;
+    assert!(status.success(), "client: {status}");
+    wait_for(
+        "the kernel to remove the record when the connection closed",
+        Duration::from_secs(5),
+        || Ok((!recorded(&loader, proxy_first)?).then_some(())),
+    )?;
+    assert_eq!(loader.counter("orig_dst_closed")?, closed_before + 1);
     Ok(())
 }
 
@@ -407,8 +486,10 @@ fn bad_command_line_input_gets_a_clear_error() -> Result<()> {
         (base(&cg, "10.10.0.0/40", DNS_TO), "must be 0 to 32"),
         (base(&cg, "banana", DNS_TO), "expected an IPv4 network"),
         (base(&cg, VIP_CIDR, "127.0.0.1"), "like 127.0.0.1:15053"),
+        (base(&cg, "127.0.0.0/8", DNS_TO), "cannot hold VIPs"),
+        (base(&cg, "224.0.0.0/24", DNS_TO), "multicast"),
         (
-            base(&cg, "127.0.0.0/8", DNS_TO),
+            base(&cg, "10.10.0.0/24", "10.10.0.53:15053"),
             "contains the proxy address",
         ),
         (base(&root, VIP_CIDR, DNS_TO), "root cgroup"),
