@@ -124,6 +124,13 @@ pub fn seed_dns_gateway_config(base_ip: &str, prefix_len: u8, pin_dir: &Path) ->
 /// `tcp_proxy` tunnelling to the CONNECT upstreams, and an admin listener,
 /// all on loopback. The CONNECT authority is `<domain>:<dialled port>`.
 pub fn seed_bootstrap(ports: &Ports, dns_gateway: &Value, cache_lookup: &Value) -> Value {
+    // The module keeps state per pin directory: cache_lookup must name the
+    // dns_gateway's to see its VIPs.
+    let mut cache_lookup = cache_lookup.clone();
+    if let (Some(map), Some(dir)) = (cache_lookup.as_object_mut(), dns_gateway.get("pin_dir")) {
+        map.entry("pin_dir").or_insert_with(|| dir.clone());
+    }
+    let cache_lookup = &cache_lookup;
     let cluster = |name: &str, port: u16| {
         json!({
             "name": name,

@@ -358,6 +358,59 @@ fn invalid_configuration_files_name_the_field() -> Result<()> {
             "unknown field `bogus`",
         ),
         ("cgroup = [".to_owned(), "line 1"),
+        // The hostile configurations: each refused before Envoy
+        // starts, naming the field.
+        (
+            text.replace("auth_token = \"abc123\"", "\"auth token\" = \"abc123\""),
+            "domains[0].metadata.auth token",
+        ),
+        (
+            text.replace("ttl = 300", "ttl = 300\nreclaim_idle_after = 3000000"),
+            "dns.reclaim_idle_after",
+        ),
+        (
+            text.replace("\"X-Auth-Token\"", "\"Host\""),
+            "tunnel.headers.Host",
+        ),
+        (
+            text.replace("\"abc123\"", "\"abc\\r\\nX-Evil: 1\""),
+            "domains[0].metadata.auth_token",
+        ),
+        (
+            text.replace(
+                "pin_dir = \"/sys/fs/bpf/dns-egress-gateway\"",
+                "pin_dir = \"\"",
+            ),
+            "pin_dir",
+        ),
+        (
+            text.replace(
+                "pin_dir = \"/sys/fs/bpf/dns-egress-gateway\"",
+                "pin_dir = \"/sys/fs/bpf\"",
+            ),
+            "pin_dir",
+        ),
+        (
+            text.replace("127.0.0.1:15001", "0.0.0.0:15001"),
+            "listeners.tcp",
+        ),
+        (text.replace("10.10.0.0/24", "127.0.0.0/24"), "dns.vip_cidr"),
+        (text.replace("10.10.0.0/24", "224.1.0.0/24"), "dns.vip_cidr"),
+        (
+            text.replace("127.0.0.1:18002", "10.10.0.20:18002"),
+            "clusters[1].address",
+        ),
+        (
+            text.replace("fallback = []", "fallback = [\"10.10.0.53:53\"]"),
+            "dns.fallback[0]",
+        ),
+        (
+            text.replace(
+                "tcp = \"127.0.0.1:15001\"",
+                "tcp = \"127.0.0.1:15001\"\nadmin = \"127.0.0.1:15000\"",
+            ),
+            "listeners.admin",
+        ),
     ];
     for (i, (config, field)) in cases.iter().enumerate() {
         let path = dir.join(format!("bad-{i}.toml"));
@@ -375,6 +428,36 @@ fn invalid_configuration_files_name_the_field() -> Result<()> {
                 "gateway {command} case {i}: expected {field:?} in {stderr}"
             );
             assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+    // The command line gets the same checks as the file.
+    let good = dir.join("good.toml");
+    std::fs::write(&good, &text)?;
+    let cli_cases: [(&[&str], &str, bool); 3] = [
+        (&["--fallback", "127.0.0.1:15053"], "dns.fallback[0]", true),
+        (&["--fallback", "10.10.0.9:53"], "dns.fallback[0]", true),
+        (&["--concurrency", "100000"], "--concurrency", false),
+    ];
+    for (args, field, also_envoy_config) in cli_cases {
+        let commands: &[&str] = if also_envoy_config {
+            &["run", "envoy-config"]
+        } else {
+            &["run"]
+        };
+        for command in commands {
+            let out = Command::new(gateway_bin())
+                .arg(command)
+                .arg("--config")
+                .arg(&good)
+                .args(args)
+                .output()?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "gateway {command} accepted {args:?}");
+            assert!(
+                stderr.contains(field),
+                "gateway {command} {args:?}: {stderr}"
+            );
+            assert!(!stderr.contains("starting Envoy"), "{stderr}");
         }
     }
     std::fs::remove_dir_all(&dir)?;
