@@ -248,22 +248,15 @@ impl CacheLookupFilter {
 
 impl NetworkFilter for CacheLookupFilter {
     fn on_new_connection(&mut self, handle: &mut dyn NetworkFilterHandle) -> NetworkStatus {
-        let looked_up =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.lookup(&mut *handle)));
-        match looked_up {
-            Ok(status) => status,
-            Err(payload) => {
-                // Fail closed: the connection may hold partial filter state.
-                // The payload is leaked: its Drop could panic too.
-                std::mem::forget(payload);
-                self.count(handle, CacheCounter::Panics);
-                log(
-                    LogLevel::Error,
-                    "cache_lookup: handling a connection panicked; closing it",
-                );
-                handle.close();
-                NetworkStatus::StopIteration
-            }
-        }
+        crate::api::catch_panic(|| self.lookup(&mut *handle)).unwrap_or_else(|| {
+            // Fail closed: the connection may hold partial filter state.
+            self.count(handle, CacheCounter::Panics);
+            log(
+                LogLevel::Error,
+                "cache_lookup: handling a connection panicked; closing it",
+            );
+            handle.close();
+            NetworkStatus::StopIteration
+        })
     }
 }

@@ -319,23 +319,16 @@ impl UdpListenerFilter for DnsGatewayFilter {
     fn on_data(&mut self, handle: &mut dyn UdpFilterHandle) -> UdpStatus {
         self.count(handle, DnsCounter::Queries);
         let datagram = handle.datagram();
-        let decided = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.decide(&mut *handle, &datagram)
-        }));
-        let outcome = match decided {
-            Ok(outcome) => outcome,
-            Err(payload) => {
-                // Fail closed: the query is dropped, never passed on half
-                // handled. The payload is leaked: its Drop could panic too.
-                std::mem::forget(payload);
-                self.count(handle, DnsCounter::Panics);
-                log(
-                    LogLevel::Error,
-                    "dns_gateway: handling a datagram panicked; dropped it",
-                );
-                Outcome::Drop
-            }
-        };
+        let decided = crate::api::catch_panic(|| self.decide(&mut *handle, &datagram));
+        let outcome = decided.unwrap_or_else(|| {
+            // Fail closed: the query is dropped, never passed on half handled.
+            self.count(handle, DnsCounter::Panics);
+            log(
+                LogLevel::Error,
+                "dns_gateway: handling a datagram panicked; dropped it",
+            );
+            Outcome::Drop
+        });
         match outcome {
             Outcome::PassOn => UdpStatus::Continue,
             Outcome::Drop => UdpStatus::StopIteration,

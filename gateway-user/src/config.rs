@@ -213,9 +213,12 @@ pub fn validate(file: GatewayFile) -> Result<Config> {
             vip_cidr.prefix_len
         );
     }
-    if file.dns.ttl == 0 || file.dns.ttl > 86_400 {
+    // The module accepts 0 (the seed's schema); under the gateway an
+    // answer that cannot be cached would re-ask for every connection.
+    let max_ttl = gateway_common::contract::MAX_TTL_SECS;
+    if file.dns.ttl == 0 || file.dns.ttl > max_ttl {
         bail!(
-            "dns.ttl: {} must be between 1 and 86400 seconds",
+            "dns.ttl: {} must be between 1 and {max_ttl} seconds",
             file.dns.ttl
         );
     }

@@ -61,6 +61,58 @@ pub fn start_upstreams(log_dir: &Path) -> Result<Vec<Guarded>> {
     Ok(upstreams)
 }
 
+/// The built-in configuration with a cgroup and a pin directory of the
+/// caller's own (`<prefix>-<unique>`), so tests never share them.
+pub fn isolated_config(prefix: &str) -> Result<String> {
+    let name = unique_name(prefix);
+    Ok(default_config_text()?
+        .replacen(
+            "cgroup = \"dns-egress-gateway\"",
+            &format!("cgroup = \"{name}\""),
+            1,
+        )
+        .replacen(
+            "pin_dir = \"/sys/fs/bpf/dns-egress-gateway\"",
+            &format!("pin_dir = \"/sys/fs/bpf/{name}\""),
+            1,
+        ))
+}
+
+/// Whether Envoy, the module and the command-line `tools` are present;
+/// panics in CI when not, says why and returns false otherwise.
+pub fn scenario_prerequisites(tools: &[&str]) -> bool {
+    let needs = [crate::envoy::envoy_bin(), crate::envoy::module_path()];
+    if !crate::prerequisites_met(&needs) {
+        return false;
+    }
+    for tool in tools {
+        if crate::which(tool).is_none() {
+            assert!(!crate::in_ci(), "{tool} missing (run cargo xtask setup)");
+            eprintln!("SKIPPED: {tool} missing");
+            return false;
+        }
+    }
+    true
+}
+
+/// Checks [`scenario_prerequisites`], enters a private network namespace
+/// and starts the scenario on `config` with `extra_args`; `None` when
+/// skipped (outside CI only).
+pub fn start_isolated(
+    config: String,
+    extra_args: &[&str],
+    tools: &[&str],
+) -> Result<Option<SeedScenario>> {
+    if !scenario_prerequisites(tools) {
+        return Ok(None);
+    }
+    crate::enter_private_netns()?;
+    Ok(Some(SeedScenario::start_with_args(
+        Some(config),
+        extra_args,
+    )?))
+}
+
 /// The built-in configuration, as `gateway default-config` prints it.
 pub fn default_config_text() -> Result<String> {
     let out = Command::new(gateway_bin()).arg("default-config").output()?;

@@ -347,6 +347,16 @@ fn bad_filter_configs_are_rejected_naming_the_field() {
     bad_domain["domains"][1]["domain"] = json!("exa mple.com");
     cases.push((bad_domain, json!({}), "domains[1].domain"));
     cases.push((good.clone(), json!({"on_miss": "explode"}), "on_miss"));
+    // Maps required (as under `gateway run`) but not pinned: refused, never
+    // an in-process table that would hand VIPs out again.
+    let mut required = good.clone();
+    required["require_pinned_maps"] = json!(true);
+    cases.push((required, json!({}), "pin_dir"));
+    cases.push((
+        good.clone(),
+        json!({"require_pinned_maps": true}),
+        "pin_dir",
+    ));
 
     for (dns_gateway, cache_lookup, field) in cases {
         let (status, log) =

@@ -8,32 +8,19 @@ use anyhow::{Context as _, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tests::{
-    enter_private_netns, gateway_bin, prerequisites_met,
-    scenario::{default_config_text, SeedScenario, FALLBACK_ANSWER, FALLBACK_NAME},
-    tools_dir, unique_name, wait_for,
+    gateway_bin,
+    scenario::{
+        default_config_text, isolated_config, start_isolated, SeedScenario, FALLBACK_ANSWER,
+        FALLBACK_NAME,
+    },
+    unique_name, wait_for,
 };
 
-fn module_so() -> std::path::PathBuf {
-    tests::target_dir()
-        .join("debug")
-        .join("libconnectivity_envoy_module.so")
-}
+/// Clients the tests of this file run.
+const TOOLS: [&str; 4] = ["dig", "curl", "getent", "pgrep"];
 
-/// The built-in configuration with this test's own cgroup and pin dir.
 fn test_config() -> Result<String> {
-    let name = unique_name("gw-run");
-    let text = default_config_text()?;
-    Ok(text
-        .replacen(
-            "cgroup = \"dns-egress-gateway\"",
-            &format!("cgroup = \"{name}\""),
-            1,
-        )
-        .replacen(
-            "pin_dir = \"/sys/fs/bpf/dns-egress-gateway\"",
-            &format!("pin_dir = \"/sys/fs/bpf/{name}\""),
-            1,
-        ))
+    isolated_config("gw-run")
 }
 
 fn start() -> Result<Option<SeedScenario>> {
@@ -41,22 +28,7 @@ fn start() -> Result<Option<SeedScenario>> {
 }
 
 fn start_with_args(extra_args: &[&str]) -> Result<Option<SeedScenario>> {
-    let needs = [tools_dir().join("bin/envoy"), module_so()];
-    if !prerequisites_met(&needs) {
-        return Ok(None);
-    }
-    for tool in ["dig", "curl", "getent", "pgrep"] {
-        if tests::which(tool).is_none() {
-            assert!(!tests::in_ci(), "{tool} missing (run cargo xtask setup)");
-            eprintln!("SKIPPED: {tool} missing");
-            return Ok(None);
-        }
-    }
-    enter_private_netns()?;
-    Ok(Some(SeedScenario::start_with_args(
-        Some(test_config()?),
-        extra_args,
-    )?))
+    start_isolated(test_config()?, extra_args, &TOOLS)
 }
 
 fn stdout_of(output: std::process::Output) -> String {
@@ -292,16 +264,13 @@ fn envoy_runs_unprivileged_as_another_user() -> Result<()> {
 
 #[test]
 fn a_full_range_reclaims_the_idlest_vip_when_configured() -> Result<()> {
-    let needs = [tools_dir().join("bin/envoy"), module_so()];
-    if !prerequisites_met(&needs) {
-        return Ok(());
-    }
-    enter_private_netns()?;
     // Two VIPs, a 1 s TTL, and reclaiming after 2 s idle.
     let config = test_config()?
         .replacen("10.10.0.0/24", "10.10.0.0/30", 1)
         .replacen("ttl = 300", "ttl = 1\nreclaim_idle_after = 2", 1);
-    let scenario = SeedScenario::start(Some(config))?;
+    let Some(scenario) = start_isolated(config, &[], &TOOLS)? else {
+        return Ok(());
+    };
     assert_eq!(dig(&scenario, "a.s3.aws.com")?, "10.10.0.1");
     assert_eq!(dig(&scenario, "b.s3.aws.com")?, "10.10.0.2");
     // Full, and nothing idle for 2 s yet: SERVFAIL (dig +short prints nothing).
@@ -412,14 +381,31 @@ fn invalid_configuration_files_name_the_field() -> Result<()> {
             "listeners.admin",
         ),
     ];
-    for (i, (config, field)) in cases.iter().enumerate() {
-        let path = dir.join(format!("bad-{i}.toml"));
+    // The command line gets the same checks as the file: (arguments,
+    // expected text, whether `envoy-config` takes them too).
+    let cli_cases: [(&[&str], &str, bool); 4] = [
+        (&["--fallback", "127.0.0.1:15053"], "dns.fallback[0]", true),
+        (&["--fallback", "10.10.0.9:53"], "dns.fallback[0]", true),
+        (&["--concurrency", "100000"], "--concurrency", false),
+        (&["--envoy-user", "nobody"], "shared by other users", false),
+    ];
+    let both: &[&str] = &["run", "envoy-config"];
+    let all = cases
+        .iter()
+        .map(|(config, field)| (config.as_str(), &[][..], *field, both))
+        .chain(cli_cases.iter().map(|(args, field, also)| {
+            let commands: &[&str] = if *also { both } else { &["run"] };
+            (text.as_str(), *args, *field, commands)
+        }));
+    for (i, (config, args, field, commands)) in all.enumerate() {
+        let path = dir.join(format!("case-{i}.toml"));
         std::fs::write(&path, config)?;
-        for command in ["run", "envoy-config"] {
+        for command in commands {
             let out = Command::new(gateway_bin())
                 .arg(command)
                 .arg("--config")
                 .arg(&path)
+                .args(args)
                 .output()?;
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "gateway {command} accepted case {i}");
@@ -428,35 +414,6 @@ fn invalid_configuration_files_name_the_field() -> Result<()> {
                 "gateway {command} case {i}: expected {field:?} in {stderr}"
             );
             assert!(!stderr.contains("panicked"), "{stderr}");
-        }
-    }
-    // The command line gets the same checks as the file.
-    let good = dir.join("good.toml");
-    std::fs::write(&good, &text)?;
-    let cli_cases: [(&[&str], &str, bool); 3] = [
-        (&["--fallback", "127.0.0.1:15053"], "dns.fallback[0]", true),
-        (&["--fallback", "10.10.0.9:53"], "dns.fallback[0]", true),
-        (&["--concurrency", "100000"], "--concurrency", false),
-    ];
-    for (args, field, also_envoy_config) in cli_cases {
-        let commands: &[&str] = if also_envoy_config {
-            &["run", "envoy-config"]
-        } else {
-            &["run"]
-        };
-        for command in commands {
-            let out = Command::new(gateway_bin())
-                .arg(command)
-                .arg("--config")
-                .arg(&good)
-                .args(args)
-                .output()?;
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(!out.status.success(), "gateway {command} accepted {args:?}");
-            assert!(
-                stderr.contains(field),
-                "gateway {command} {args:?}: {stderr}"
-            );
             assert!(!stderr.contains("starting Envoy"), "{stderr}");
         }
     }

@@ -17,9 +17,9 @@ use nix::{
 };
 use serde_json::Value;
 use tests::{
-    enter_private_netns, gateway_bin, prerequisites_met, repo_root,
-    scenario::{default_config_text, SeedScenario},
-    tools_dir, unique_name, wait_for,
+    enter_private_netns, gateway_bin, repo_root,
+    scenario::{isolated_config, scenario_prerequisites, start_isolated, SeedScenario},
+    unique_name, wait_for,
 };
 
 /// The unprivileged user the attacks run as.
@@ -29,41 +29,15 @@ const NOBODY: &str = "65534";
 /// users cannot enter).
 const PYTHON: &str = "/usr/bin/python3";
 
-fn module_so() -> std::path::PathBuf {
-    tests::target_dir()
-        .join("debug")
-        .join("libconnectivity_envoy_module.so")
-}
+/// Clients the tests of this file run.
+const TOOLS: [&str; 5] = ["dig", "curl", "setpriv", "unshare", "pgrep"];
 
 fn test_config() -> Result<String> {
-    let name = unique_name("gw-sec");
-    Ok(default_config_text()?
-        .replacen(
-            "cgroup = \"dns-egress-gateway\"",
-            &format!("cgroup = \"{name}\""),
-            1,
-        )
-        .replacen(
-            "pin_dir = \"/sys/fs/bpf/dns-egress-gateway\"",
-            &format!("pin_dir = \"/sys/fs/bpf/{name}\""),
-            1,
-        ))
+    isolated_config("gw-sec")
 }
 
 fn start_with(config: String) -> Result<Option<SeedScenario>> {
-    let needs = [tools_dir().join("bin/envoy"), module_so()];
-    if !prerequisites_met(&needs) {
-        return Ok(None);
-    }
-    for tool in ["dig", "curl", "setpriv", "unshare", "pgrep"] {
-        if tests::which(tool).is_none() {
-            assert!(!tests::in_ci(), "{tool} missing (run cargo xtask setup)");
-            eprintln!("SKIPPED: {tool} missing");
-            return Ok(None);
-        }
-    }
-    enter_private_netns()?;
-    Ok(Some(SeedScenario::start(Some(config))?))
+    start_isolated(config, &[], &TOOLS)
 }
 
 fn start() -> Result<Option<SeedScenario>> {
@@ -264,13 +238,13 @@ fn a_foreign_network_namespace_cannot_take_over_a_clients_destination() -> Resul
         attack["connected"], false,
         "the foreign namespace reached something: {attack}"
     );
-    assert!(kernel_counter(&scenario, "foreign_netns_passed")? >= 1);
     let status = tests::status_json(scenario.pin_dir())?;
     let entry = status["original_destinations"]
         .as_array()
         .and_then(|a| a.iter().find(|p| p[0] == client.as_str()).cloned())
         .context("the victim's record is gone")?;
     assert_eq!(entry[1], victim_target.as_str(), "overwritten: {entry}");
+    assert!(kernel_counter(&scenario, "foreign_netns_passed")? >= 1);
 
     drop(resumed);
     let mut victim = victim;
@@ -404,7 +378,7 @@ fn other_local_users_cannot_read_tokens_or_steer_the_gateway() -> Result<()> {
         .arg("http://admin/drain_listeners")
         .output()?;
     assert!(out.status.success(), "root could not drain: {out:?}");
-    let restarted = wait_for("Envoy to be restarted", Duration::from_secs(30), || {
+    wait_for("Envoy to be restarted", Duration::from_secs(30), || {
         Ok(scenario.envoy_pid().filter(|p| *p != envoy))
     })?;
     wait_for("DNS to be served again", Duration::from_secs(30), || {
@@ -415,7 +389,6 @@ fn other_local_users_cannot_read_tokens_or_steer_the_gateway() -> Result<()> {
         "no health restart logged:\n{}",
         scenario.gateway_output()
     );
-    let _ = restarted;
     Ok(())
 }
 
@@ -436,8 +409,7 @@ fn curl_admin(admin: &Path, method: &str, path: &str) -> Vec<String> {
 
 #[test]
 fn a_squatted_pin_directory_is_refused() -> Result<()> {
-    let needs = [tools_dir().join("bin/envoy"), module_so()];
-    if !prerequisites_met(&needs) {
+    if !scenario_prerequisites(&TOOLS) {
         return Ok(());
     }
     enter_private_netns()?;

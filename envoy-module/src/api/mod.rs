@@ -12,6 +12,19 @@ use std::net::SocketAddr;
 
 pub use log::{log, LogLevel};
 
+/// Runs one filter step, turning a panic into `None` so the filter can
+/// fail closed (drop, close) and count it. The payload is leaked, not
+/// dropped: its `Drop` could panic too.
+pub fn catch_panic<T>(step: impl FnOnce() -> T) -> Option<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(step)) {
+        Ok(value) => Some(value),
+        Err(payload) => {
+            std::mem::forget(payload);
+            None
+        }
+    }
+}
+
 /// Identifies a counter defined at config creation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CounterId(pub usize);
