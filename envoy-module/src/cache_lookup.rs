@@ -143,6 +143,22 @@ fn ipv4(addr: Option<SocketAddr>) -> Option<SocketAddrV4> {
     }
 }
 
+/// The IPv4 VIP a recorded destination stands for. An IPv6 destination
+/// is an IPv6 VIP (the kernel records no other), whose last 32 bits are
+/// the IPv4 VIP of the same domain.
+fn ipv4_vip(destination: SocketAddr) -> SocketAddrV4 {
+    match destination {
+        SocketAddr::V4(v4) => v4,
+        SocketAddr::V6(v6) => {
+            let ip = v6.ip().to_ipv4_mapped().unwrap_or_else(|| {
+                let o = v6.ip().octets();
+                std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15])
+            });
+            SocketAddrV4::new(ip, v6.port())
+        }
+    }
+}
+
 impl CacheLookupFilter {
     fn count(&self, handle: &mut dyn NetworkFilterHandle, counter: CacheCounter) {
         if let Some(id) = self.shared.counters.id(counter) {
@@ -155,10 +171,11 @@ impl CacheLookupFilter {
     fn destination(&self, handle: &dyn NetworkFilterHandle) -> Option<SocketAddrV4> {
         let state = &self.shared.state;
         let from_map = || {
-            let client = ipv4(handle.remote_address())?;
+            let client = handle.remote_address()?;
             state
                 .take_original_destination(client, false)
                 .or_else(|| state.take_original_destination(client, true))
+                .map(ipv4_vip)
         };
         let local = || ipv4(handle.local_address());
         match self.shared.settings.destination_from {

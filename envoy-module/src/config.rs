@@ -48,6 +48,9 @@ pub struct DnsGatewaySettings {
     /// Test hook: a query for this (normalised) name panics inside the
     /// filter, to show that a panic never takes Envoy down.
     pub debug_panic_on_domain: Option<String>,
+    /// IPv6 VIP range (a /96): a matched AAAA query is answered with this
+    /// prefix followed by the name's IPv4 VIP. `None`: AAAA gets NODATA.
+    pub vip6_prefix: Option<std::net::Ipv6Addr>,
 }
 
 /// What `cache_lookup` does with a connection whose VIP it cannot resolve.
@@ -228,6 +231,7 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
             "new_vip_burst",
             "require_pinned_maps",
             "debug_panic_on_domain",
+            "vip_ipv6_prefix",
         ],
     )?;
     let base_ip = map.get("base_ip").ok_or("base_ip: missing")?;
@@ -294,6 +298,20 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
         ),
         None => None,
     };
+    let vip6_prefix = match map.get("vip_ipv6_prefix") {
+        Some(value) => {
+            let text = string(value, "vip_ipv6_prefix")?;
+            let bare = text
+                .strip_suffix(&format!("/{}", contract::VIP6_PREFIX_LEN))
+                .unwrap_or(text);
+            let prefix: std::net::Ipv6Addr = bare.parse().map_err(|_| {
+                format!("vip_ipv6_prefix: {text:?} is not an IPv6 /96 prefix such as \"fd00:6a7e::/96\"")
+            })?;
+            contract::check_vip6_prefix(prefix).map_err(|e| format!("vip_ipv6_prefix: {e}"))?;
+            Some(prefix)
+        }
+        None => None,
+    };
     Ok(DnsGatewaySettings {
         pool,
         patterns,
@@ -301,6 +319,7 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
         pin_dir,
         require_pinned_maps,
         debug_panic_on_domain,
+        vip6_prefix,
     })
 }
 

@@ -6,18 +6,21 @@
 //! answers (NODATA) carry the zone's SOA in the authority section, its TTL
 //! and MINIMUM being the configured TTL (RFC 2308).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use hickory_proto::{
     op::{Edns, Message, MessageType, OpCode, ResponseCode},
     rr::{
-        rdata::{A, SOA},
+        rdata::{A, AAAA, SOA},
         DNSClass, Name, RData, Record, RecordType,
     },
 };
 
 /// Size of the fixed DNS header.
 const HEADER_LEN: usize = 12;
+
+/// The UDP answer size every client accepts (RFC 1035).
+pub const MIN_UDP_SIZE: usize = 512;
 
 /// UDP payload size advertised in answers that carry EDNS.
 pub const EDNS_PAYLOAD: u16 = 1232;
@@ -75,6 +78,9 @@ pub struct Query {
     pub qtype: RecordType,
     /// The question class is IN.
     pub class_in: bool,
+    /// The largest UDP answer the client accepts: its EDNS payload size,
+    /// at least 512 (RFC 6891), else 512 (RFC 1035).
+    pub max_udp_size: usize,
 }
 
 impl Query {
@@ -122,11 +128,15 @@ pub fn inspect(bytes: &[u8]) -> Inspection {
     let qtype = question.query_type();
     let class_in = question.query_class() == DNSClass::IN;
     let name = crate::matcher::normalize(&question.name().to_ascii());
+    let max_udp_size = message.extensions().as_ref().map_or(MIN_UDP_SIZE, |e| {
+        usize::from(e.max_payload()).max(MIN_UDP_SIZE)
+    });
     Inspection::Query(Query {
         message,
         name,
         qtype,
         class_in,
+        max_udp_size,
     })
 }
 
@@ -174,6 +184,29 @@ pub fn a_answer(query: &Query, vip: Ipv4Addr, ttl: u32) -> Result<Vec<u8>, Strin
         ttl,
         RData::A(A(vip)),
     ));
+    encode(&response)
+}
+
+/// An authoritative answer with one AAAA record `name → vip`.
+pub fn aaaa_answer(query: &Query, vip: Ipv6Addr, ttl: u32) -> Result<Vec<u8>, String> {
+    let mut response = response_to(&query.message, true, ResponseCode::NoError);
+    response.add_answer(Record::from_rdata(
+        question_name(query)?,
+        ttl,
+        RData::AAAA(AAAA(vip)),
+    ));
+    encode(&response)
+}
+
+/// `answer` as it may be sent over UDP: unchanged when it fits the
+/// client's UDP size, else only the header and question with TC set, so
+/// that the client retries over TCP (RFC 1035 4.2.1, RFC 7766).
+pub fn fit_udp(query: &Query, answer: Vec<u8>) -> Result<Vec<u8>, String> {
+    if answer.len() <= query.max_udp_size {
+        return Ok(answer);
+    }
+    let mut response = response_to(&query.message, true, ResponseCode::NoError);
+    response.set_truncated(true);
     encode(&response)
 }
 
@@ -281,6 +314,40 @@ pub(crate) mod tests {
         assert!(Message::from_vec(&root).unwrap().name_servers()[0]
             .name()
             .is_root());
+    }
+
+    #[test]
+    fn aaaa_answer_carries_the_ipv6_vip() {
+        let q = parse(&query_bytes("one.s3.aws.com.", RecordType::AAAA, false));
+        let vip: Ipv6Addr = "fd00:6a7e::a0a:1".parse().unwrap();
+        let answer = Message::from_vec(&aaaa_answer(&q, vip, 60).unwrap()).unwrap();
+        check_header(&answer, ResponseCode::NoError);
+        assert_eq!(answer.answers()[0].data(), &RData::AAAA(AAAA(vip)));
+    }
+
+    #[test]
+    fn answers_too_big_for_the_client_are_truncated_with_tc() {
+        // (EDNS in the query, client limit, answer size, truncated?)
+        let cases = [
+            (false, 512, 512, false),
+            (false, 512, 513, true),
+            (true, 4096, 4000, false),
+            (true, 4096, 4097, true),
+        ];
+        for (edns, limit, size, truncated) in cases {
+            let q = parse(&query_bytes("big.example.com.", RecordType::TXT, edns));
+            assert_eq!(q.max_udp_size, limit);
+            let out = fit_udp(&q, vec![0u8; size]).unwrap();
+            if truncated {
+                let answer = Message::from_vec(&out).unwrap();
+                assert!(answer.truncated(), "TC set for {size} > {limit}");
+                assert!(answer.answers().is_empty());
+                assert_eq!(answer.queries(), q.message().queries());
+                assert_eq!(answer.id(), 0xbeef);
+            } else {
+                assert_eq!(out.len(), size, "{size} <= {limit} is left alone");
+            }
+        }
     }
 
     #[test]

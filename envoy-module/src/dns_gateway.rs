@@ -118,10 +118,12 @@ impl CounterKind for DnsCounter {
     }
 }
 
-struct Shared {
-    settings: DnsGatewaySettings,
-    state: Arc<GatewayState>,
-    counters: Counters<DnsCounter>,
+/// The configuration and state one `dns_gateway` (UDP) or
+/// `dns_gateway_tcp` filter config shares with its filters.
+pub(crate) struct Shared {
+    pub(crate) settings: DnsGatewaySettings,
+    pub(crate) state: Arc<GatewayState>,
+    pub(crate) counters: Counters<DnsCounter>,
 }
 
 /// A loaded `dns_gateway` config, shared by the filters of all workers.
@@ -163,6 +165,21 @@ impl DnsGatewayConfig {
     }
 }
 
+impl DnsGatewayConfig {
+    /// The shared part, for the DNS-over-TCP filter built on the same
+    /// settings.
+    pub(crate) fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
+    }
+}
+
+/// The IPv6 VIP of a name: the /96 prefix followed by its IPv4 VIP.
+pub fn ipv6_vip(prefix: std::net::Ipv6Addr, vip: std::net::Ipv4Addr) -> std::net::Ipv6Addr {
+    let mut octets = prefix.octets();
+    octets[12..].copy_from_slice(&vip.octets());
+    std::net::Ipv6Addr::from(octets)
+}
+
 impl UdpListenerFilterConfig for DnsGatewayConfig {
     fn new_filter(&self) -> Box<dyn UdpListenerFilter> {
         Box::new(DnsGatewayFilter {
@@ -176,7 +193,8 @@ pub struct DnsGatewayFilter {
     shared: Arc<Shared>,
 }
 
-enum Outcome {
+/// What becomes of one DNS message.
+pub(crate) enum Outcome {
     Reply(Vec<u8>),
     PassOn,
     Drop,
@@ -188,12 +206,22 @@ impl DnsGatewayFilter {
             handle.increment_counter(id, 1);
         }
     }
+}
 
-    fn decide(&self, handle: &mut dyn UdpFilterHandle, datagram: &[u8]) -> Outcome {
-        let settings = &self.shared.settings;
-        let query = match dns::inspect(datagram) {
+impl Shared {
+    /// What to do with one DNS message, for either transport: `udp`
+    /// applies the client's UDP size to the answer (TC when it does not
+    /// fit). `count` records what happened.
+    pub(crate) fn decide(
+        &self,
+        message: &[u8],
+        udp: bool,
+        count: &mut dyn FnMut(DnsCounter),
+    ) -> Outcome {
+        let settings = &self.settings;
+        let query = match dns::inspect(message) {
             Inspection::Response => {
-                self.count(handle, DnsCounter::ResponsesDropped);
+                count(DnsCounter::ResponsesDropped);
                 log(
                     LogLevel::Debug,
                     "dns_gateway: dropping a DNS response sent to the gateway",
@@ -201,7 +229,7 @@ impl DnsGatewayFilter {
                 return Outcome::Drop;
             }
             Inspection::Malformed(why) => {
-                self.count(handle, DnsCounter::Malformed);
+                count(DnsCounter::Malformed);
                 log(
                     LogLevel::Debug,
                     &format!("dns_gateway: dropping a malformed datagram: {why}"),
@@ -214,7 +242,7 @@ impl DnsGatewayFilter {
                 } else {
                     DnsCounter::Formerr
                 };
-                self.count(handle, counter);
+                count(counter);
                 log(
                     LogLevel::Debug,
                     &format!("dns_gateway: answering {rcode} to {why}"),
@@ -224,26 +252,30 @@ impl DnsGatewayFilter {
             Inspection::Query(query) => query,
         };
         let Some(name) = query.name.as_deref().filter(|_| query.class_in) else {
-            self.count(handle, DnsCounter::PassedOn);
+            count(DnsCounter::PassedOn);
             return Outcome::PassOn;
         };
         if settings.debug_panic_on_domain.as_deref() == Some(name) {
             panic!("debug_panic_on_domain: query for {name}");
         }
         let Some(rule) = settings.patterns.best_match(name) else {
-            self.count(handle, DnsCounter::PassedOn);
+            count(DnsCounter::PassedOn);
             return Outcome::PassOn;
         };
-        let answer = match query.qtype {
-            RecordType::A | RecordType::ANY => {
+        let wants_vip = match query.qtype {
+            RecordType::A | RecordType::ANY => true,
+            RecordType::AAAA => settings.vip6_prefix.is_some(),
+            _ => false,
+        };
+        let answer = match wants_vip {
+            true => {
                 match self
-                    .shared
                     .state
                     .allocate(name, &settings.pool, settings.require_pinned_maps)
                 {
                     Ok(allocated) => {
                         if let Some(previous) = &allocated.reclaimed_from {
-                            self.count(handle, DnsCounter::Reclaimed);
+                            count(DnsCounter::Reclaimed);
                             log(
                                 LogLevel::Info,
                                 &format!(
@@ -253,7 +285,7 @@ impl DnsGatewayFilter {
                             );
                         }
                         if allocated.new {
-                            self.count(handle, DnsCounter::Allocations);
+                            count(DnsCounter::Allocations);
                             log(
                                 LogLevel::Debug,
                                 &format!(
@@ -262,11 +294,18 @@ impl DnsGatewayFilter {
                                 ),
                             );
                         }
-                        self.count(handle, DnsCounter::Answered);
-                        dns::a_answer(&query, allocated.vip, settings.ttl)
+                        count(DnsCounter::Answered);
+                        match settings.vip6_prefix {
+                            Some(prefix) if query.qtype == RecordType::AAAA => dns::aaaa_answer(
+                                &query,
+                                ipv6_vip(prefix, allocated.vip),
+                                settings.ttl,
+                            ),
+                            _ => dns::a_answer(&query, allocated.vip, settings.ttl),
+                        }
                     }
                     Err(AllocError::Store(e)) => {
-                        self.count(handle, DnsCounter::StoreErrors);
+                        count(DnsCounter::StoreErrors);
                         log(
                             LogLevel::Warn,
                             &format!("dns_gateway: cannot record a VIP for {name} in the shared VIP map: {e}; SERVFAIL"),
@@ -274,7 +313,7 @@ impl DnsGatewayFilter {
                         dns::error_answer(&query, ResponseCode::ServFail)
                     }
                     Err(AllocError::RateLimited) => {
-                        self.count(handle, DnsCounter::RateLimited);
+                        count(DnsCounter::RateLimited);
                         log(
                             LogLevel::Debug,
                             &format!("dns_gateway: new-VIP rate cap reached: SERVFAIL for {name}"),
@@ -282,7 +321,7 @@ impl DnsGatewayFilter {
                         dns::error_answer(&query, ResponseCode::ServFail)
                     }
                     Err(AllocError::Exhausted) => {
-                        self.count(handle, DnsCounter::Exhausted);
+                        count(DnsCounter::Exhausted);
                         log(
                             LogLevel::Warn,
                             &format!(
@@ -296,15 +335,19 @@ impl DnsGatewayFilter {
                     }
                 }
             }
-            _ => {
-                self.count(handle, DnsCounter::Nodata);
+            false => {
+                count(DnsCounter::Nodata);
                 dns::nodata_answer(&query, rule.pattern.zone(), settings.ttl)
             }
+        };
+        let answer = match answer {
+            Ok(bytes) if udp => dns::fit_udp(&query, bytes),
+            other => other,
         };
         match answer {
             Ok(bytes) => Outcome::Reply(bytes),
             Err(e) => {
-                self.count(handle, DnsCounter::SendErrors);
+                count(DnsCounter::SendErrors);
                 log(
                     LogLevel::Error,
                     &format!("dns_gateway: answer for {name}: {e}; passing the query on"),
@@ -319,7 +362,14 @@ impl UdpListenerFilter for DnsGatewayFilter {
     fn on_data(&mut self, handle: &mut dyn UdpFilterHandle) -> UdpStatus {
         self.count(handle, DnsCounter::Queries);
         let datagram = handle.datagram();
-        let decided = crate::api::catch_panic(|| self.decide(&mut *handle, &datagram));
+        let decided = crate::api::catch_panic(|| {
+            let shared = &self.shared;
+            shared.decide(&datagram, true, &mut |c| {
+                if let Some(id) = shared.counters.id(c) {
+                    handle.increment_counter(id, 1);
+                }
+            })
+        });
         let outcome = decided.unwrap_or_else(|| {
             // Fail closed: the query is dropped, never passed on half handled.
             self.count(handle, DnsCounter::Panics);

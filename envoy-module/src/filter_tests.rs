@@ -2,7 +2,7 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     path::Path,
     sync::{atomic::Ordering, Arc, Mutex},
     time::Duration,
@@ -71,6 +71,13 @@ struct FakeNet {
     typed: BTreeMap<String, String>,
     closed: bool,
     counters: HashMap<usize, u64>,
+    /// The read buffer of the running `on_read` (client → filters after).
+    read: Vec<u8>,
+    /// The write buffer of the running `on_write` (upstream → client).
+    write: Vec<u8>,
+    /// What reached the client: the module's own writes and released
+    /// write buffers, in order.
+    to_client: Vec<u8>,
 }
 
 impl FakeNet {
@@ -82,6 +89,9 @@ impl FakeNet {
             typed: BTreeMap::new(),
             closed: false,
             counters: HashMap::new(),
+            read: Vec::new(),
+            write: Vec::new(),
+            to_client: Vec::new(),
         }
     }
 }
@@ -106,6 +116,28 @@ impl NetworkFilterHandle for FakeNet {
     }
     fn increment_counter(&mut self, id: CounterId, value: u64) {
         *self.counters.entry(id.0).or_default() += value;
+    }
+    fn read_buffer(&self) -> Vec<u8> {
+        self.read.clone()
+    }
+    fn drain_read_buffer(&mut self, length: usize) {
+        self.read.drain(..length.min(self.read.len()));
+    }
+    fn append_read_buffer(&mut self, data: &[u8]) {
+        self.read.extend_from_slice(data);
+    }
+    fn write_buffer(&self) -> Vec<u8> {
+        self.write.clone()
+    }
+    fn drain_write_buffer(&mut self, length: usize) {
+        self.write.drain(..length.min(self.write.len()));
+    }
+    fn append_write_buffer(&mut self, data: &[u8]) {
+        self.write.extend_from_slice(data);
+    }
+    fn write_to_client(&mut self, data: &[u8]) -> bool {
+        self.to_client.extend_from_slice(data);
+        true
     }
 }
 
@@ -425,7 +457,7 @@ fn cache_lookup_prefers_the_pinned_original_destination_and_reopens_on_miss() {
     let mut h = FakeUdp::default();
     ask(&gw, &mut h, "one.s3.aws.com.", RecordType::A);
     let (config, registry) = cache_lookup(&gw, r#"{"set_tcp_proxy_cluster":true}"#);
-    let client: SocketAddrV4 = "127.0.0.1:40001".parse().unwrap();
+    let client: SocketAddr = "127.0.0.1:40001".parse().unwrap();
     let mut conn = FakeNet::new("127.0.0.1:15001", &client.to_string());
     // No map yet: a miss after one reopen.
     assert_eq!(
@@ -464,7 +496,7 @@ fn pinned_map_mode_gives_each_record_to_one_connection_and_nothing_to_others() {
     let gw = gateway();
     let mut h = FakeUdp::default();
     ask(&gw, &mut h, "one.s3.aws.com.", RecordType::A);
-    let client: SocketAddrV4 = "127.0.0.1:40009".parse().unwrap();
+    let client: SocketAddr = "127.0.0.1:40009".parse().unwrap();
     *gw.maps.orig_dst.lock().unwrap() = Some(Arc::new(Mutex::new(HashMap::from([(
         client,
         "10.10.0.1:443".parse().unwrap(),
@@ -546,4 +578,160 @@ fn module_entry_points_reject_unknown_filters_and_bad_configs() {
         .unwrap();
     assert!(err.starts_with("cache_lookup: on_miss:"), "{err}");
     assert!(crate::new_network_filter_config("cache_lookup", b"", &mut registry).is_ok());
+}
+
+const CONFIG_V6: &str = r#"{"base_ip":"10.10.0.0","prefix_len":29.0,"ttl":42,
+    "vip_ipv6_prefix":"fd00:6a7e::/96",
+    "domains":[{"domain":"*.aws.com","metadata":{"cluster":"cluster_1"}}]}"#;
+
+#[test]
+fn with_an_ipv6_range_aaaa_gets_the_ipv6_vip_of_the_same_name() {
+    // (config, qtype, expected answer)
+    let cases = [
+        (CONFIG_V6, RecordType::A, Some("10.10.0.1")),
+        (CONFIG_V6, RecordType::AAAA, Some("fd00:6a7e::a0a:1")),
+        (CONFIG, RecordType::AAAA, None),
+    ];
+    for (config, qtype, expected) in cases {
+        let gw = gateway_with(config);
+        let mut h = FakeUdp::default();
+        let (_, answer) = ask(&gw, &mut h, "one.s3.aws.com.", qtype);
+        let answer = answer.expect("answered");
+        let got = answer.answers().first().map(|r| match r.data() {
+            RData::A(a) => a.0.to_string(),
+            RData::AAAA(a) => a.0.to_string(),
+            other => panic!("unexpected {other:?}"),
+        });
+        assert_eq!(got.as_deref(), expected, "{qtype}");
+    }
+    // A and AAAA stand for one name: one allocation.
+    let gw = gateway_with(CONFIG_V6);
+    let mut h = FakeUdp::default();
+    ask(&gw, &mut h, "one.s3.aws.com.", RecordType::AAAA);
+    ask(&gw, &mut h, "one.s3.aws.com.", RecordType::A);
+    assert_eq!(gw.state.entries().len(), 1);
+}
+
+#[test]
+fn cache_lookup_maps_an_ipv6_client_and_an_ipv6_vip_to_the_domain() {
+    let gw = gateway_with(CONFIG_V6);
+    let mut h = FakeUdp::default();
+    ask(&gw, &mut h, "one.s3.aws.com.", RecordType::AAAA);
+    let client: SocketAddr = "[::1]:40100".parse().unwrap();
+    *gw.maps.orig_dst.lock().unwrap() = Some(Arc::new(Mutex::new(HashMap::from([(
+        client,
+        "[fd00:6a7e::a0a:1]:8443".parse().unwrap(),
+    )]))));
+    let (config, _) = cache_lookup(
+        &gw,
+        r#"{"destination_from":"pinned_map","on_miss":"close"}"#,
+    );
+    let mut conn = FakeNet::new("[::1]:15001", &client.to_string());
+    assert_eq!(
+        config.new_filter().on_new_connection(&mut conn),
+        NetworkStatus::Continue
+    );
+    assert_eq!(conn.state["envoy.dns_gateway.domain"], "one.s3.aws.com");
+    assert_eq!(conn.state["envoy.dns_gateway.port"], "8443");
+}
+
+fn framed(message: &[u8]) -> Vec<u8> {
+    crate::dns_tcp::frame(message).unwrap()
+}
+
+fn dns_tcp(gw: &Gateway) -> (Box<dyn crate::api::NetworkFilter>, FakeRegistry) {
+    let mut registry = FakeRegistry::default();
+    let udp = DnsGatewayConfig::new(
+        parse_dns_gateway(CONFIG.as_bytes()).unwrap(),
+        gw.state.clone(),
+        Counters::define(&mut registry),
+    )
+    .unwrap();
+    (
+        crate::dns_tcp::DnsTcpConfig::new(udp).new_filter(),
+        registry,
+    )
+}
+
+fn tcp_answers(bytes: &[u8]) -> Vec<Message> {
+    let mut buffer = bytes.to_vec();
+    let frames = crate::dns_tcp::take_frames(&mut buffer);
+    assert!(buffer.is_empty(), "only whole frames reach the client");
+    frames
+        .iter()
+        .map(|f| Message::from_vec(&f[2..]).unwrap())
+        .collect()
+}
+
+#[test]
+fn dns_over_tcp_answers_matched_names_and_relays_the_rest_in_whole_frames() {
+    let gw = gateway();
+    let (mut filter, registry) = dns_tcp(&gw);
+    let mut conn = FakeNet::new("127.0.0.1:15053", "127.0.0.1:40200");
+    let matched = framed(&query_bytes("one.s3.aws.com.", RecordType::A, false));
+    let unmatched = framed(&query_bytes("github.com.", RecordType::MX, true));
+    let exact = framed(&query_bytes("example.com.", RecordType::A, false));
+    // Three pipelined queries, split mid-frame across two reads.
+    let stream: Vec<u8> = [matched.clone(), unmatched.clone(), exact.clone()].concat();
+    let cut = matched.len() + 5;
+    conn.read = stream[..cut].to_vec();
+    assert_eq!(
+        filter.on_read(&mut conn, false),
+        NetworkStatus::StopIteration
+    );
+    assert!(
+        conn.read.is_empty(),
+        "a partial unmatched frame is held back"
+    );
+    conn.read = stream[cut..].to_vec();
+    assert_eq!(filter.on_read(&mut conn, false), NetworkStatus::Continue);
+    assert_eq!(
+        conn.read, unmatched,
+        "only the unmatched query goes on, whole"
+    );
+    let answers = tcp_answers(&conn.to_client);
+    let names: Vec<String> = answers
+        .iter()
+        .map(|a| a.queries()[0].name().to_ascii())
+        .collect();
+    assert_eq!(names, ["one.s3.aws.com.", "example.com."]);
+    assert_eq!(a_of(&answers[0]), Ipv4Addr::new(10, 10, 0, 1));
+    assert_eq!(counter(&registry, &conn.counters, "queries"), 3);
+    assert_eq!(counter(&registry, &conn.counters, "passed_on"), 1);
+
+    // The resolver's answer comes back in two pieces: released only whole.
+    let reply = framed(&[0xab; 40]);
+    conn.to_client.clear();
+    conn.write = reply[..10].to_vec();
+    assert_eq!(filter.on_write(&mut conn, false), NetworkStatus::Continue);
+    assert!(conn.write.is_empty(), "half a frame is held");
+    // A matched answer written meanwhile is not split by it.
+    conn.read = matched.clone();
+    filter.on_read(&mut conn, false);
+    conn.write = reply[10..].to_vec();
+    filter.on_write(&mut conn, false);
+    assert_eq!(conn.write, reply, "the whole frame is released");
+    assert_eq!(tcp_answers(&conn.to_client).len(), 1);
+}
+
+#[test]
+fn dns_over_tcp_refuses_garbage_and_never_answers_responses() {
+    let gw = gateway();
+    let (mut filter, registry) = dns_tcp(&gw);
+    let mut conn = FakeNet::new("127.0.0.1:15053", "127.0.0.1:40201");
+    let mut response = query_bytes("one.s3.aws.com.", RecordType::A, false);
+    response[2] |= 0x80;
+    let mut bad_opcode = query_bytes("one.s3.aws.com.", RecordType::A, false);
+    bad_opcode[2] |= 0x10;
+    conn.read = [framed(&response), framed(&bad_opcode), framed(&[1, 2, 3])].concat();
+    assert_eq!(
+        filter.on_read(&mut conn, false),
+        NetworkStatus::StopIteration
+    );
+    let answers = tcp_answers(&conn.to_client);
+    assert_eq!(answers.len(), 1, "only the bad opcode is answered (NOTIMP)");
+    assert_eq!(answers[0].response_code(), ResponseCode::NotImp);
+    assert_eq!(counter(&registry, &conn.counters, "responses_dropped"), 1);
+    assert_eq!(counter(&registry, &conn.counters, "malformed"), 1);
+    assert!(conn.read.is_empty(), "nothing relayed");
 }

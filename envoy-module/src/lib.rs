@@ -73,6 +73,7 @@ pub mod cache_lookup;
 pub mod config;
 pub mod dns;
 pub mod dns_gateway;
+pub mod dns_tcp;
 pub mod matcher;
 pub mod pinned;
 pub mod state;
@@ -85,6 +86,9 @@ pub const DNS_GATEWAY: &str = gateway_common::contract::DNS_GATEWAY_FILTER;
 
 /// Filter name of the network filter (the shared contract's).
 pub const CACHE_LOOKUP: &str = gateway_common::contract::CACHE_LOOKUP_FILTER;
+
+/// Name of the DNS-over-TCP network filter.
+pub const DNS_GATEWAY_TCP: &str = gateway_common::contract::DNS_GATEWAY_TCP_FILTER;
 
 /// Creates the UDP listener filter config called `name` from its config
 /// bytes; the error names the offending field.
@@ -112,9 +116,17 @@ pub fn new_network_filter_config(
     config: &[u8],
     registry: &mut dyn CounterRegistry,
 ) -> Result<Box<dyn NetworkFilterConfig>, String> {
+    if name == DNS_GATEWAY_TCP {
+        let settings =
+            config::parse_dns_gateway(config).map_err(|e| format!("{DNS_GATEWAY_TCP}: {e}"))?;
+        let state = GatewayState::for_pin_dir(&settings.pin_dir);
+        let udp = dns_gateway::DnsGatewayConfig::new(settings, state, Counters::define(registry))
+            .map_err(|e| format!("{DNS_GATEWAY_TCP}: {e}"))?;
+        return Ok(Box::new(dns_tcp::DnsTcpConfig::new(udp)));
+    }
     if name != CACHE_LOOKUP {
         return Err(format!(
-            "filter_name: unknown network filter {name:?} (this module has {CACHE_LOOKUP:?})"
+            "filter_name: unknown network filter {name:?} (this module has {CACHE_LOOKUP:?} and {DNS_GATEWAY_TCP:?})"
         ));
     }
     let settings =

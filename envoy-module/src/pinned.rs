@@ -7,7 +7,7 @@
 //! address (original destination), as in the seed's iptables setup.
 
 use std::{
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     path::Path,
 };
 
@@ -22,7 +22,7 @@ use crate::allocator::VipStore;
 pub trait OrigDstSource: Send {
     /// Consumes the original destination of the connection whose client is
     /// `client`: at most one caller ever gets it.
-    fn take(&mut self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>, String>;
+    fn take(&mut self, client: SocketAddr) -> Result<Option<SocketAddr>, String>;
 }
 
 /// Opens the persistent maps of a pin directory.
@@ -60,7 +60,7 @@ impl VipStore for PinnedVips {
 struct PinnedOrigDst(OrigDstTable);
 
 impl OrigDstSource for PinnedOrigDst {
-    fn take(&mut self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>, String> {
+    fn take(&mut self, client: SocketAddr) -> Result<Option<SocketAddr>, String> {
         self.0.take(client).map_err(|e| format!("{e:#}"))
     }
 }

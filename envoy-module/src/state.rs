@@ -14,7 +14,7 @@
 
 use std::{
     collections::HashMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock},
     time::{Duration, Instant},
@@ -217,9 +217,9 @@ impl GatewayState {
     /// nothing.
     pub fn take_original_destination(
         &self,
-        client: SocketAddrV4,
+        client: SocketAddr,
         reopen: bool,
-    ) -> Option<SocketAddrV4> {
+    ) -> Option<SocketAddr> {
         let mut slot = lock(&self.orig_dst);
         let may_reopen = slot.opened_at.is_none()
             || (reopen
@@ -266,16 +266,16 @@ pub(crate) mod tests {
     pub(crate) struct FakeMaps {
         pub vips: Mutex<Option<MemStore>>,
         #[allow(clippy::type_complexity)]
-        pub orig_dst: Mutex<Option<Arc<Mutex<HashMap<SocketAddrV4, SocketAddrV4>>>>>,
+        pub orig_dst: Mutex<Option<Arc<Mutex<HashMap<SocketAddr, SocketAddr>>>>>,
         pub orig_dst_opens: AtomicUsize,
     }
 
     /// A view of the shared fake table, like a map fd: writes go through,
     /// but a "recreated" table (a new `Arc`) is not seen until reopened.
-    struct FakeOrigDst(Arc<Mutex<HashMap<SocketAddrV4, SocketAddrV4>>>);
+    struct FakeOrigDst(Arc<Mutex<HashMap<SocketAddr, SocketAddr>>>);
 
     impl OrigDstSource for FakeOrigDst {
-        fn take(&mut self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>, String> {
+        fn take(&mut self, client: SocketAddr) -> Result<Option<SocketAddr>, String> {
             Ok(self.0.lock().unwrap().remove(&client))
         }
     }
@@ -363,8 +363,8 @@ pub(crate) mod tests {
     #[test]
     fn an_original_destination_is_handed_out_once() {
         let maps = Arc::new(FakeMaps::default());
-        let client: SocketAddrV4 = "127.0.0.1:40000".parse().unwrap();
-        let vip: SocketAddrV4 = "10.10.0.1:443".parse().unwrap();
+        let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let vip: SocketAddr = "10.10.0.1:443".parse().unwrap();
         *maps.orig_dst.lock().unwrap() = Some(Arc::new(Mutex::new(HashMap::from([(client, vip)]))));
         let state = state(&maps);
         assert_eq!(state.take_original_destination(client, false), Some(vip));
@@ -376,8 +376,8 @@ pub(crate) mod tests {
     fn orig_dst_is_opened_once_and_reopened_on_request() {
         let maps = Arc::new(FakeMaps::default());
         let state = state(&maps).with_reopen_interval(Duration::ZERO);
-        let client: SocketAddrV4 = "127.0.0.1:40000".parse().unwrap();
-        let vip: SocketAddrV4 = "10.10.0.1:443".parse().unwrap();
+        let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let vip: SocketAddr = "10.10.0.1:443".parse().unwrap();
         assert_eq!(state.take_original_destination(client, false), None);
         *maps.orig_dst.lock().unwrap() = Some(Arc::new(Mutex::new(HashMap::from([(client, vip)]))));
         assert_eq!(
@@ -393,7 +393,7 @@ pub(crate) mod tests {
     fn reopening_is_rate_limited() {
         let maps = Arc::new(FakeMaps::default());
         let state = state(&maps).with_reopen_interval(Duration::from_secs(3600));
-        let client: SocketAddrV4 = "127.0.0.1:40000".parse().unwrap();
+        let client: SocketAddr = "127.0.0.1:40000".parse().unwrap();
         for _ in 0..100 {
             assert_eq!(state.take_original_destination(client, true), None);
         }

@@ -13,6 +13,14 @@ pub const DNS_GATEWAY_FILTER: &str = "dns_gateway";
 /// Filter name of the network filter that maps a connection to its domain.
 pub const CACHE_LOOKUP_FILTER: &str = "cache_lookup";
 
+/// Filter name of the module's DNS-over-TCP network filter (answers
+/// matched names, hands the rest to the tcp_proxy behind it).
+pub const DNS_GATEWAY_TCP_FILTER: &str = "dns_gateway_tcp";
+
+/// Prefix length of an IPv6 VIP range: the last 32 bits carry the IPv4
+/// VIP a name was given, so A and AAAA answers stand for the same domain.
+pub const VIP6_PREFIX_LEN: u8 = 96;
+
 /// Filter-state key of the domain a connection dialled.
 pub const DOMAIN_KEY: &str = "envoy.dns_gateway.domain";
 
@@ -165,6 +173,33 @@ mod checks {
         }
     }
 
+    /// Why an IPv6 VIP prefix (a /96, see [`super::VIP6_PREFIX_LEN`]) is
+    /// unusable, if it is: it must be unicast and never local, and its
+    /// last 32 bits zero.
+    pub fn check_vip6_prefix(prefix: std::net::Ipv6Addr) -> Result<(), String> {
+        let o = prefix.octets();
+        if o[12..] != [0, 0, 0, 0] {
+            return Err(format!(
+                "{prefix} has bits set in its last 32 bits; an IPv6 VIP range is a /96 whose last 32 bits carry the IPv4 VIP"
+            ));
+        }
+        let why = if o[0] == 0 {
+            Some("it lies in ::/8 (unspecified, loopback, v4-mapped and v4-compatible addresses)")
+        } else if o[0] == 0xff {
+            Some("it is multicast (ff00::/8)")
+        } else if o[0] == 0xfe && o[1] & 0xc0 == 0x80 {
+            Some("it is link-local (fe80::/10)")
+        } else {
+            None
+        };
+        match why {
+            Some(why) => Err(format!(
+                "{prefix}/96 cannot hold VIPs: {why}; use a ULA prefix such as fd00:6a7e::/96"
+            )),
+            None => Ok(()),
+        }
+    }
+
     /// Where the maps are pinned: an absolute path on bpffs below its mount
     /// point, never the bpffs root itself (the gateway makes the directory
     /// its own and locks it).
@@ -210,6 +245,25 @@ mod checks {
             assert!(check_metadata_value("abc123 ü").is_ok());
             for bad in ["a\r\nX-Evil: 1", "nul\0", "tab\there", &"v".repeat(4097)] {
                 assert!(check_metadata_value(bad).is_err(), "{bad:?}");
+            }
+        }
+
+        #[test]
+        fn ipv6_vip_prefixes() {
+            let cases: [(&str, bool); 9] = [
+                ("fd00:6a7e::", true),
+                ("2001:db8:1::", true),
+                ("fd00:6a7e:0:0:1::", true),
+                ("fd00:6a7e::1:0", false),
+                ("fd00:6a7e::1", false),
+                ("::", false),
+                ("::ffff:0:0", false),
+                ("ff02::", false),
+                ("fe80::", false),
+            ];
+            for (prefix, ok) in cases {
+                let addr: std::net::Ipv6Addr = prefix.parse().expect("test prefix");
+                assert_eq!(check_vip6_prefix(addr).is_ok(), ok, "{prefix}");
             }
         }
 

@@ -33,9 +33,9 @@ pub const CONNECTION_TABLE_CAPACITY: u32 = 65_536;
 pub const MAP_CONFIG: &str = "GW_CONFIG";
 /// Name of the per-CPU array of decision counters, indexed by [`Counter`].
 pub const MAP_COUNTERS: &str = "GW_COUNTERS";
-/// Name of the LRU map socket cookie → original destination.
+/// Name of the LRU map socket cookie → original destination ([`SockAddr6`]).
 pub const MAP_SOCK_ORIG: &str = "GW_SOCK_ORIG";
-/// Name of the LRU map client address → [`OrigDstEntry`] (what the proxy
+/// Name of the LRU map client address ([`SockAddr6`]) → [`OrigDstEntry`] (what the proxy
 /// consumes, keyed by the peer of its accepted socket).
 pub const MAP_ORIG_DST: &str = "GW_ORIG_DST";
 /// Name of the VIP table: VIP → [`VipRecord`]. It outlives the loader and
@@ -107,6 +107,58 @@ impl SockAddrV4 {
     }
 }
 
+/// Words 0..=2 of a v4-mapped IPv6 address (`::ffff:a.b.c.d`) as the
+/// kernel stores them in `user_ip6` (each word in memory order).
+pub const V4_MAPPED_PREFIX: [u32; 3] = [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff])];
+
+/// `::1` in the kernel's word layout.
+pub const IPV6_LOOPBACK: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+
+/// A socket address of either family in one layout, as the IPv6 cgroup
+/// programs see it: IPv4 addresses are stored v4-mapped (`::ffff:a.b.c.d`),
+/// so the IPv4 and IPv6 programs and user space share one key and value
+/// type. Address words and port in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct SockAddr6 {
+    /// The 16 address bytes as four words in memory order (`user_ip6`).
+    pub ip6: [u32; 4],
+    /// Port, network byte order.
+    pub port: u16,
+    /// Explicit padding so the layout has no hidden bytes.
+    pub _pad: u16,
+}
+
+impl SockAddr6 {
+    /// An IPv4 address (network-order word) and port, stored v4-mapped.
+    #[inline(always)]
+    pub const fn from_v4(ip: u32, port: u16) -> Self {
+        Self {
+            ip6: [
+                V4_MAPPED_PREFIX[0],
+                V4_MAPPED_PREFIX[1],
+                V4_MAPPED_PREFIX[2],
+                ip,
+            ],
+            port,
+            _pad: 0,
+        }
+    }
+
+    /// Whether the address is v4-mapped (an IPv4 peer).
+    #[inline(always)]
+    pub const fn is_v4_mapped(&self) -> bool {
+        is_v4_mapped(&self.ip6)
+    }
+}
+
+/// Whether `ip6` (kernel word layout) is a v4-mapped IPv4 address.
+#[inline(always)]
+pub const fn is_v4_mapped(ip6: &[u32; 4]) -> bool {
+    ip6[0] == V4_MAPPED_PREFIX[0] && ip6[1] == V4_MAPPED_PREFIX[1] && ip6[2] == V4_MAPPED_PREFIX[2]
+}
+
 /// An IPv4 network: an address matches when `addr & mask == network`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -151,6 +203,18 @@ impl Ipv4Cidr {
 /// configuration; until then every program leaves traffic alone.
 pub const CONFIG_FLAG_ENABLED: u32 = 1;
 
+/// Set when the proxy also listens on `::1` at the ports of `dns_target`,
+/// `tcp_target` and `dns_tcp_target`: IPv6 DNS and connects to IPv6 VIPs
+/// are redirected there. Without it (no IPv6 on the host) they are left
+/// alone; v4-mapped destinations are handled either way.
+pub const CONFIG_FLAG_IPV6: u32 = 2;
+
+/// Set when `vip6_prefix` holds an IPv6 VIP range.
+pub const CONFIG_FLAG_VIP6: u32 = 4;
+
+/// Set when `dns_tcp_target` holds the DNS-over-TCP listener.
+pub const CONFIG_FLAG_DNS_TCP: u32 = 8;
+
 /// Runtime configuration of the kernel programs, written by the loader into
 /// the single entry of [`MAP_CONFIG`] before the programs are attached.
 #[repr(C)]
@@ -172,9 +236,35 @@ pub struct GatewayConfig {
     /// the proxy's loopback listeners are not reachable from there, and an
     /// address recorded there could collide with a client of the proxy.
     pub netns_cookie: u64,
+    /// Where DNS over TCP (TCP port 53) goes: the proxy's DNS-over-TCP
+    /// listener; used when [`CONFIG_FLAG_DNS_TCP`] is set.
+    pub dns_tcp_target: SockAddrV4,
+    /// First 96 bits of the IPv6 VIP range (kernel word layout): an IPv6
+    /// VIP is this prefix followed by the IPv4 VIP it stands for. Used
+    /// when [`CONFIG_FLAG_VIP6`] is set.
+    pub vip6_prefix: [u32; 3],
+    /// Explicit padding so the layout has no hidden bytes.
+    pub _pad: u32,
 }
 
 impl GatewayConfig {
+    /// Whether `flag` is set.
+    #[inline(always)]
+    pub const fn has(&self, flag: u32) -> bool {
+        self.flags & flag != 0
+    }
+
+    /// Whether `ip6` is an IPv6 VIP: inside the IPv6 prefix, with an
+    /// embedded IPv4 address inside one of the VIP networks.
+    #[inline(always)]
+    pub fn is_vip6(&self, ip6: &[u32; 4]) -> bool {
+        self.has(CONFIG_FLAG_VIP6)
+            && ip6[0] == self.vip6_prefix[0]
+            && ip6[1] == self.vip6_prefix[1]
+            && ip6[2] == self.vip6_prefix[2]
+            && self.is_vip(ip6[3])
+    }
+
     /// Whether `ip` (network byte order) is inside one of the VIP networks.
     #[inline(always)]
     pub fn is_vip(&self, ip: u32) -> bool {
@@ -196,8 +286,10 @@ impl GatewayConfig {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct OrigDstEntry {
-    /// The VIP and port the application dialled.
-    pub dst: SockAddrV4,
+    /// The VIP and port the application dialled (an IPv4 VIP v4-mapped).
+    pub dst: SockAddr6,
+    /// Explicit padding so the layout has no hidden bytes.
+    pub _pad: u32,
     /// Socket cookie of the client socket that dialled it.
     pub cookie: u64,
     /// `bpf_ktime_get_ns` (CLOCK_MONOTONIC) when the client socket closed
@@ -271,10 +363,15 @@ pub enum Counter {
     /// An original destination nobody consumed, removed when its client
     /// socket closed.
     OrigDstClosed = 13,
+    /// TCP connect to port 53 sent to the DNS-over-TCP target.
+    DnsTcpRedirected = 14,
+    /// An IPv6 DNS datagram or connect (not v4-mapped) left alone because
+    /// the proxy has no IPv6 listener.
+    Ipv6Unserved = 15,
 }
 
 /// Number of counter slots.
-pub const COUNTER_COUNT: u32 = 14;
+pub const COUNTER_COUNT: u32 = 16;
 
 impl Counter {
     /// Every counter, in slot order.
@@ -293,6 +390,8 @@ impl Counter {
         Counter::NotConfigured,
         Counter::ForeignNetnsPassed,
         Counter::OrigDstClosed,
+        Counter::DnsTcpRedirected,
+        Counter::Ipv6Unserved,
     ];
 
     /// Stable snake_case name used by `gateway status`.
@@ -312,6 +411,8 @@ impl Counter {
             Counter::NotConfigured => "not_configured",
             Counter::ForeignNetnsPassed => "foreign_netns_passed",
             Counter::OrigDstClosed => "orig_dst_closed",
+            Counter::DnsTcpRedirected => "dns_tcp_redirected",
+            Counter::Ipv6Unserved => "ipv6_unserved",
         }
     }
 }

@@ -7,7 +7,7 @@
 
 use std::{
     fs,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
 };
 
@@ -16,11 +16,11 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use bytemuck::Pod;
 
 use crate::{
-    Counter, GatewayConfig, LoaderInfo, OrigDstEntry, SockAddrV4, VipRecord, MAP_CONFIG,
+    Counter, GatewayConfig, LoaderInfo, OrigDstEntry, SockAddr6, SockAddrV4, VipRecord, MAP_CONFIG,
     MAP_COUNTERS, MAP_LOADER, MAP_ORIG_DST, MAP_SOCK_ORIG, MAP_VIPS, MAX_DOMAIN_LEN,
 };
 
-const SOCKADDR_SIZE: usize = size_of::<SockAddrV4>();
+const SOCKADDR_SIZE: usize = size_of::<SockAddr6>();
 const ORIG_DST_ENTRY_SIZE: usize = size_of::<OrigDstEntry>();
 const VIP_RECORD_SIZE: usize = size_of::<VipRecord>();
 const CONFIG_SIZE: usize = size_of::<GatewayConfig>();
@@ -60,10 +60,10 @@ fn from_bytes<T: Pod, const N: usize>(bytes: &[u8; N]) -> T {
     bytemuck::pod_read_unaligned(bytes)
 }
 
-const _: () = assert!(SOCKADDR_SIZE == 8);
+const _: () = assert!(SOCKADDR_SIZE == 20);
 const _: () = assert!(VIP_RECORD_SIZE == 260);
-const _: () = assert!(ORIG_DST_ENTRY_SIZE == 24);
-const _: () = assert!(CONFIG_SIZE == 96);
+const _: () = assert!(ORIG_DST_ENTRY_SIZE == 40);
+const _: () = assert!(CONFIG_SIZE == 120);
 
 /// Converts a std socket address to the kernel's representation.
 pub fn sockaddr_from_std(addr: SocketAddrV4) -> SockAddrV4 {
@@ -73,6 +73,37 @@ pub fn sockaddr_from_std(addr: SocketAddrV4) -> SockAddrV4 {
 /// Converts the kernel's representation to a std socket address.
 pub fn sockaddr_to_std(addr: SockAddrV4) -> SocketAddrV4 {
     SocketAddrV4::new(Ipv4Addr::from(addr.octets()), addr.port_host())
+}
+
+/// Converts a std socket address of either family to the kernel's
+/// one-layout form (IPv4 v4-mapped).
+pub fn sockaddr6_from_std(addr: SocketAddr) -> SockAddr6 {
+    let v6 = match addr.ip() {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+        IpAddr::V6(v6) => v6,
+    };
+    let o = v6.octets();
+    let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    SockAddr6 {
+        ip6: [word(0), word(4), word(8), word(12)],
+        port: addr.port().to_be(),
+        _pad: 0,
+    }
+}
+
+/// Converts the kernel's one-layout form back; a v4-mapped address becomes
+/// an IPv4 socket address.
+pub fn sockaddr6_to_std(addr: SockAddr6) -> SocketAddr {
+    let mut octets = [0u8; 16];
+    for (chunk, word) in octets.chunks_exact_mut(4).zip(addr.ip6) {
+        chunk.copy_from_slice(&word.to_ne_bytes());
+    }
+    let v6 = Ipv6Addr::from(octets);
+    let ip = match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    };
+    SocketAddr::new(ip, u16::from_be(addr.port))
 }
 
 /// A directory on bpffs holding the gateway's pinned maps.
@@ -256,7 +287,7 @@ impl PinDir {
     }
 }
 
-/// Client (ip, port) → the destination it originally dialled, as recorded
+/// Client (ip, port) of either family → the destination it originally dialled, as recorded
 /// by the sockops program for a connection the gateway redirected.
 pub struct OrigDstTable {
     map: HashMap<MapData, SockAddrBytes, OrigDstEntryBytes>,
@@ -274,10 +305,10 @@ fn is_missing(err: &aya::maps::MapError) -> bool {
 impl OrigDstTable {
     /// The original destination of the connection whose client side is
     /// `client`, without consuming it (diagnostics).
-    pub fn peek(&self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>> {
-        let key = to_bytes::<_, SOCKADDR_SIZE>(&sockaddr_from_std(client));
+    pub fn peek(&self, client: SocketAddr) -> Result<Option<SocketAddr>> {
+        let key = to_bytes::<_, SOCKADDR_SIZE>(&sockaddr6_from_std(client));
         match self.map.get(&key, 0) {
-            Ok(value) => Ok(Some(sockaddr_to_std(
+            Ok(value) => Ok(Some(sockaddr6_to_std(
                 from_bytes::<OrigDstEntry, ORIG_DST_ENTRY_SIZE>(&value).dst,
             ))),
             Err(e) if is_missing(&e) => Ok(None),
@@ -289,13 +320,13 @@ impl OrigDstTable {
     /// side is `client` (the peer address of the proxy's accepted socket):
     /// it is handed out at most once. Only the caller whose delete
     /// succeeds gets it; a concurrent taker gets `None`.
-    pub fn take(&mut self, client: SocketAddrV4) -> Result<Option<SocketAddrV4>> {
+    pub fn take(&mut self, client: SocketAddr) -> Result<Option<SocketAddr>> {
         let Some(found) = self.peek(client)? else {
             return Ok(None);
         };
         match self
             .map
-            .remove(&to_bytes::<_, SOCKADDR_SIZE>(&sockaddr_from_std(client)))
+            .remove(&to_bytes::<_, SOCKADDR_SIZE>(&sockaddr6_from_std(client)))
         {
             Ok(()) => Ok(Some(found)),
             Err(e) if is_missing(&e) => Ok(None),
@@ -304,10 +335,11 @@ impl OrigDstTable {
     }
 
     /// Records an original destination by hand (tests).
-    pub fn insert(&mut self, client: SocketAddrV4, original: SocketAddrV4) -> Result<()> {
-        let key = to_bytes::<_, SOCKADDR_SIZE>(&sockaddr_from_std(client));
+    pub fn insert(&mut self, client: SocketAddr, original: SocketAddr) -> Result<()> {
+        let key = to_bytes::<_, SOCKADDR_SIZE>(&sockaddr6_from_std(client));
         let entry = OrigDstEntry {
-            dst: sockaddr_from_std(original),
+            dst: sockaddr6_from_std(original),
+            _pad: 0,
             cookie: 0,
             closed_at_ns: 0,
         };
@@ -343,14 +375,14 @@ impl OrigDstTable {
     }
 
     /// Every recorded (client, original destination) pair.
-    pub fn entries(&self) -> Result<Vec<(SocketAddrV4, SocketAddrV4)>> {
+    pub fn entries(&self) -> Result<Vec<(SocketAddr, SocketAddr)>> {
         self.map
             .iter()
             .map(|item| {
                 let (k, v) = item.context("iterating original destinations")?;
                 Ok((
-                    sockaddr_to_std(from_bytes(&k)),
-                    sockaddr_to_std(from_bytes::<OrigDstEntry, ORIG_DST_ENTRY_SIZE>(&v).dst),
+                    sockaddr6_to_std(from_bytes(&k)),
+                    sockaddr6_to_std(from_bytes::<OrigDstEntry, ORIG_DST_ENTRY_SIZE>(&v).dst),
                 ))
             })
             .collect()
@@ -443,4 +475,30 @@ fn record_domain(record: &VipRecord) -> Result<String> {
         .get(..len)
         .context("VIP record has a domain length beyond its buffer")?;
     String::from_utf8(bytes.to_vec()).context("VIP record holds a domain that is not UTF-8")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn socket_addresses_of_both_families_round_trip_through_the_kernel_layout() {
+        let cases: [(&str, bool); 4] = [
+            ("127.0.0.1:40000", true),
+            ("10.10.0.1:443", true),
+            ("[::1]:53", false),
+            ("[fd00:6a7e::a0a:1]:80", false),
+        ];
+        for (text, mapped) in cases {
+            let addr: SocketAddr = text.parse().expect("test address");
+            let kernel = sockaddr6_from_std(addr);
+            assert_eq!(kernel.is_v4_mapped(), mapped, "{text}");
+            assert_eq!(sockaddr6_to_std(kernel), addr, "{text}");
+        }
+        let v4 = sockaddr6_from_std("10.10.0.1:443".parse().expect("addr"));
+        assert_eq!(
+            v4,
+            SockAddr6::from_v4(u32::from_ne_bytes([10, 10, 0, 1]), 443u16.to_be())
+        );
+    }
 }

@@ -15,11 +15,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use gateway_common::{
-    Counter, GatewayConfig, LoaderInfo, OrigDstEntry, SockAddrV4, VipRecord, CONFIG_FLAG_ENABLED,
-    CONNECTION_TABLE_CAPACITY, COUNTER_COUNT, VIP_TABLE_CAPACITY,
+    is_v4_mapped, Counter, GatewayConfig, LoaderInfo, OrigDstEntry, SockAddr6, SockAddrV4,
+    VipRecord, CONFIG_FLAG_DNS_TCP, CONFIG_FLAG_ENABLED, CONFIG_FLAG_IPV6,
+    CONNECTION_TABLE_CAPACITY, COUNTER_COUNT, IPV6_LOOPBACK, VIP_TABLE_CAPACITY,
 };
 
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
 /// Port 53 as `user_port` carries it (network byte order in the low half).
@@ -37,28 +39,29 @@ static GW_CONFIG: Array<GatewayConfig> = Array::pinned(1, 0);
 #[map]
 static GW_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTER_COUNT, 0);
 
-/// Socket cookie → the destination the application asked for. Filled at
-/// connect/sendmsg time; read by sockops (TCP) and by recvmsg/getpeername
-/// to undo the rewrite. LRU: a socket's entry is needed for its whole life
-/// (getpeername may be called at any time), and the kernel gives cgroup
-/// programs no close hook for UDP, so the oldest entries are evicted.
+/// Socket cookie → the destination the application asked for (IPv4
+/// v4-mapped). Filled at connect/sendmsg time; read by sockops (TCP) and
+/// by recvmsg/getpeername to undo the rewrite. LRU: a socket's entry is
+/// needed for its whole life (getpeername may be called at any time), and
+/// the kernel gives cgroup programs no close hook for UDP, so the oldest
+/// entries are evicted.
 #[map]
-static GW_SOCK_ORIG: LruHashMap<u64, SockAddrV4> = LruHashMap::pinned(CONNECTION_TABLE_CAPACITY, 0);
+static GW_SOCK_ORIG: LruHashMap<u64, SockAddr6> = LruHashMap::pinned(CONNECTION_TABLE_CAPACITY, 0);
 
-/// Client (ip, port) → original destination and client socket, for the
-/// proxy. An entry belongs to one connection: the proxy consumes it
-/// (lookup and delete) when it accepts the connection, and sockops removes
-/// it when the client socket reaches TCP_CLOSE unconsumed: at once when
-/// the proxy's side closed first, the connection was reset or the connect
-/// failed (the proxy has accepted, or never will); when the client closed
-/// first (from FIN_WAIT2: the proxy may not have accepted yet) it is
-/// stamped instead, and the loader removes it after a grace shorter than
-/// the TIME_WAIT reuse delay. Only sockets of the proxy's network
-/// namespace are recorded, where a live (ip, port) is unique. LRU so that
-/// a full table evicts instead of failing; an evicted entry makes that one
-/// connection fail closed at the proxy.
+/// Client (ip, port) of either family → original destination and client
+/// socket, for the proxy. An entry belongs to one connection: the proxy
+/// consumes it (lookup and delete) when it accepts the connection, and
+/// sockops removes it when the client socket reaches TCP_CLOSE
+/// unconsumed: at once when the proxy's side closed first, the connection
+/// was reset or the connect failed (the proxy has accepted, or never
+/// will); when the client closed first (from FIN_WAIT2: the proxy may not
+/// have accepted yet) it is stamped instead, and the loader removes it
+/// after a grace shorter than the TIME_WAIT reuse delay. Only sockets of
+/// the proxy's network namespace are recorded, where a live (ip, port) is
+/// unique. LRU so that a full table evicts instead of failing; an evicted
+/// entry makes that one connection fail closed at the proxy.
 #[map]
-static GW_ORIG_DST: LruHashMap<SockAddrV4, OrigDstEntry> =
+static GW_ORIG_DST: LruHashMap<SockAddr6, OrigDstEntry> =
     LruHashMap::pinned(CONNECTION_TABLE_CAPACITY, 0);
 
 /// VIP → domain, written by the Envoy module. Owned here so that the
@@ -92,27 +95,98 @@ fn config() -> Option<&'static GatewayConfig> {
     }
 }
 
-/// Fields of the socket address a cgroup program sees.
+/// The destination (or, in recvmsg/getpeername, the peer) a cgroup
+/// program sees, in one layout for both families: an IPv4 address is
+/// held v4-mapped.
 struct Destination {
     family: u32,
     protocol: u32,
-    ip: u32,
-    port: u16,
+    addr: SockAddr6,
 }
 
-#[inline(always)]
-fn destination(ctx: &SockAddrContext) -> Destination {
-    let sa = ctx.sock_addr;
-    // SAFETY: the kernel hands a valid bpf_sock_addr for the program's run;
-    // these fields are readable by every cgroup sock_addr attach type.
-    unsafe {
-        Destination {
-            family: (*sa).user_family,
-            protocol: (*sa).protocol,
-            ip: (*sa).user_ip4,
-            port: (*sa).user_port as u16,
+impl Destination {
+    /// The IPv4 address when the destination is IPv4 or v4-mapped.
+    #[inline(always)]
+    fn v4(&self) -> Option<u32> {
+        if self.addr.is_v4_mapped() {
+            Some(self.addr.ip6[3])
+        } else {
+            None
         }
     }
+
+    #[inline(always)]
+    fn port(&self) -> u16 {
+        self.addr.port
+    }
+}
+
+/// Reads one `bpf_sock_addr` field with a volatile load (see
+/// `sock_ops_field!`).
+macro_rules! sock_addr_field {
+    ($ctx:expr, $($field:tt)+) => {{
+        let sa = $ctx.sock_addr;
+        // SAFETY: `sa` is the kernel's bpf_sock_addr for this run; family,
+        // protocol and port are readable by every cgroup sock_addr attach
+        // type, user_ip4 by the IPv4 ones and user_ip6 by the IPv6 ones
+        // (callers read the address field of their own family only).
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*sa).$($field)+)) }
+    }};
+}
+
+/// Writes one `bpf_sock_addr` field with a volatile store.
+macro_rules! set_sock_addr_field {
+    ($ctx:expr, $value:expr, $($field:tt)+) => {{
+        let sa = $ctx.sock_addr;
+        // SAFETY: `sa` is the kernel's bpf_sock_addr for this run; the
+        // address of the hook's own family and user_port are writable in
+        // the connect, sendmsg, recvmsg and getpeername hooks, the only
+        // places this runs.
+        unsafe { core::ptr::write_volatile(core::ptr::addr_of_mut!((*sa).$($field)+), $value) }
+    }};
+}
+
+/// The destination as the hook of `hook_family` sees it; `hook_family` is
+/// a constant in each program, so each reads only its own address field.
+#[inline(always)]
+fn destination(ctx: &SockAddrContext, hook_family: u32) -> Destination {
+    let family = sock_addr_field!(ctx, user_family);
+    let port = sock_addr_field!(ctx, user_port) as u16;
+    let addr = if hook_family == AF_INET6 {
+        SockAddr6 {
+            ip6: [
+                sock_addr_field!(ctx, user_ip6[0]),
+                sock_addr_field!(ctx, user_ip6[1]),
+                sock_addr_field!(ctx, user_ip6[2]),
+                sock_addr_field!(ctx, user_ip6[3]),
+            ],
+            port,
+            _pad: 0,
+        }
+    } else {
+        SockAddr6::from_v4(sock_addr_field!(ctx, user_ip4), port)
+    };
+    Destination {
+        family,
+        protocol: sock_addr_field!(ctx, protocol),
+        addr,
+    }
+}
+
+/// Writes `to` into the socket address the syscall uses: the IPv4 field
+/// for the IPv4 hooks, all of `user_ip6` for the IPv6 ones (an IPv4
+/// address then stays v4-mapped, the form an AF_INET6 socket expects).
+#[inline(always)]
+fn write_address(ctx: &SockAddrContext, hook_family: u32, to: &SockAddr6) {
+    if hook_family == AF_INET6 {
+        set_sock_addr_field!(ctx, to.ip6[0], user_ip6[0]);
+        set_sock_addr_field!(ctx, to.ip6[1], user_ip6[1]);
+        set_sock_addr_field!(ctx, to.ip6[2], user_ip6[2]);
+        set_sock_addr_field!(ctx, to.ip6[3], user_ip6[3]);
+    } else {
+        set_sock_addr_field!(ctx, to.ip6[3], user_ip4);
+    }
+    set_sock_addr_field!(ctx, to.port as u32, user_port);
 }
 
 /// Whether the socket lives in the network namespace the proxy serves.
@@ -142,72 +216,142 @@ fn socket_cookie<C: EbpfContext>(ctx: &C) -> u64 {
 /// when the original cannot be recorded: a redirect that can never be
 /// undone would break the application worse than no redirect.
 #[inline(always)]
-fn redirect(ctx: &SockAddrContext, dest: &Destination, target: SockAddrV4) -> bool {
-    let original = SockAddrV4 {
-        ip: dest.ip,
-        port: dest.port,
-        _pad: 0,
-    };
+fn redirect(
+    ctx: &SockAddrContext,
+    hook_family: u32,
+    dest: &Destination,
+    target: &SockAddr6,
+) -> bool {
     if GW_SOCK_ORIG
-        .insert(&socket_cookie(ctx), &original, 0)
+        .insert(&socket_cookie(ctx), &dest.addr, 0)
         .is_err()
     {
         count(Counter::MapUpdateFailed);
         return false;
     }
-    let sa = ctx.sock_addr;
-    // SAFETY: user_ip4/user_port are writable in connect4 and sendmsg4.
-    unsafe {
-        (*sa).user_ip4 = target.ip;
-        (*sa).user_port = target.port as u32;
-    }
+    write_address(ctx, hook_family, target);
     true
 }
 
+/// Where a destination of this kind goes: the IPv4 listener (v4-mapped for
+/// an AF_INET6 socket dialling an IPv4 address) or, for a native IPv6
+/// destination, the same port on `::1` when the proxy listens there.
+/// `None` when there is no listener of that family.
 #[inline(always)]
-fn is_target(dest: &Destination, target: &SockAddrV4) -> bool {
-    dest.ip == target.ip && dest.port == target.port
+fn target_for(cfg: &GatewayConfig, dest: &Destination, listener: &SockAddrV4) -> Option<SockAddr6> {
+    if dest.v4().is_some() {
+        Some(SockAddr6::from_v4(listener.ip, listener.port))
+    } else if cfg.has(CONFIG_FLAG_IPV6) {
+        Some(SockAddr6 {
+            ip6: IPV6_LOOPBACK,
+            port: listener.port,
+            _pad: 0,
+        })
+    } else {
+        count(Counter::Ipv6Unserved);
+        None
+    }
 }
 
-/// TCP to a VIP → TCP target; connected UDP to port 53 → DNS target.
-#[cgroup_sock_addr(connect4)]
-pub fn gw_connect4(ctx: SockAddrContext) -> i32 {
+/// Whether `addr` is one of the proxy's listeners (either family): such
+/// traffic is never redirected, and only such a peer is restored.
+#[inline(always)]
+fn is_listener(cfg: &GatewayConfig, addr: &SockAddr6) -> bool {
+    let port = addr.port;
+    let v4 = if addr.is_v4_mapped() {
+        Some(addr.ip6[3])
+    } else if cfg.has(CONFIG_FLAG_IPV6)
+        && addr.ip6[0] == IPV6_LOOPBACK[0]
+        && addr.ip6[1] == IPV6_LOOPBACK[1]
+        && addr.ip6[2] == IPV6_LOOPBACK[2]
+        && addr.ip6[3] == IPV6_LOOPBACK[3]
+    {
+        None
+    } else {
+        return false;
+    };
+    let matches = |l: &SockAddrV4| l.port == port && v4.map_or(true, |ip| ip == l.ip);
+    matches(&cfg.dns_target)
+        || matches(&cfg.tcp_target)
+        || (cfg.has(CONFIG_FLAG_DNS_TCP) && matches(&cfg.dns_tcp_target))
+}
+
+/// A VIP of either form: an IPv4 VIP (plain or v4-mapped) or an IPv6 VIP.
+#[inline(always)]
+fn is_vip(cfg: &GatewayConfig, dest: &Destination) -> bool {
+    match dest.v4() {
+        Some(ip) => cfg.is_vip(ip),
+        None => cfg.is_vip6(&dest.addr.ip6),
+    }
+}
+
+/// TCP to a VIP → TCP target; TCP to port 53 → DNS-over-TCP target.
+#[inline(always)]
+fn on_tcp_connect(
+    ctx: &SockAddrContext,
+    hook_family: u32,
+    cfg: &GatewayConfig,
+    dest: &Destination,
+) {
+    if is_vip(cfg, dest) {
+        if let Some(target) = target_for(cfg, dest, &cfg.tcp_target) {
+            if redirect(ctx, hook_family, dest, &target) {
+                count(Counter::TcpRedirected);
+                debug!(ctx, "tcp connect to a VIP redirected");
+                return;
+            }
+        }
+    } else if dest.port() == DNS_PORT
+        && cfg.has(CONFIG_FLAG_DNS_TCP)
+        && !is_listener(cfg, &dest.addr)
+    {
+        if let Some(target) = target_for(cfg, dest, &cfg.dns_tcp_target) {
+            if redirect(ctx, hook_family, dest, &target) {
+                count(Counter::DnsTcpRedirected);
+                debug!(ctx, "dns over tcp redirected");
+                return;
+            }
+        }
+    }
+    count(Counter::TcpPassed);
+}
+
+/// UDP to port 53 → DNS target. Returns whether it was redirected.
+#[inline(always)]
+fn on_dns_datagram(
+    ctx: &SockAddrContext,
+    hook_family: u32,
+    cfg: &GatewayConfig,
+    dest: &Destination,
+) -> bool {
+    if dest.port() != DNS_PORT || is_listener(cfg, &dest.addr) {
+        return false;
+    }
+    match target_for(cfg, dest, &cfg.dns_target) {
+        Some(target) => redirect(ctx, hook_family, dest, &target),
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn on_connect(ctx: &SockAddrContext, family: u32) -> i32 {
     let Some(cfg) = config() else {
         return ALLOW;
     };
-    let dest = destination(&ctx);
-    if dest.family != AF_INET {
+    let dest = destination(ctx, family);
+    if dest.family != family {
         count(Counter::OtherPassed);
         return ALLOW;
     }
-    if !in_proxy_netns(&ctx, cfg) {
+    if !in_proxy_netns(ctx, cfg) {
         return ALLOW;
     }
     match dest.protocol {
-        IPPROTO_TCP => {
-            if cfg.is_vip(dest.ip) && redirect(&ctx, &dest, cfg.tcp_target) {
-                count(Counter::TcpRedirected);
-                debug!(
-                    &ctx,
-                    "tcp connect to {:i}:{} redirected",
-                    dest.ip.to_ne_bytes(),
-                    u16::from_be(dest.port)
-                );
-            } else {
-                count(Counter::TcpPassed);
-            }
-        }
+        IPPROTO_TCP => on_tcp_connect(ctx, family, cfg, &dest),
         IPPROTO_UDP => {
-            if dest.port == DNS_PORT
-                && !is_target(&dest, &cfg.dns_target)
-                && redirect(&ctx, &dest, cfg.dns_target)
-            {
+            if on_dns_datagram(ctx, family, cfg, &dest) {
                 count(Counter::UdpConnectRedirected);
-                debug!(
-                    &ctx,
-                    "udp connect to {:i}:53 redirected",
-                    dest.ip.to_ne_bytes()
-                );
+                debug!(ctx, "udp connect to port 53 redirected");
             } else {
                 count(Counter::UdpPassed);
             }
@@ -217,42 +361,64 @@ pub fn gw_connect4(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
-/// Unconnected UDP datagrams to port 53 → DNS target.
-#[cgroup_sock_addr(sendmsg4)]
-pub fn gw_sendmsg4(ctx: SockAddrContext) -> i32 {
+#[inline(always)]
+fn on_sendmsg(ctx: &SockAddrContext, family: u32) -> i32 {
     let Some(cfg) = config() else {
         return ALLOW;
     };
-    let dest = destination(&ctx);
-    if dest.family != AF_INET || dest.port != DNS_PORT {
+    let dest = destination(ctx, family);
+    if dest.family != family || dest.port() != DNS_PORT {
         count(Counter::UdpPassed);
         return ALLOW;
     }
-    if !in_proxy_netns(&ctx, cfg) {
+    if !in_proxy_netns(ctx, cfg) {
         return ALLOW;
     }
-    if !is_target(&dest, &cfg.dns_target) && redirect(&ctx, &dest, cfg.dns_target) {
+    if on_dns_datagram(ctx, family, cfg, &dest) {
         count(Counter::UdpSendRedirected);
-        debug!(
-            &ctx,
-            "udp datagram to {:i}:53 redirected",
-            dest.ip.to_ne_bytes()
-        );
+        debug!(ctx, "udp datagram to port 53 redirected");
     } else {
         count(Counter::UdpPassed);
     }
     ALLOW
 }
 
+/// TCP to a VIP → TCP target; TCP to port 53 → DNS-over-TCP target;
+/// connected UDP to port 53 → DNS target.
+#[cgroup_sock_addr(connect4)]
+pub fn gw_connect4(ctx: SockAddrContext) -> i32 {
+    on_connect(&ctx, AF_INET)
+}
+
+/// The same for AF_INET6 sockets: v4-mapped destinations (dual-stack
+/// sockets, e.g. Java's) go to the IPv4 listeners in v4-mapped form,
+/// native IPv6 ones (IPv6 resolvers, IPv6 VIPs) to the listeners on `::1`.
+#[cgroup_sock_addr(connect6)]
+pub fn gw_connect6(ctx: SockAddrContext) -> i32 {
+    on_connect(&ctx, AF_INET6)
+}
+
+/// Unconnected UDP datagrams to port 53 → DNS target.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn gw_sendmsg4(ctx: SockAddrContext) -> i32 {
+    on_sendmsg(&ctx, AF_INET)
+}
+
+/// Unconnected UDP datagrams of AF_INET6 sockets to port 53 → DNS target.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn gw_sendmsg6(ctx: SockAddrContext) -> i32 {
+    on_sendmsg(&ctx, AF_INET6)
+}
+
 /// When the address a socket reports is one of the redirect targets and the
 /// socket was redirected, report the original destination instead.
 #[inline(always)]
-fn restore_original(ctx: &SockAddrContext, counter: Counter) {
+fn restore_original(ctx: &SockAddrContext, hook_family: u32, counter: Counter) {
     let Some(cfg) = config() else {
         return;
     };
-    let dest = destination(ctx);
-    if !is_target(&dest, &cfg.dns_target) && !is_target(&dest, &cfg.tcp_target) {
+    let dest = destination(ctx, hook_family);
+    if !is_listener(cfg, &dest.addr) {
         return;
     }
     // SAFETY: the value is copied out at once; LRU eviction of a concurrent
@@ -260,12 +426,11 @@ fn restore_original(ctx: &SockAddrContext, counter: Counter) {
     let Some(original) = (unsafe { GW_SOCK_ORIG.get(&socket_cookie(ctx)) }).copied() else {
         return;
     };
-    let sa = ctx.sock_addr;
-    // SAFETY: user_ip4/user_port are writable in recvmsg4 and getpeername4.
-    unsafe {
-        (*sa).user_ip4 = original.ip;
-        (*sa).user_port = original.port as u32;
+    // An IPv4 socket can only show an IPv4 original.
+    if hook_family != AF_INET6 && !original.is_v4_mapped() {
+        return;
     }
+    write_address(ctx, hook_family, &original);
     count(counter);
 }
 
@@ -273,26 +438,41 @@ fn restore_original(ctx: &SockAddrContext, counter: Counter) {
 /// application asked.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn gw_recvmsg4(ctx: SockAddrContext) -> i32 {
-    restore_original(&ctx, Counter::RecvRewritten);
+    restore_original(&ctx, AF_INET, Counter::RecvRewritten);
     // recvmsg programs must return 1.
+    ALLOW
+}
+
+/// The same for AF_INET6 sockets (musl's resolver, IPv6 nameservers).
+#[cgroup_sock_addr(recvmsg6)]
+pub fn gw_recvmsg6(ctx: SockAddrContext) -> i32 {
+    restore_original(&ctx, AF_INET6, Counter::RecvRewritten);
     ALLOW
 }
 
 /// `getpeername` on a redirected socket reports the original destination.
 #[cgroup_sock_addr(getpeername4)]
 pub fn gw_getpeername4(ctx: SockAddrContext) -> i32 {
-    restore_original(&ctx, Counter::PeerRewritten);
+    restore_original(&ctx, AF_INET, Counter::PeerRewritten);
+    ALLOW
+}
+
+/// The same for AF_INET6 sockets.
+#[cgroup_sock_addr(getpeername6)]
+pub fn gw_getpeername6(ctx: SockAddrContext) -> i32 {
+    restore_original(&ctx, AF_INET6, Counter::PeerRewritten);
     ALLOW
 }
 
 /// At TCP_CONNECT_CB the client's port is assigned and the cookie is the
-/// one connect4 saw: publish the original destination keyed by the client
-/// address for the proxy, and ask for state callbacks so that the entry is
-/// removed when the socket closes. At TCP_CLOSE, remove the entry if it is
-/// still this socket's (the proxy did not consume it).
+/// one connect4/6 saw: publish the original destination keyed by the
+/// client address for the proxy, and ask for state callbacks so that the
+/// entry is removed when the socket closes. At TCP_CLOSE, remove the entry
+/// if it is still this socket's (the proxy did not consume it).
 #[sock_ops]
 pub fn gw_sockops(ctx: SockOpsContext) -> u32 {
-    if ctx.family() != AF_INET {
+    let family = ctx.family();
+    if family != AF_INET && family != AF_INET6 {
         return 1;
     }
     match ctx.op() {
@@ -305,12 +485,76 @@ pub fn gw_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
+/// Reads one `bpf_sock_ops` field with a volatile load, so that the
+/// compiler never merges loads of different fields into one load from a
+/// computed context pointer (which the verifier refuses).
+macro_rules! sock_ops_field {
+    ($ctx:expr, $($field:tt)+) => {{
+        let ops = $ctx.ops;
+        // SAFETY: `ops` is the kernel's bpf_sock_ops for this run; every
+        // field read here is readable by sock_ops programs.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!((*ops).$($field)+)) }
+    }};
+}
+
+/// The connection's peer and its own address, both in the one layout.
+/// An AF_INET6 socket dialling a v4-mapped address runs over IPv4: its
+/// IPv4 fields are set at connect time (its IPv6 source only after the
+/// connect callback), and the proxy sees an IPv4 peer.
 #[inline(always)]
-fn client_address(ctx: &SockOpsContext) -> SockAddrV4 {
-    SockAddrV4 {
-        ip: ctx.local_ip4(),
-        port: (ctx.local_port() as u16).to_be(),
-        _pad: 0,
+fn connection_ends(ctx: &SockOpsContext) -> (SockAddr6, SockAddr6) {
+    // Every field is read before any branch: loads in different branches
+    // get merged by the compiler into one load through a computed context
+    // pointer, which the verifier refuses.
+    // remote_port carries the network-order port in its upper 16 bits;
+    // local_port is in host order.
+    let remote_port = (sock_ops_field!(ctx, remote_port) >> 16) as u16;
+    let local_port = (sock_ops_field!(ctx, local_port) as u16).to_be();
+    let family = sock_ops_field!(ctx, family);
+    let remote_ip4 = sock_ops_field!(ctx, remote_ip4);
+    let local_ip4 = sock_ops_field!(ctx, local_ip4);
+    let remote_ip6 = [
+        sock_ops_field!(ctx, remote_ip6[0]),
+        sock_ops_field!(ctx, remote_ip6[1]),
+        sock_ops_field!(ctx, remote_ip6[2]),
+        sock_ops_field!(ctx, remote_ip6[3]),
+    ];
+    let local_ip6 = [
+        sock_ops_field!(ctx, local_ip6[0]),
+        sock_ops_field!(ctx, local_ip6[1]),
+        sock_ops_field!(ctx, local_ip6[2]),
+        sock_ops_field!(ctx, local_ip6[3]),
+    ];
+    if family == AF_INET6 && !is_v4_mapped(&remote_ip6) {
+        (
+            SockAddr6 {
+                ip6: remote_ip6,
+                port: remote_port,
+                _pad: 0,
+            },
+            SockAddr6 {
+                ip6: local_ip6,
+                port: local_port,
+                _pad: 0,
+            },
+        )
+    } else {
+        (
+            SockAddr6::from_v4(remote_ip4, remote_port),
+            SockAddr6::from_v4(local_ip4, local_port),
+        )
+    }
+}
+
+#[inline(always)]
+fn is_tcp_target(cfg: &GatewayConfig, addr: &SockAddr6) -> bool {
+    if addr.port != cfg.tcp_target.port {
+        return false;
+    }
+    if addr.is_v4_mapped() {
+        addr.ip6[3] == cfg.tcp_target.ip
+    } else {
+        cfg.has(CONFIG_FLAG_IPV6) && addr.ip6 == IPV6_LOOPBACK
     }
 }
 
@@ -319,9 +563,8 @@ fn record_original_destination(ctx: &SockOpsContext) {
     let Some(cfg) = config() else {
         return;
     };
-    // remote_port carries the network-order port in its upper 16 bits.
-    let remote_port = (ctx.remote_port() >> 16) as u16;
-    if ctx.remote_ip4() != cfg.tcp_target.ip || remote_port != cfg.tcp_target.port {
+    let (remote, client) = connection_ends(ctx);
+    if !is_tcp_target(cfg, &remote) {
         return;
     }
     if !in_proxy_netns(ctx, cfg) {
@@ -336,10 +579,11 @@ fn record_original_destination(ctx: &SockOpsContext) {
     };
     let entry = OrigDstEntry {
         dst: original,
+        _pad: 0,
         cookie,
         closed_at_ns: 0,
     };
-    if GW_ORIG_DST.insert(&client_address(ctx), &entry, 0).is_err() {
+    if GW_ORIG_DST.insert(&client, &entry, 0).is_err() {
         count(Counter::MapUpdateFailed);
         return;
     }
@@ -347,14 +591,14 @@ fn record_original_destination(ctx: &SockOpsContext) {
     // Without the state callback the entry would outlive an unaccepted
     // connection; then it must not exist at all.
     if ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32).is_err() {
-        let _ = GW_ORIG_DST.remove(&client_address(ctx));
+        let _ = GW_ORIG_DST.remove(&client);
         count(Counter::MapUpdateFailed);
     }
 }
 
 #[inline(always)]
 fn forget_original_destination(ctx: &SockOpsContext, client_closed_first: bool) {
-    let client = client_address(ctx);
+    let (_, client) = connection_ends(ctx);
     // SAFETY: the value is copied out at once (see restore_original).
     let Some(mut entry) = (unsafe { GW_ORIG_DST.get(&client) }).copied() else {
         return;

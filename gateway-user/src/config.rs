@@ -7,7 +7,7 @@
 use std::{
     collections::BTreeMap,
     fs,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
     path::{Path, PathBuf},
 };
 
@@ -54,7 +54,9 @@ fn default_pin_dir() -> PathBuf {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Listeners {
-    /// UDP DNS listener (the kernel sends port-53 traffic here).
+    /// DNS listener, UDP and TCP on the same port (the kernel sends
+    /// port-53 datagrams to the UDP one and DNS-over-TCP connects to the
+    /// TCP one).
     pub dns: String,
     /// TCP listener (the kernel sends VIP connects here).
     pub tcp: String,
@@ -63,6 +65,11 @@ pub struct Listeners {
     /// token and can stop Envoy). Kept to refuse it with a clear message.
     #[serde(default, skip_serializing)]
     pub admin: Option<String>,
+    /// Also listen on `[::1]` at the same ports, for IPv6 resolvers and
+    /// IPv6 VIPs: true requires it, false turns it off, absent uses it
+    /// when the host has IPv6 loopback.
+    #[serde(default)]
+    pub ipv6: Option<bool>,
 }
 
 impl Default for Listeners {
@@ -71,6 +78,7 @@ impl Default for Listeners {
             dns: "127.0.0.1:15053".into(),
             tcp: "127.0.0.1:15001".into(),
             admin: None,
+            ipv6: None,
         }
     }
 }
@@ -81,6 +89,11 @@ impl Default for Listeners {
 pub struct Dns {
     /// VIP range, e.g. "10.10.0.0/24".
     pub vip_cidr: String,
+    /// IPv6 VIP range, a /96 such as "fd00:6a7e::/96": a matched name is
+    /// also answered for AAAA, with this prefix followed by its IPv4 VIP.
+    /// Absent: AAAA for a matched name is NODATA.
+    #[serde(default)]
+    pub vip_ipv6_prefix: Option<String>,
     /// TTL of VIP answers, seconds.
     #[serde(default = "default_ttl")]
     pub ttl: u32,
@@ -149,6 +162,12 @@ pub struct Config {
     pub dns_listener: SocketAddrV4,
     /// TCP listener.
     pub tcp_listener: SocketAddrV4,
+    /// DNS-over-TCP listener (the DNS listener's address, over TCP).
+    pub dns_tcp_listener: SocketAddrV4,
+    /// Whether Envoy also listens on `[::1]` at the same ports.
+    pub ipv6: bool,
+    /// The IPv6 VIP prefix (a /96), if any.
+    pub vip6_prefix: Option<Ipv6Addr>,
     /// Fallback resolvers (from the file or /etc/resolv.conf).
     pub fallback: Vec<SocketAddrV4>,
     /// Cluster addresses by name.
@@ -346,11 +365,34 @@ pub fn validate(file: GatewayFile) -> Result<Config> {
         }
     }
 
+    let ipv6 = match file.listeners.ipv6 {
+        Some(false) => false,
+        Some(true) => {
+            if !ipv6_loopback_available() {
+                bail!("listeners.ipv6: true, but this host cannot bind [::1] (IPv6 disabled?); set it to false or leave it out");
+            }
+            true
+        }
+        None => ipv6_loopback_available(),
+    };
+    let vip6_prefix = match &file.dns.vip_ipv6_prefix {
+        None => None,
+        Some(text) => {
+            let prefix = field("dns.vip_ipv6_prefix", parse_vip6_prefix(text))?;
+            if !ipv6 {
+                bail!("dns.vip_ipv6_prefix: IPv6 VIPs need Envoy's IPv6 listeners, and listeners.ipv6 is off or [::1] cannot be bound here");
+            }
+            Some(prefix)
+        }
+    };
     let config = Config {
         file,
         vip_cidr,
         dns_listener,
         tcp_listener,
+        dns_tcp_listener: dns_listener,
+        ipv6,
+        vip6_prefix,
         fallback,
         clusters,
     };
@@ -397,6 +439,30 @@ fn module_accepts(config: &Config) -> Result<()> {
 }
 
 /// The IPv4 nameservers of /etc/resolv.conf, port 53.
+/// Whether this host (network namespace) can bind the IPv6 loopback.
+fn ipv6_loopback_available() -> bool {
+    std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).is_ok()
+}
+
+/// "fd00:6a7e::/96" → the prefix; only /96 is accepted (the last 32 bits
+/// carry the IPv4 VIP).
+fn parse_vip6_prefix(text: &str) -> Result<Ipv6Addr, String> {
+    let len = gateway_common::contract::VIP6_PREFIX_LEN;
+    let (addr, prefix_len) = text
+        .split_once('/')
+        .ok_or_else(|| format!("{text:?} is not an IPv6 prefix such as fd00:6a7e::/{len}"))?;
+    let addr: Ipv6Addr = addr
+        .parse()
+        .map_err(|_| format!("{addr:?} is not an IPv6 address"))?;
+    if prefix_len != len.to_string() {
+        return Err(format!(
+            "{text:?}: only /{len} is supported (the last 32 bits carry the IPv4 VIP)"
+        ));
+    }
+    gateway_common::contract::check_vip6_prefix(addr)?;
+    Ok(addr)
+}
+
 fn system_resolvers() -> Result<Vec<SocketAddrV4>> {
     let text = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let found: Vec<SocketAddrV4> = text

@@ -1,16 +1,23 @@
-//! Envoy's bootstrap, generated from the gateway configuration: a UDP DNS
-//! listener (`dns_gateway`, then Envoy's `dns_filter` as fallback) and a
-//! TCP listener (`cache_lookup`, then tcp_proxy tunnelling over HTTP
-//! CONNECT to the cluster the domain's metadata names). The listeners and
-//! filters are those of the seed design; only the capture differs (eBPF
+//! Envoy's bootstrap, generated from the gateway configuration:
+//!
+//! - a UDP DNS listener: `dns_gateway`, then Envoy's `udp_proxy` relaying
+//!   every other query byte for byte to the fallback resolvers (any type,
+//!   EDNS and DNSSEC flags kept, answers unchanged);
+//! - a DNS-over-TCP listener on the same port: `dns_gateway_tcp`, then a
+//!   `tcp_proxy` to the fallback resolvers over TCP;
+//! - a TCP listener: `cache_lookup`, then tcp_proxy tunnelling over HTTP
+//!   CONNECT to the cluster the domain's metadata names;
+//! - with IPv6, the same three on `[::1]` at the same ports.
+//!
+//! The VIP path is the seed design's; only the capture differs (eBPF
 //! instead of iptables, so no `original_dst` listener filter).
 
 use std::path::Path;
 
 pub use gateway_common::contract::MODULE_NAME;
 use gateway_common::contract::{
-    CACHE_LOOKUP_FILTER, DNS_GATEWAY_FILTER, DOMAIN_KEY, METADATA_KEY_PREFIX, PORT_KEY,
-    TCP_PROXY_CLUSTER_KEY,
+    CACHE_LOOKUP_FILTER, DNS_GATEWAY_FILTER, DNS_GATEWAY_TCP_FILTER, DOMAIN_KEY,
+    METADATA_KEY_PREFIX, PORT_KEY, TCP_PROXY_CLUSTER_KEY,
 };
 use serde_json::{json, Value};
 
@@ -23,7 +30,22 @@ pub const MAX_DOWNSTREAM_CONNECTIONS: u32 = 50_000;
 /// exist, so such a connection is closed and counted by tcp_proxy.
 pub const NO_MATCH_CLUSTER: &str = "no_matching_domain";
 
-fn socket_address(addr: std::net::SocketAddrV4, udp: bool) -> Value {
+/// Cluster of the fallback resolvers over UDP (udp_proxy).
+pub const FALLBACK_UDP_CLUSTER: &str = "dns_fallback_udp";
+
+/// Cluster of the fallback resolvers over TCP (DNS over TCP).
+pub const FALLBACK_TCP_CLUSTER: &str = "dns_fallback_tcp";
+
+/// How long udp_proxy keeps a client's session (its upstream socket)
+/// without traffic: longer than any resolver takes to answer.
+const UDP_SESSION_IDLE: &str = "10s";
+
+/// How long an idle DNS-over-TCP connection is kept (RFC 7766 §6.2.3
+/// suggests seconds).
+const DNS_TCP_IDLE: &str = "30s";
+
+fn socket_address(addr: impl Into<std::net::SocketAddr>, udp: bool) -> Value {
+    let addr: std::net::SocketAddr = addr.into();
     let mut sa = json!({
         "address": addr.ip().to_string(),
         "port_value": addr.port(),
@@ -69,6 +91,12 @@ pub fn dns_gateway_config(config: &Config) -> Value {
     if let Some(burst) = config.file.dns.new_vip_burst {
         value["new_vip_burst"] = json!(burst);
     }
+    if let Some(prefix) = config.vip6_prefix {
+        value["vip_ipv6_prefix"] = json!(format!(
+            "{prefix}/{}",
+            gateway_common::contract::VIP6_PREFIX_LEN
+        ));
+    }
     value
 }
 
@@ -84,7 +112,23 @@ pub fn cache_lookup_config(config: &Config) -> Value {
     })
 }
 
-fn dns_listener(config: &Config) -> Value {
+/// The addresses a listener binds: the configured IPv4 one and, with
+/// IPv6, `[::1]` at the same port.
+fn listener_addresses(
+    config: &Config,
+    v4: std::net::SocketAddrV4,
+) -> Vec<(String, std::net::SocketAddr)> {
+    let mut out = vec![(String::new(), std::net::SocketAddr::V4(v4))];
+    if config.ipv6 {
+        out.push((
+            "_v6".to_owned(),
+            std::net::SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), v4.port()),
+        ));
+    }
+    out
+}
+
+fn dns_listeners(config: &Config) -> Vec<Value> {
     let mut gateway = dynamic_module(DNS_GATEWAY_FILTER);
     gateway["@type"] =
         json!("type.googleapis.com/envoy.extensions.filters.udp.dynamic_modules.v3.DynamicModuleUdpListenerFilter");
@@ -92,41 +136,65 @@ fn dns_listener(config: &Config) -> Value {
         "@type": "type.googleapis.com/google.protobuf.Struct",
         "value": dns_gateway_config(config),
     });
-    let resolvers: Vec<Value> = config
-        .fallback
-        .iter()
-        .map(|r| socket_address(*r, true))
-        .collect();
-    json!({
-        "name": "dns_listener",
-        "address": socket_address(config.dns_listener, true),
-        "listener_filters": [
-            { "name": "envoy.filters.udp_listener.dynamic_modules", "typed_config": gateway },
-            {
-                "name": "envoy.filters.udp_listener.dns_filter",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.udp.dns_filter.v3.DnsFilterConfig",
-                    "stat_prefix": "dns_fallback",
-                    "client_config": {
-                        "max_pending_lookups": 256,
-                        "resolver_timeout": "2s",
-                        "typed_dns_resolver_config": {
-                            "name": "envoy.network.dns_resolver.cares",
+    listener_addresses(config, config.dns_listener)
+        .into_iter()
+        .map(|(suffix, address)| json!({
+            "name": format!("dns_listener{suffix}"),
+            "address": socket_address(address, true),
+            "listener_filters": [
+                { "name": "envoy.filters.udp_listener.dynamic_modules", "typed_config": gateway },
+                {
+                    "name": "envoy.filters.udp_listener.udp_proxy",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.UdpProxyConfig",
+                        "stat_prefix": "dns_fallback",
+                        "idle_timeout": UDP_SESSION_IDLE,
+                        // `matcher` rather than the deprecated `cluster`
+                        // field (Envoy logs it as work in progress).
+                        "matcher": { "on_no_match": { "action": {
+                            "name": "route",
                             "typed_config": {
-                                "@type": "type.googleapis.com/envoy.extensions.network.dns_resolver.cares.v3.CaresDnsResolverConfig",
-                                "resolvers": resolvers,
-                                "dns_resolver_options": { "no_default_search_domain": true },
+                                "@type": "type.googleapis.com/envoy.extensions.filters.udp.udp_proxy.v3.Route",
+                                "cluster": FALLBACK_UDP_CLUSTER,
                             },
-                        },
+                        }}},
                     },
-                    "server_config": { "inline_dns_table": {} },
                 },
-            },
-        ],
-    })
+            ],
+        }))
+        .collect()
 }
 
-fn tcp_listener(config: &Config) -> Value {
+fn dns_tcp_listeners(config: &Config) -> Vec<Value> {
+    let mut gateway = dynamic_module(DNS_GATEWAY_TCP_FILTER);
+    gateway["@type"] =
+        json!("type.googleapis.com/envoy.extensions.filters.network.dynamic_modules.v3.DynamicModuleNetworkFilter");
+    gateway["filter_config"] = json!({
+        "@type": "type.googleapis.com/google.protobuf.Struct",
+        "value": dns_gateway_config(config),
+    });
+    listener_addresses(config, config.dns_tcp_listener)
+        .into_iter()
+        .map(|(suffix, address)| json!({
+            "name": format!("dns_tcp_listener{suffix}"),
+            "address": socket_address(address, false),
+            "filter_chains": [{ "filters": [
+                { "name": "envoy.filters.network.dynamic_modules", "typed_config": gateway },
+                {
+                    "name": "envoy.filters.network.tcp_proxy",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                        "stat_prefix": "dns_fallback_tcp",
+                        "cluster": FALLBACK_TCP_CLUSTER,
+                        "idle_timeout": DNS_TCP_IDLE,
+                    },
+                },
+            ]}],
+        }))
+        .collect()
+}
+
+fn tcp_listeners(config: &Config) -> Vec<Value> {
     let mut lookup = dynamic_module(CACHE_LOOKUP_FILTER);
     lookup["@type"] =
         json!("type.googleapis.com/envoy.extensions.filters.network.dynamic_modules.v3.DynamicModuleNetworkFilter");
@@ -146,9 +214,11 @@ fn tcp_listener(config: &Config) -> Value {
             }})
         })
         .collect();
-    json!({
-        "name": "tcp_listener",
-        "address": socket_address(config.tcp_listener, false),
+    listener_addresses(config, config.tcp_listener)
+        .into_iter()
+        .map(|(suffix, address)| json!({
+        "name": format!("tcp_listener{suffix}"),
+        "address": socket_address(address, false),
         "filter_chains": [{ "filters": [
             { "name": "envoy.filters.network.dynamic_modules", "typed_config": lookup },
             {
@@ -176,6 +246,23 @@ fn tcp_listener(config: &Config) -> Value {
                 },
             },
         ]}],
+    }))
+        .collect()
+}
+
+fn static_cluster(name: &str, endpoints: &[std::net::SocketAddrV4]) -> Value {
+    let endpoints: Vec<Value> = endpoints
+        .iter()
+        .map(|addr| json!({ "endpoint": { "address": socket_address(*addr, false) } }))
+        .collect();
+    json!({
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "5s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{ "lb_endpoints": endpoints }],
+        },
     })
 }
 
@@ -183,20 +270,24 @@ fn clusters(config: &Config) -> Vec<Value> {
     config
         .clusters
         .iter()
-        .map(|(name, addr)| {
-            json!({
-                "name": name,
-                "type": "STATIC",
-                "connect_timeout": "5s",
-                "load_assignment": {
-                    "cluster_name": name,
-                    "endpoints": [{ "lb_endpoints": [{ "endpoint": {
-                        "address": socket_address(*addr, false),
-                    }}]}],
-                },
-            })
-        })
+        .map(|(name, addr)| static_cluster(name, &[*addr]))
+        .chain([
+            static_cluster(FALLBACK_UDP_CLUSTER, &config.fallback),
+            static_cluster(FALLBACK_TCP_CLUSTER, &config.fallback),
+        ])
         .collect()
+}
+
+/// Every listener: DNS (UDP), VIP (TCP) and DNS over TCP, the IPv4 ones
+/// first.
+fn listeners(config: &Config) -> Vec<Value> {
+    let mut all: Vec<Value> = dns_listeners(config)
+        .into_iter()
+        .zip(tcp_listeners(config))
+        .flat_map(|(dns, tcp)| [dns, tcp])
+        .collect();
+    all.extend(dns_tcp_listeners(config));
+    all
 }
 
 /// Mode of the admin socket: root (and Envoy's own user) only.
@@ -219,7 +310,7 @@ pub fn bootstrap(config: &Config, admin_socket: &Path) -> Value {
             },
         }]},
         "static_resources": {
-            "listeners": [dns_listener(config), tcp_listener(config)],
+            "listeners": listeners(config),
             "clusters": clusters(config),
         },
     })
@@ -276,6 +367,68 @@ mod tests {
             .iter()
             .map(|c| c["name"].as_str().unwrap_or_default().to_owned())
             .collect();
-        assert_eq!(names, ["cluster_1", "cluster_2"]);
+        assert_eq!(
+            names,
+            [
+                "cluster_1",
+                "cluster_2",
+                FALLBACK_UDP_CLUSTER,
+                FALLBACK_TCP_CLUSTER
+            ]
+        );
+        // Unmatched queries are relayed verbatim, not answered by dns_filter.
+        let relay = &listeners[0]["listener_filters"][1];
+        assert_eq!(relay["name"], "envoy.filters.udp_listener.udp_proxy");
+        assert_eq!(
+            relay["typed_config"]["matcher"]["on_no_match"]["action"]["typed_config"]["cluster"],
+            FALLBACK_UDP_CLUSTER
+        );
+    }
+
+    #[test]
+    fn ipv6_adds_loopback_listeners_at_the_same_ports_and_dns_over_tcp_is_always_there() {
+        for ipv6 in [false, true] {
+            let mut config = config::parse(config::DEFAULT_CONFIG).expect("default config");
+            config.ipv6 = ipv6;
+            let b = bootstrap(&config, Path::new("/run/gw/admin.sock"));
+            let listeners = b["static_resources"]["listeners"]
+                .as_array()
+                .expect("listeners")
+                .clone();
+            let described: Vec<(String, String, u64)> = listeners
+                .iter()
+                .map(|l| {
+                    let sa = &l["address"]["socket_address"];
+                    (
+                        l["name"].as_str().unwrap_or_default().to_owned(),
+                        sa["address"].as_str().unwrap_or_default().to_owned(),
+                        sa["port_value"].as_u64().unwrap_or_default(),
+                    )
+                })
+                .collect();
+            let mut expected = vec![
+                ("dns_listener".to_owned(), "127.0.0.1".to_owned(), 15053),
+                ("tcp_listener".to_owned(), "127.0.0.1".to_owned(), 15001),
+            ];
+            if ipv6 {
+                expected.push(("dns_listener_v6".to_owned(), "::1".to_owned(), 15053));
+                expected.push(("tcp_listener_v6".to_owned(), "::1".to_owned(), 15001));
+            }
+            expected.push(("dns_tcp_listener".to_owned(), "127.0.0.1".to_owned(), 15053));
+            if ipv6 {
+                expected.push(("dns_tcp_listener_v6".to_owned(), "::1".to_owned(), 15053));
+            }
+            assert_eq!(described, expected, "ipv6 = {ipv6}");
+            let dns_tcp = listeners
+                .iter()
+                .find(|l| l["name"] == "dns_tcp_listener")
+                .expect("DNS over TCP listener");
+            let filters = &dns_tcp["filter_chains"][0]["filters"];
+            assert_eq!(
+                filters[0]["typed_config"]["filter_name"],
+                DNS_GATEWAY_TCP_FILTER
+            );
+            assert_eq!(filters[1]["typed_config"]["cluster"], FALLBACK_TCP_CLUSTER);
+        }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::{
     fs::File,
-    net::SocketAddrV4,
+    net::{Ipv6Addr, SocketAddrV4},
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -16,7 +16,8 @@ use aya::{
 };
 use gateway_common::{
     pinned::{sockaddr_from_std, PinDir},
-    GatewayConfig, LoaderInfo, CONFIG_FLAG_ENABLED, MAX_VIP_CIDRS,
+    GatewayConfig, LoaderInfo, CONFIG_FLAG_DNS_TCP, CONFIG_FLAG_ENABLED, CONFIG_FLAG_IPV6,
+    CONFIG_FLAG_VIP6, MAX_VIP_CIDRS,
 };
 use nix::{
     errno::Errno,
@@ -32,12 +33,16 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// The programs in the object, in attach order. sockops comes first so
 /// that no redirected connect can happen before its destination is
 /// recorded.
-pub const PROGRAMS: [&str; 5] = [
+pub const PROGRAMS: [&str; 9] = [
     "gw_sockops",
     "gw_recvmsg4",
+    "gw_recvmsg6",
     "gw_getpeername4",
+    "gw_getpeername6",
     "gw_sendmsg4",
+    "gw_sendmsg6",
     "gw_connect4",
+    "gw_connect6",
 ];
 
 /// What `gateway attach` is asked to do.
@@ -51,6 +56,14 @@ pub struct AttachRequest {
     pub dns_to: SocketAddrV4,
     /// TCP listener of the proxy.
     pub tcp_to: SocketAddrV4,
+    /// DNS-over-TCP listener of the proxy; without it TCP to port 53 is
+    /// left alone.
+    pub dns_tcp_to: Option<SocketAddrV4>,
+    /// The proxy also listens on `::1` at the ports of the listeners above,
+    /// so IPv6 DNS and connects to IPv6 VIPs are redirected there.
+    pub ipv6_listeners: bool,
+    /// IPv6 VIP range: a /96 prefix followed by the IPv4 VIP.
+    pub vip6_prefix: Option<Ipv6Addr>,
     /// bpffs directory for the maps.
     pub pin_dir: PathBuf,
     /// Accept the root cgroup.
@@ -176,7 +189,10 @@ pub fn kernel_config(request: &AttachRequest) -> Result<GatewayConfig> {
         {
             bail!("VIP CIDR {cidr} cannot hold VIPs: {why}");
         }
-        for target in [request.dns_to, request.tcp_to] {
+        for target in [request.dns_to, request.tcp_to]
+            .into_iter()
+            .chain(request.dns_tcp_to)
+        {
             if cidr.contains(*target.ip()) {
                 bail!(
                     "VIP CIDR {cidr} contains the proxy address {target}: connections to the proxy \
@@ -185,10 +201,35 @@ pub fn kernel_config(request: &AttachRequest) -> Result<GatewayConfig> {
             }
         }
     }
+    let mut flags = CONFIG_FLAG_ENABLED;
+    if request.ipv6_listeners {
+        flags |= CONFIG_FLAG_IPV6;
+    }
+    let mut vip6_prefix = [0u32; 3];
+    if let Some(prefix) = request.vip6_prefix {
+        if !request.ipv6_listeners {
+            bail!("an IPv6 VIP range needs the proxy's IPv6 listeners on ::1");
+        }
+        gateway_common::contract::check_vip6_prefix(prefix).map_err(anyhow::Error::msg)?;
+        let o = prefix.octets();
+        for (i, word) in vip6_prefix.iter_mut().enumerate() {
+            *word = u32::from_ne_bytes([o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]]);
+        }
+        flags |= CONFIG_FLAG_VIP6;
+    }
     let mut config = GatewayConfig {
         dns_target: sockaddr_from_std(request.dns_to),
         tcp_target: sockaddr_from_std(request.tcp_to),
-        flags: CONFIG_FLAG_ENABLED,
+        dns_tcp_target: request
+            .dns_tcp_to
+            .map(sockaddr_from_std)
+            .unwrap_or_default(),
+        vip6_prefix,
+        flags: if request.dns_tcp_to.is_some() {
+            flags | CONFIG_FLAG_DNS_TCP
+        } else {
+            flags
+        },
         vip_cidr_count: request.vip_cidrs.len() as u32,
         netns_cookie: crate::netns::current_netns_cookie()?,
         ..Default::default()

@@ -59,6 +59,20 @@ enum Command {
         /// Envoy's TCP listener: connects to a VIP go here.
         #[arg(long, value_parser = parse_socket_addr)]
         tcp_to: SocketAddrV4,
+        /// Envoy's DNS-over-TCP listener: TCP connects to port 53 go here
+        /// (left alone without it).
+        #[arg(long, value_parser = parse_socket_addr)]
+        dns_tcp_to: Option<SocketAddrV4>,
+        /// Envoy also listens on [::1] at the ports of --dns-to, --tcp-to and
+        /// --dns-tcp-to: IPv6 DNS and connects to IPv6 VIPs go there
+        /// (without it they are left alone; v4-mapped ones are always
+        /// redirected).
+        #[arg(long)]
+        ipv6: bool,
+        /// IPv6 VIP range, a /96 prefix such as fd00:6a7e:: (needs --ipv6):
+        /// the prefix followed by an IPv4 VIP stands for the same domain.
+        #[arg(long)]
+        vip6_prefix: Option<std::net::Ipv6Addr>,
         /// bpffs directory for the maps Envoy reads.
         #[arg(long, default_value = DEFAULT_PIN_DIR, value_parser = parse_pin_dir)]
         pin_dir: PathBuf,
@@ -148,6 +162,9 @@ fn run(command: Command) -> Result<()> {
             vip_cidrs,
             dns_to,
             tcp_to,
+            dns_tcp_to,
+            ipv6,
+            vip6_prefix,
             pin_dir,
             force_root_cgroup,
             maps_group,
@@ -157,6 +174,9 @@ fn run(command: Command) -> Result<()> {
                 vip_cidrs,
                 dns_to,
                 tcp_to,
+                dns_tcp_to,
+                ipv6_listeners: ipv6,
+                vip6_prefix,
                 pin_dir,
                 allow_root_cgroup: force_root_cgroup,
                 maps_group,

@@ -227,8 +227,15 @@ fn tcp_connect_to_vip_reaches_proxy_and_original_destination_is_recovered() -> R
     // destination from the pinned map, given only the accepted peer, and
     // it is handed out once: a later socket on the same address gets none.
     let mut table = PinDir::new(loader.pin_dir()).orig_dst()?;
-    assert_eq!(table.take(accepted)?, Some(addr("10.10.0.7:443")));
-    assert_eq!(table.take(accepted)?, None, "an entry is consumed once");
+    assert_eq!(
+        table.take(accepted.into())?,
+        Some(addr("10.10.0.7:443").into())
+    );
+    assert_eq!(
+        table.take(accepted.into())?,
+        None,
+        "an entry is consumed once"
+    );
     Ok(())
 }
 

@@ -94,6 +94,15 @@ callback_table! {
     network_filter_close: fn(EnvoyPtr, u32);
     network_filter_config_define_counter: fn(EnvoyPtr, ModuleBuffer, *mut usize) -> u32;
     network_filter_increment_counter: fn(EnvoyPtr, usize, u64) -> u32;
+    network_filter_get_read_buffer_chunks_size: fn(EnvoyPtr) -> usize;
+    network_filter_get_read_buffer_chunks: fn(EnvoyPtr, *mut EnvoyBuffer);
+    network_filter_drain_read_buffer: fn(EnvoyPtr, usize);
+    network_filter_append_read_buffer: fn(EnvoyPtr, ModuleBuffer);
+    network_filter_get_write_buffer_chunks_size: fn(EnvoyPtr) -> usize;
+    network_filter_get_write_buffer_chunks: fn(EnvoyPtr, *mut EnvoyBuffer);
+    network_filter_drain_write_buffer: fn(EnvoyPtr, usize);
+    network_filter_append_write_buffer: fn(EnvoyPtr, ModuleBuffer);
+    network_filter_write: fn(EnvoyPtr, ModuleBuffer, bool);
 }
 
 static CALLBACKS: OnceLock<Callbacks> = OnceLock::new();

@@ -1,7 +1,10 @@
 //! Real handles: the safe traits of [`crate::api`] implemented with Envoy's
 //! callbacks for the duration of one hook call.
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    cell::Cell,
+    net::{IpAddr, SocketAddr},
+};
 
 use super::{
     callbacks::{callbacks, copy_envoy_buffer},
@@ -32,6 +35,53 @@ unsafe fn read_address(callback: Option<AddressFn>, ptr: EnvoyPtr) -> Option<Soc
         .parse()
         .ok()?;
     Some(SocketAddr::new(ip, u16::try_from(port).ok()?))
+}
+
+type ChunksSizeFn = unsafe extern "C" fn(EnvoyPtr) -> usize;
+type ChunksFn = unsafe extern "C" fn(EnvoyPtr, *mut EnvoyBuffer);
+
+/// Copies the bytes of the read or write buffer of the running hook.
+///
+/// # Safety
+/// `ptr` must be the network filter of the running hook.
+unsafe fn read_chunks(
+    size: Option<ChunksSizeFn>,
+    chunks: Option<ChunksFn>,
+    ptr: EnvoyPtr,
+) -> Vec<u8> {
+    let (Some(size), Some(chunks)) = (size, chunks) else {
+        return Vec::new();
+    };
+    // SAFETY: `ptr` is the running hook's filter (caller).
+    let count = unsafe { size(ptr) };
+    if count == 0 {
+        return Vec::new();
+    }
+    let mut buffers = vec![EnvoyBuffer::empty(); count];
+    // SAFETY: `buffers` has room for the `count` chunks Envoy reported;
+    // the return value differs across ABI revisions and is not used:
+    // unfilled slots stay empty.
+    unsafe { chunks(ptr, buffers.as_mut_ptr()) };
+    let mut out = Vec::new();
+    for buffer in buffers {
+        // SAFETY: Envoy filled the slot with a chunk valid during the hook.
+        out.extend_from_slice(&unsafe { copy_envoy_buffer(buffer) });
+    }
+    out
+}
+
+thread_local! {
+    /// Set while the module writes to a connection itself: Envoy runs the
+    /// connection's write filters (this module's among them) inside that
+    /// call, and the module's own bytes must pass them untouched.
+    static MODULE_WRITING: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether the current write hook was triggered by the module's own write
+/// (see [`NetworkHandle`]'s `write_to_client`): the filter must not be
+/// entered again while it is already running.
+pub fn module_write_in_progress() -> bool {
+    MODULE_WRITING.with(Cell::get)
 }
 
 /// Which kind of filter config a [`ConfigRegistry`] defines counters on.
@@ -204,6 +254,73 @@ impl NetworkFilterHandle for NetworkHandle {
             // SAFETY: `ptr` is the filter of the running hook.
             unsafe { close(self.ptr, CLOSE_FLUSH_WRITE) };
         }
+    }
+
+    fn read_buffer(&self) -> Vec<u8> {
+        let table = callbacks();
+        // SAFETY: `ptr` is the filter of the running hook.
+        unsafe {
+            read_chunks(
+                table.network_filter_get_read_buffer_chunks_size,
+                table.network_filter_get_read_buffer_chunks,
+                self.ptr,
+            )
+        }
+    }
+
+    fn drain_read_buffer(&mut self, length: usize) {
+        if let Some(drain) = callbacks().network_filter_drain_read_buffer {
+            // SAFETY: `ptr` is the filter of the running hook.
+            unsafe { drain(self.ptr, length) };
+        }
+    }
+
+    fn append_read_buffer(&mut self, data: &[u8]) {
+        if let Some(append) = callbacks().network_filter_append_read_buffer {
+            // SAFETY: `ptr` is the filter of the running hook; Envoy copies
+            // `data` during the call.
+            unsafe { append(self.ptr, ModuleBuffer::from_bytes(data)) };
+        }
+    }
+
+    fn write_buffer(&self) -> Vec<u8> {
+        let table = callbacks();
+        // SAFETY: `ptr` is the filter of the running hook.
+        unsafe {
+            read_chunks(
+                table.network_filter_get_write_buffer_chunks_size,
+                table.network_filter_get_write_buffer_chunks,
+                self.ptr,
+            )
+        }
+    }
+
+    fn drain_write_buffer(&mut self, length: usize) {
+        if let Some(drain) = callbacks().network_filter_drain_write_buffer {
+            // SAFETY: `ptr` is the filter of the running hook.
+            unsafe { drain(self.ptr, length) };
+        }
+    }
+
+    fn append_write_buffer(&mut self, data: &[u8]) {
+        if let Some(append) = callbacks().network_filter_append_write_buffer {
+            // SAFETY: `ptr` is the filter of the running hook; Envoy copies
+            // `data` during the call.
+            unsafe { append(self.ptr, ModuleBuffer::from_bytes(data)) };
+        }
+    }
+
+    fn write_to_client(&mut self, data: &[u8]) -> bool {
+        let Some(write) = callbacks().network_filter_write else {
+            return false;
+        };
+        MODULE_WRITING.with(|w| w.set(true));
+        // SAFETY: `ptr` is the filter of the running hook; Envoy copies
+        // `data`. The write filters it runs meanwhile see MODULE_WRITING
+        // and do not enter this filter again.
+        unsafe { write(self.ptr, ModuleBuffer::from_bytes(data), false) };
+        MODULE_WRITING.with(|w| w.set(false));
+        true
     }
 
     fn increment_counter(&mut self, id: CounterId, value: u64) {

@@ -273,10 +273,10 @@ pub extern "C" fn envoy_dynamic_module_on_network_filter_read(
     filter_envoy: EnvoyPtr,
     filter: ModulePtr,
     _data_length: usize,
-    _end_stream: bool,
+    end_stream: bool,
 ) -> u32 {
     with_network_filter("on_network_filter_read", filter_envoy, filter, |f, h| {
-        f.on_read(h)
+        f.on_read(h, end_stream)
     })
 }
 
@@ -286,10 +286,15 @@ pub extern "C" fn envoy_dynamic_module_on_network_filter_write(
     filter_envoy: EnvoyPtr,
     filter: ModulePtr,
     _data_length: usize,
-    _end_stream: bool,
+    end_stream: bool,
 ) -> u32 {
+    // The module's own write: its filter is running already (re-entry
+    // would alias it) and the bytes are for the client as they are.
+    if super::handles::module_write_in_progress() {
+        return NetworkStatus::Continue as u32;
+    }
     with_network_filter("on_network_filter_write", filter_envoy, filter, |f, h| {
-        f.on_write(h)
+        f.on_write(h, end_stream)
     })
 }
 

@@ -83,6 +83,27 @@ pub trait NetworkFilterHandle {
     fn close(&mut self);
     /// Adds `value` to a counter defined at config creation.
     fn increment_counter(&mut self, id: CounterId, value: u64);
+    /// The bytes in the read buffer (from the client) during `on_read`.
+    fn read_buffer(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Removes the first `length` bytes of the read buffer.
+    fn drain_read_buffer(&mut self, _length: usize) {}
+    /// Appends bytes to the read buffer, for the filters after this one.
+    fn append_read_buffer(&mut self, _data: &[u8]) {}
+    /// The bytes in the write buffer (to the client) during `on_write`.
+    fn write_buffer(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// Removes the first `length` bytes of the write buffer.
+    fn drain_write_buffer(&mut self, _length: usize) {}
+    /// Appends bytes to the write buffer.
+    fn append_write_buffer(&mut self, _data: &[u8]) {}
+    /// Writes bytes to the client (they pass this filter's `on_write`
+    /// untouched); false when Envoy offers no way to.
+    fn write_to_client(&mut self, _data: &[u8]) -> bool {
+        false
+    }
 }
 
 /// A UDP listener filter: one instance per worker, shared by all datagrams
@@ -102,12 +123,22 @@ pub trait UdpListenerFilterConfig: Send + Sync {
 pub trait NetworkFilter: Send {
     /// Called once when the connection is accepted.
     fn on_new_connection(&mut self, handle: &mut dyn NetworkFilterHandle) -> NetworkStatus;
-    /// Called when data arrives from the client.
-    fn on_read(&mut self, _handle: &mut dyn NetworkFilterHandle) -> NetworkStatus {
+    /// Called when data arrives from the client (`end_stream`: the client
+    /// half-closed).
+    fn on_read(
+        &mut self,
+        _handle: &mut dyn NetworkFilterHandle,
+        _end_stream: bool,
+    ) -> NetworkStatus {
         NetworkStatus::Continue
     }
-    /// Called when data goes to the client.
-    fn on_write(&mut self, _handle: &mut dyn NetworkFilterHandle) -> NetworkStatus {
+    /// Called when data goes to the client, except bytes this filter wrote
+    /// itself with `write_to_client`.
+    fn on_write(
+        &mut self,
+        _handle: &mut dyn NetworkFilterHandle,
+        _end_stream: bool,
+    ) -> NetworkStatus {
         NetworkStatus::Continue
     }
 }
