@@ -626,6 +626,49 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_vip_ranges_are_checked() {
+        let prefix = |value: &str| {
+            with(
+                "vip_cidr = \"10.10.0.0/24\"",
+                &format!("vip_cidr = \"10.10.0.0/24\"\nvip_ipv6_prefix = \"{value}\""),
+            )
+        };
+        // (value, accepted with IPv6 loopback?, what the error names)
+        let cases = [
+            ("fd00:6a7e::/96", true, ""),
+            ("fd00:6a7e::/64", false, "only /96"),
+            ("fd00:6a7e::1/96", false, "last 32 bits"),
+            ("::ffff:0:0/96", false, "::/8"),
+            ("ff02::/96", false, "multicast"),
+            ("10.10.0.0/96", false, "not an IPv6 address"),
+            ("fd00:6a7e::", false, "not an IPv6 prefix"),
+        ];
+        for (value, ok, why) in cases {
+            let result = parse(&prefix(value));
+            if ok {
+                if ipv6_loopback_available() {
+                    let config = result.expect("a good prefix is accepted");
+                    assert_eq!(config.vip6_prefix, Some("fd00:6a7e::".parse().unwrap()));
+                }
+            } else {
+                let err = format!("{:#}", result.expect_err(value));
+                assert!(
+                    err.contains("dns.vip_ipv6_prefix") && err.contains(why),
+                    "{value}: {err}"
+                );
+            }
+        }
+        // IPv6 VIPs need the IPv6 listeners.
+        let off = prefix("fd00:6a7e::/96").replacen(
+            "tcp = \"127.0.0.1:15001\"",
+            "tcp = \"127.0.0.1:15001\"\nipv6 = false",
+            1,
+        );
+        let err = error_of(&off);
+        assert!(err.contains("listeners.ipv6"), "{err}");
+    }
+
+    #[test]
     fn toml_syntax_errors_say_where() {
         let err = error_of("cgroup = ");
         assert!(err.contains("line 1"), "{err}");

@@ -6,7 +6,7 @@ use std::{net::Ipv4Addr, path::Path};
 use anyhow::{Context as _, Result};
 use gateway_common::{
     pinned::{sockaddr_to_std, PinDir},
-    CONFIG_FLAG_ENABLED, MAP_CONFIG,
+    CONFIG_FLAG_DNS_TCP, CONFIG_FLAG_ENABLED, CONFIG_FLAG_IPV6, CONFIG_FLAG_VIP6, MAP_CONFIG,
 };
 use serde::Serialize;
 
@@ -53,6 +53,12 @@ pub struct ConfigStatus {
     pub tcp_to: String,
     /// VIP networks.
     pub vip_cidrs: Vec<String>,
+    /// DNS-over-TCP redirect target, if TCP to port 53 is redirected.
+    pub dns_tcp_to: Option<String>,
+    /// Whether IPv6 DNS and IPv6 VIPs go to the proxy's `[::1]` listeners.
+    pub ipv6: bool,
+    /// The IPv6 VIP range (a /96), if any.
+    pub vip6_prefix: Option<String>,
 }
 
 /// Reads the status from the pins in `pin_dir`.
@@ -101,6 +107,17 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
                 )
             })
             .collect(),
+        dns_tcp_to: config
+            .has(CONFIG_FLAG_DNS_TCP)
+            .then(|| sockaddr_to_std(config.dns_tcp_target).to_string()),
+        ipv6: config.has(CONFIG_FLAG_IPV6),
+        vip6_prefix: config.has(CONFIG_FLAG_VIP6).then(|| {
+            let mut octets = [0u8; 16];
+            for (chunk, word) in octets.chunks_exact_mut(4).zip(config.vip6_prefix) {
+                chunk.copy_from_slice(&word.to_ne_bytes());
+            }
+            format!("{}/96", std::net::Ipv6Addr::from(octets))
+        }),
     });
     status.counters = pins
         .counters()?
@@ -149,6 +166,12 @@ pub fn render(status: &Status) -> String {
             c.dns_to,
             c.tcp_to,
             c.vip_cidrs.join(", ")
+        ));
+        line(format!(
+            "dns over tcp -> {}  ipv6 (listeners on [::1]): {}  ipv6 vips: {}",
+            c.dns_tcp_to.as_deref().unwrap_or("not redirected"),
+            if c.ipv6 { "yes" } else { "no" },
+            c.vip6_prefix.as_deref().unwrap_or("none")
         ));
     }
     line("counters:".to_owned());

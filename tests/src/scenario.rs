@@ -192,15 +192,13 @@ impl SeedScenario {
         if let Some(path) = &config_path {
             cmd.arg("--config").arg(path);
         }
-        cmd.args([
-            "--fallback",
-            FALLBACK,
-            "--envoy-log-level",
-            "warn",
-            "--state-dir",
-        ])
-        .arg(work_dir.join("state"))
-        .args(extra_args);
+        // The caller may name its own fallback resolver.
+        if !extra_args.contains(&"--fallback") {
+            cmd.args(["--fallback", FALLBACK]);
+        }
+        cmd.args(["--envoy-log-level", "warn", "--state-dir"])
+            .arg(work_dir.join("state"))
+            .args(extra_args);
         let admin_socket =
             gateway_user::instance::Instance::new(&work_dir.join("state"), &pin_dir).admin_socket();
         let mut gateway = Guarded::spawn("gateway run", cmd)?;

@@ -457,6 +457,10 @@ fn gateway(args: &[&str]) -> Result<(i32, String)> {
 
 #[test]
 fn bad_command_line_input_gets_a_clear_error() -> Result<()> {
+    fn with(mut args: Vec<String>, more: &[&str]) -> Vec<String> {
+        args.extend(more.iter().map(|s| s.to_string()));
+        args
+    }
     if !prerequisites_met(&[]) {
         return Ok(());
     }
@@ -506,6 +510,31 @@ fn bad_command_line_input_gets_a_clear_error() -> Result<()> {
             "required",
         ),
         (vec!["frobnicate".into()], "unrecognized subcommand"),
+        (
+            with(
+                base(&cg, VIP_CIDR, DNS_TO),
+                &["--vip6-prefix", "fd00:6a7e::"],
+            ),
+            "needs the proxy's IPv6 listeners",
+        ),
+        (
+            with(
+                base(&cg, VIP_CIDR, DNS_TO),
+                &["--ipv6", "--vip6-prefix", "fd00:6a7e::1"],
+            ),
+            "last 32 bits",
+        ),
+        (
+            with(base(&cg, VIP_CIDR, DNS_TO), &["--vip6-prefix", "10.0.0.1"]),
+            "invalid IPv6 address",
+        ),
+        (
+            with(
+                base(&cg, VIP_CIDR, DNS_TO),
+                &["--dns-tcp-to", "10.10.0.53:53"],
+            ),
+            "contains the proxy address",
+        ),
     ];
     for (args, expected) in cases {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();

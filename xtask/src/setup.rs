@@ -22,7 +22,25 @@ const APT_PACKAGES: &[&str] = &[
     "util-linux",
     "libzstd-dev",
     "zlib1g-dev",
+    // Unmodified clients of the client tests: a C resolver client built
+    // against glibc and statically against musl, and the fallback
+    // resolver (dnsmasq answers every record type over UDP and TCP).
+    "gcc",
+    "libc6-dev",
+    "musl-tools",
+    "dnsmasq-base",
+    "file",
 ];
+
+/// Client runtimes the tests need, as (command, Debian package): the
+/// package is installed only when the command is missing, so a machine
+/// with its own Node or JDK keeps them.
+const CLIENT_RUNTIMES: &[(&str, &str)] = &[("node", "nodejs"), ("javac", "default-jdk-headless")];
+
+fn on_path(command: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(command).is_file()))
+}
 
 /// Installs everything; each step is skipped when already satisfied.
 pub fn setup() -> Result<()> {
@@ -80,7 +98,16 @@ fn apt_packages(llvm: u32) -> Result<()> {
         .copied()
         .chain([llvm_dev.as_str(), polly.as_str()])
         .collect();
-    let missing: Vec<&str> = wanted.into_iter().filter(|p| !installed(p)).collect();
+    let missing: Vec<&str> = wanted
+        .into_iter()
+        .filter(|p| !installed(p))
+        .chain(
+            CLIENT_RUNTIMES
+                .iter()
+                .filter(|(command, _)| !on_path(command))
+                .map(|(_, package)| *package),
+        )
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }

@@ -1,0 +1,685 @@
+//! Unmodified clients in the gated cgroup, each with a test resolv.conf
+//! bind-mounted over /etc/resolv.conf in a private mount namespace: glibc
+//! (a C program, getent, `options use-vc`), a static musl program (IPv4,
+//! IPv6 and both nameservers), Python (getaddrinfo and asyncio), curl,
+//! Node (dns.lookup and c-ares' resolve4), Java with default settings
+//! (dual-stack sockets), dig over UDP and TCP. A matched name (wildcard or
+//! exact) must resolve to a VIP and its connection reach the domain's
+//! upstream with the right CONNECT target and header; an unmatched name
+//! must get the fallback resolver's own answer, byte for byte.
+//!
+//! The fallback resolver is dnsmasq (a real recursive-resolver stand-in
+//! that answers A, AAAA, MX, TXT and SRV, over UDP and TCP, with EDNS).
+
+use std::{
+    fs,
+    net::IpAddr,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use tests::{
+    repo_root,
+    scenario::{isolated_config, scenario_prerequisites, SeedScenario},
+    unique_name, wait_for_listener, Guarded,
+};
+
+/// Where dnsmasq, the fallback resolver, listens (UDP and TCP).
+const FALLBACK: &str = "127.0.0.1:5354";
+/// The unmatched name dnsmasq knows, with its IPv4 and IPv6 answers.
+const UNMATCHED: &str = "github.com";
+const UNMATCHED_V4: &str = "192.0.2.10";
+const UNMATCHED_V6: &str = "2001:db8::10";
+/// A name whose TXT answer does not fit 512 bytes (forces TC, then TCP).
+const BIG_TXT: &str = "big.github.com";
+/// Nameservers in the test resolv.conf files: nothing listens there; only
+/// the redirect makes them answer.
+const NAMESERVER_V4: &str = "192.0.2.53";
+const NAMESERVER_V6: &str = "2001:db8::53";
+/// The IPv6 VIP range of the scenario.
+const VIP6_PREFIX: &str = "fd00:6a7e::";
+
+/// Tools this test needs besides Envoy and the module.
+const TOOLS: [&str; 8] = [
+    "dnsmasq", "gcc", "musl-gcc", "node", "java", "javac", "curl", "dig",
+];
+
+/// What a client should end with.
+#[derive(Clone, Copy, Debug)]
+enum Expect {
+    /// Connected through the gateway to `cluster`, whose CONNECT carried
+    /// `name:80` and the domain's token.
+    Tunnel {
+        cluster: &'static str,
+        token: &'static str,
+    },
+    /// Only resolved, to the fallback's answer (IPv4 or IPv6).
+    Resolved(&'static str, &'static str),
+}
+
+/// The names every client is tried with.
+const NAMES: [(&str, Expect); 3] = [
+    (
+        "bucket.aws.com",
+        Expect::Tunnel {
+            cluster: "cluster_1",
+            token: "abc123",
+        },
+    ),
+    (
+        "example.com",
+        Expect::Tunnel {
+            cluster: "cluster_2",
+            token: "def456",
+        },
+    ),
+    (UNMATCHED, Expect::Resolved(UNMATCHED_V4, UNMATCHED_V6)),
+];
+
+/// A resolv.conf variant.
+#[derive(Clone, Copy, Debug)]
+enum Resolv {
+    V4,
+    V6,
+    Both,
+    V4UseVc,
+}
+
+impl Resolv {
+    fn text(self) -> String {
+        match self {
+            Resolv::V4 => format!("nameserver {NAMESERVER_V4}\n"),
+            Resolv::V6 => format!("nameserver {NAMESERVER_V6}\n"),
+            Resolv::Both => format!("nameserver {NAMESERVER_V6}\nnameserver {NAMESERVER_V4}\n"),
+            Resolv::V4UseVc => format!("nameserver {NAMESERVER_V4}\noptions use-vc\n"),
+        }
+    }
+
+    fn file(self) -> &'static str {
+        match self {
+            Resolv::V4 => "resolv-v4.conf",
+            Resolv::V6 => "resolv-v6.conf",
+            Resolv::Both => "resolv-both.conf",
+            Resolv::V4UseVc => "resolv-use-vc.conf",
+        }
+    }
+}
+
+/// The scenario plus the files the clients need.
+struct Clients {
+    scenario: SeedScenario,
+    dir: PathBuf,
+    _dnsmasq: Guarded,
+}
+
+impl Clients {
+    /// Runs `program args` in the gated cgroup, in a private mount
+    /// namespace where /etc/resolv.conf is `resolv` and /etc/nsswitch.conf
+    /// says `hosts: files dns` (so that no host-specific NSS module, e.g.
+    /// systemd-resolved's, answers instead of DNS).
+    fn run(&self, resolv: Resolv, program: &str, args: &[&str]) -> Result<Output> {
+        let script = "mount --bind \"$0\" /etc/resolv.conf && mount --bind \"$1\" /etc/nsswitch.conf && shift && exec \"$@\"";
+        let resolv_path = self.dir.join(resolv.file());
+        let nsswitch = self.dir.join("nsswitch.conf");
+        let mut full = vec![
+            "--mount",
+            "sh",
+            "-c",
+            script,
+            resolv_path.to_str().context("path")?,
+            nsswitch.to_str().context("path")?,
+            program,
+        ];
+        full.extend_from_slice(args);
+        self.scenario.exec("unshare", &full)
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).display().to_string()
+    }
+}
+
+fn start() -> Result<Option<Clients>> {
+    if !scenario_prerequisites(&TOOLS) {
+        return Ok(None);
+    }
+    tests::enter_private_netns()?;
+    let dir = std::env::temp_dir().join(unique_name("gw-clients"));
+    fs::create_dir_all(&dir)?;
+    for resolv in [Resolv::V4, Resolv::V6, Resolv::Both, Resolv::V4UseVc] {
+        fs::write(dir.join(resolv.file()), resolv.text())?;
+    }
+    fs::write(dir.join("nsswitch.conf"), "hosts: files dns\n")?;
+    build_clients(&dir)?;
+
+    // A TXT answer of 12 strings of 60 bytes: about 750 bytes on the wire.
+    let big_txt = format!(
+        "--txt-record={BIG_TXT},{}",
+        vec!["x".repeat(60); 12].join(",")
+    );
+    let dnsmasq = Guarded::spawn("dnsmasq", {
+        let mut cmd = Command::new("dnsmasq");
+        cmd.args([
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--user=root",
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--port=5354",
+            "--edns-packet-max=1232",
+            // Authoritative for the test zone: unknown names NXDOMAIN.
+            &format!("--local=/{UNMATCHED}/"),
+            &format!("--host-record={UNMATCHED},{UNMATCHED_V4},{UNMATCHED_V6}"),
+            &format!("--mx-host={UNMATCHED},mail.{UNMATCHED},10"),
+            &format!("--txt-record={UNMATCHED},v=spf1 -all"),
+            &format!("--srv-host=_xmpp._tcp.{UNMATCHED},xmpp.{UNMATCHED},5222,0,5"),
+            &big_txt,
+        ]);
+        cmd
+    })?;
+    wait_for_listener(FALLBACK, Duration::from_secs(10))?;
+
+    let config = isolated_config("gw-clients")?.replacen(
+        "vip_cidr = \"10.10.0.0/24\"",
+        &format!("vip_cidr = \"10.10.0.0/24\"\nvip_ipv6_prefix = \"{VIP6_PREFIX}/96\""),
+        1,
+    );
+    let scenario = SeedScenario::start_with_args(Some(config), &["--fallback", FALLBACK])?;
+    Ok(Some(Clients {
+        scenario,
+        dir,
+        _dnsmasq: dnsmasq,
+    }))
+}
+
+/// Builds the C client against glibc and, statically, against musl, and
+/// the Java client.
+fn build_clients(dir: &Path) -> Result<()> {
+    let clients = repo_root().join("tests/clients");
+    let source = clients.join("resolve_connect.c");
+    for (compiler, out, extra) in [
+        ("gcc", "rc-glibc", &[][..]),
+        ("musl-gcc", "rc-musl", &["-static"][..]),
+    ] {
+        let status = Command::new(compiler)
+            .args(extra)
+            .args(["-O2", "-Wall", "-Wextra", "-Werror", "-o"])
+            .arg(dir.join(out))
+            .arg(&source)
+            .status()
+            .with_context(|| format!("running {compiler}"))?;
+        if !status.success() {
+            bail!("{compiler} failed to build {}", source.display());
+        }
+    }
+    let file = Command::new("file").arg(dir.join("rc-musl")).output();
+    if let Ok(out) = file {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("statically linked") || text.contains("static-pie"),
+            "the musl client must be static: {text}"
+        );
+    }
+    let status = Command::new("javac")
+        .arg("-d")
+        .arg(dir)
+        .arg(clients.join("ResolveConnect.java"))
+        .status()
+        .context("running javac")?;
+    if !status.success() {
+        bail!("javac failed");
+    }
+    Ok(())
+}
+
+/// Parsed client output (see tests/clients/resolve_connect.c).
+#[derive(Debug, Default)]
+struct Report {
+    addrs: Vec<IpAddr>,
+    connected: Option<IpAddr>,
+    body: String,
+    raw: String,
+}
+
+fn report(out: &Output) -> Report {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut report = Report {
+        raw: format!("{stdout}\nstderr: {}", String::from_utf8_lossy(&out.stderr)),
+        ..Default::default()
+    };
+    let mut lines = stdout.lines();
+    for line in lines.by_ref() {
+        if let Some(addr) = line.strip_prefix("addr ") {
+            if let Ok(ip) = addr.trim().parse() {
+                report.addrs.push(ip);
+            }
+        } else if let Some(rest) = line.strip_prefix("connected ") {
+            report.connected = rest.split_whitespace().next().and_then(|a| a.parse().ok());
+        } else if line == "body:" {
+            break;
+        }
+    }
+    report.body = lines.collect::<Vec<_>>().join("\n");
+    report
+}
+
+fn is_vip(ip: &IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.octets()[..3] == [10, 10, 0],
+        IpAddr::V6(v6) => v6.to_string().starts_with(VIP6_PREFIX),
+    }
+}
+
+/// Checks one client's report against what its name should give.
+fn check(name: &str, expect: Expect, report: &Report) -> Result<(), String> {
+    match expect {
+        Expect::Tunnel { cluster, token } => {
+            if report.addrs.is_empty() || !report.addrs.iter().all(is_vip) {
+                return Err(format!(
+                    "{name} did not resolve to VIPs only: {}",
+                    report.raw
+                ));
+            }
+            for want in [
+                cluster.to_owned(),
+                format!("CONNECT: {name}:80"),
+                format!("x-auth-token: {token}"),
+            ] {
+                if !report.body.lines().any(|l| l.trim() == want) {
+                    return Err(format!(
+                        "{name}: the upstream did not see {want:?}: {}",
+                        report.raw
+                    ));
+                }
+            }
+            Ok(())
+        }
+        Expect::Resolved(v4, v6) => {
+            let wanted: Vec<IpAddr> = [v4, v6].iter().filter_map(|a| a.parse().ok()).collect();
+            if !report.addrs.is_empty() && report.addrs.iter().all(|a| wanted.contains(a)) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{name} did not resolve to {v4} / {v6}: {}",
+                    report.raw
+                ))
+            }
+        }
+    }
+}
+
+/// Runs a table of (label, resolv.conf, program, args with `{name}`)
+/// against every name and collects the failures.
+fn run_table(clients: &Clients, table: &[(&str, Resolv, String, Vec<String>)]) -> Vec<String> {
+    let mut failures = Vec::new();
+    for (label, resolv, program, args) in table {
+        for (name, expect) in NAMES {
+            let args: Vec<String> = args.iter().map(|a| a.replace("{name}", name)).collect();
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let outcome = clients
+                .run(*resolv, program, &args)
+                .map_err(|e| format!("{e:#}"))
+                .and_then(|out| check(name, expect, &report(&out)));
+            if let Err(why) = outcome {
+                failures.push(format!("[{label}] {why}"));
+            }
+        }
+    }
+    failures
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+#[test]
+fn unmodified_clients_resolve_and_connect_through_the_gateway() -> Result<()> {
+    let Some(clients) = start()? else {
+        return Ok(());
+    };
+    let glibc = clients.path("rc-glibc");
+    let musl = clients.path("rc-musl");
+    let client = |mode: &str| strings(&["{name}", "80", mode]);
+    let table: Vec<(&str, Resolv, String, Vec<String>)> = vec![
+        (
+            "glibc getaddrinfo AF_UNSPEC",
+            Resolv::V4,
+            glibc.clone(),
+            client("unspec"),
+        ),
+        (
+            "glibc getaddrinfo AF_INET6",
+            Resolv::V4,
+            glibc.clone(),
+            client("inet6"),
+        ),
+        (
+            "glibc options use-vc",
+            Resolv::V4UseVc,
+            glibc.clone(),
+            client("unspec"),
+        ),
+        (
+            "glibc IPv6 nameserver",
+            Resolv::V6,
+            glibc.clone(),
+            client("unspec"),
+        ),
+        (
+            "musl, IPv4 nameserver",
+            Resolv::V4,
+            musl.clone(),
+            client("unspec"),
+        ),
+        (
+            "musl, IPv6 nameserver",
+            Resolv::V6,
+            musl.clone(),
+            client("unspec"),
+        ),
+        (
+            "musl, both nameservers",
+            Resolv::Both,
+            musl.clone(),
+            client("unspec"),
+        ),
+        (
+            "python getaddrinfo AF_INET",
+            Resolv::V4,
+            "/usr/bin/python3".into(),
+            strings(&[
+                &clients_script("resolve_connect.py"),
+                "inet",
+                "{name}",
+                "80",
+            ]),
+        ),
+        (
+            "python getaddrinfo AF_UNSPEC",
+            Resolv::V4,
+            "/usr/bin/python3".into(),
+            strings(&[
+                &clients_script("resolve_connect.py"),
+                "unspec",
+                "{name}",
+                "80",
+            ]),
+        ),
+        (
+            "python asyncio",
+            Resolv::V4,
+            "/usr/bin/python3".into(),
+            strings(&[
+                &clients_script("resolve_connect.py"),
+                "asyncio",
+                "{name}",
+                "80",
+            ]),
+        ),
+        (
+            "node dns.lookup",
+            Resolv::V4,
+            "node".into(),
+            strings(&[
+                &clients_script("resolve_connect.js"),
+                "lookup",
+                "{name}",
+                "80",
+            ]),
+        ),
+        (
+            "node dns.resolve4 (c-ares)",
+            Resolv::V4,
+            "node".into(),
+            strings(&[
+                &clients_script("resolve_connect.js"),
+                "resolve4",
+                "{name}",
+                "80",
+            ]),
+        ),
+        (
+            "java, default settings",
+            Resolv::V4,
+            "java".into(),
+            strings(&[
+                "-cp",
+                &clients.dir.display().to_string(),
+                "ResolveConnect",
+                "{name}",
+                "80",
+            ]),
+        ),
+    ];
+    let mut failures = run_table(&clients, &table);
+
+    // getent and curl print their own formats.
+    for (name, expect) in NAMES {
+        let out = clients.run(Resolv::V4, "getent", &["hosts", name])?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let addrs = text
+            .lines()
+            .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+            .collect();
+        let outcome = check(
+            name,
+            expect,
+            &Report {
+                addrs,
+                raw: text.clone(),
+                ..Default::default()
+            },
+        );
+        // getent does not connect: only the resolution part applies.
+        match (expect, outcome) {
+            (Expect::Tunnel { .. }, Err(why)) if why.contains("did not resolve") => {
+                failures.push(format!("[getent hosts] {why}"))
+            }
+            (Expect::Resolved(..), Err(why)) => failures.push(format!("[getent hosts] {why}")),
+            _ => {}
+        }
+        if let Expect::Tunnel { cluster, token } = expect {
+            let out = clients.run(
+                Resolv::V4,
+                "curl",
+                &["-sS", "--max-time", "10", &format!("http://{name}/")],
+            )?;
+            let body = String::from_utf8_lossy(&out.stdout).into_owned();
+            let report = Report {
+                addrs: vec!["10.10.0.1".parse()?],
+                body: body.clone(),
+                raw: format!("{body} {}", String::from_utf8_lossy(&out.stderr)),
+                ..Default::default()
+            };
+            if let Err(why) = check(name, Expect::Tunnel { cluster, token }, &report) {
+                failures.push(format!("[curl] {why}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} client checks failed:\n{}\ngateway output:\n{}",
+        failures.len(),
+        failures.join("\n"),
+        clients.scenario.gateway_output()
+    );
+
+    // Every matched connection went through the upstream of its domain.
+    for (cluster, name) in [
+        ("cluster_1", "bucket.aws.com"),
+        ("cluster_2", "example.com"),
+    ] {
+        let requests = clients.scenario.upstream_requests(cluster)?;
+        assert!(
+            requests
+                .iter()
+                .all(|r| r["connect"] == format!("{name}:80").as_str()),
+            "{cluster} saw another domain: {requests:?}"
+        );
+    }
+    Ok(())
+}
+
+fn clients_script(name: &str) -> String {
+    repo_root()
+        .join("tests/clients")
+        .join(name)
+        .display()
+        .to_string()
+}
+
+fn dig(clients: &Clients, resolv: Resolv, args: &[&str]) -> Result<String> {
+    let mut full = vec!["+tries=2", "+time=3"];
+    full.extend_from_slice(args);
+    let out = clients.run(resolv, "dig", &full)?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn dns_over_tcp_truncation_and_the_verbatim_fallback() -> Result<()> {
+    let Some(clients) = start()? else {
+        return Ok(());
+    };
+    // dig +tcp: matched names answered by the gateway, unmatched relayed
+    // to the fallback over TCP.
+    for (name, want) in [
+        ("bucket.aws.com", "10.10.0."),
+        ("example.com", "10.10.0."),
+        (UNMATCHED, UNMATCHED_V4),
+    ] {
+        let short = dig(&clients, Resolv::V4, &["+tcp", "+short", name])?;
+        assert!(short.trim().starts_with(want), "dig +tcp {name}: {short:?}");
+        let six = dig(&clients, Resolv::V6, &["+tcp", "+short", name])?;
+        assert!(
+            six.trim().starts_with(want),
+            "dig +tcp over IPv6 {name}: {six:?}"
+        );
+    }
+    // A matched AAAA is the IPv6 VIP of the same name.
+    let a = dig(&clients, Resolv::V4, &["+short", "bucket.aws.com"])?;
+    let aaaa = dig(&clients, Resolv::V4, &["+short", "AAAA", "bucket.aws.com"])?;
+    let v4: std::net::Ipv4Addr = a.trim().parse().context("A answer")?;
+    let v6: std::net::Ipv6Addr = aaaa.trim().parse().context("AAAA answer")?;
+    assert_eq!(v6.octets()[12..], v4.octets(), "AAAA embeds the A VIP");
+
+    // Several queries on one TCP connection (dig +keepopen), matched and
+    // unmatched mixed.
+    let many = dig(
+        &clients,
+        Resolv::V4,
+        &[
+            "+tcp",
+            "+keepopen",
+            "+short",
+            "bucket.aws.com",
+            UNMATCHED,
+            "MX",
+            "example.com",
+            UNMATCHED,
+        ],
+    )?;
+    for want in ["10.10.0.", UNMATCHED_V4, "mail.github.com."] {
+        assert!(many.contains(want), "{want} missing from {many:?}");
+    }
+    // Pipelined: all queries in one write, answers in any order, each
+    // with its own ID and content.
+    for server in ["192.0.2.53:53", "[2001:db8::53]:53"] {
+        let out = clients.run(
+            Resolv::V4,
+            "/usr/bin/python3",
+            &[
+                &clients_script("tcp_pipeline.py"),
+                server,
+                "bucket.aws.com",
+                "github.com",
+                "example.com/AAAA",
+                "github.com/MX",
+                "bucket.aws.com",
+            ],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "pipelined over {server}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let answers: Vec<serde_json::Value> = text
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        assert_eq!(answers.len(), 5, "{text}");
+        for a in &answers {
+            let first = a["answers"][0].to_string();
+            let ok = match a["name"].as_str() {
+                Some("bucket.aws.com") => first.contains("10.10.0."),
+                Some("example.com") => first.contains(VIP6_PREFIX),
+                Some("github.com") => first.contains(UNMATCHED_V4) || first == "15",
+                _ => false,
+            };
+            assert!(ok, "wrong answer over {server}: {a}");
+        }
+    }
+
+    // An answer too big for 512 bytes comes back truncated over UDP; the
+    // client retries over TCP, which the gateway now carries.
+    let truncated = dig(
+        &clients,
+        Resolv::V4,
+        &["+noedns", "+ignore", "TXT", BIG_TXT],
+    )?;
+    assert!(
+        truncated.contains(" tc"),
+        "TC expected over UDP: {truncated}"
+    );
+    let full = dig(&clients, Resolv::V4, &["+noedns", "+short", "TXT", BIG_TXT])?;
+    assert_eq!(
+        full.matches(&"x".repeat(60)).count(),
+        12,
+        "full TXT over TCP: {full}"
+    );
+    let status = tests::status_json(clients.scenario.pin_dir())?;
+    let redirected = status["counters"]
+        .as_array()
+        .and_then(|all| all.iter().find(|pair| pair[0] == "dns_tcp_redirected"))
+        .and_then(|pair| pair[1].as_u64());
+    assert!(redirected.is_some_and(|n| n >= 1), "{status}");
+
+    // Unmatched names: the gateway's answers are the fallback's own, byte
+    // for byte (rcode, answer section, EDNS), for every type.
+    let compare = clients_script("dns_compare.py");
+    for (name, types) in [
+        (UNMATCHED, &["A", "AAAA", "MX", "TXT", "HTTPS"][..]),
+        ("_xmpp._tcp.github.com", &["SRV"][..]),
+        ("nonexistent.github.com", &["A"][..]),
+    ] {
+        let mut args = vec![
+            compare.as_str(),
+            "--direct",
+            FALLBACK,
+            "--via",
+            "192.0.2.53:53",
+            "--name",
+            name,
+        ];
+        for t in types {
+            args.extend(["--type", t]);
+        }
+        let out = clients.run(Resolv::V4, "/usr/bin/python3", &args)?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "answers through the gateway differ from the fallback's for {name}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            assert_eq!(v["identical"], true, "{line}");
+            assert_eq!(v["has_opt"], true, "EDNS kept: {line}");
+        }
+    }
+    Ok(())
+}
