@@ -6,6 +6,8 @@
 //! - `dns_gateway` (UDP listener filter, [`dns_gateway`]): answers queries
 //!   for configured domains with a VIP from a private range and hands
 //!   everything else to the next UDP listener filter;
+//! - `dns_gateway_tcp` (network filter, [`dns_tcp`]): the same answers for
+//!   DNS over TCP, in front of a tcp_proxy to the fallback resolvers;
 //! - `cache_lookup` (network filter, [`cache_lookup`]): maps the VIP a
 //!   connection dialled back to its domain and metadata and publishes them
 //!   as filter state for `tcp_proxy`.
@@ -22,6 +24,7 @@
 //! | `ttl` | integer 0–604800 | 300 | TTL of answers and of the negative-answer SOA |
 //! | `max_entries` | integer | usable addresses of the range, capped at 65,536 | most VIPs handed out from the range |
 //! | `pin_dir` | string | `/sys/fs/bpf/dns-egress-gateway` | pinned maps; without a pinned `GW_VIPS` the table lives in this process only |
+//! | `vip_ipv6_prefix` | string | none | IPv6 /96 (`"fd00:6a7e::/96"`): a matched AAAA gets this prefix + the name's IPv4 VIP |
 //! | `debug_panic_on_domain` | string | none | **test hook**: a query for this name panics inside the filter |
 //!
 //! # `cache_lookup` config (empty, `{}` or a Struct)
@@ -37,7 +40,7 @@
 //! Matching is case-insensitive, ignores a trailing dot and picks the most
 //! specific pattern (exact, then the longest wildcard suffix, then `*`),
 //! whatever the configured order. A matched A (or ANY) query gets the
-//! name's VIP (sequential from the network address + 1, never network or
+//! name's VIP (AAAA too with `vip_ipv6_prefix`; sequential from the network address + 1, never network or
 //! broadcast, the same on every worker and, with the pinned map, across
 //! restarts); other types get NOERROR/NODATA with the zone's SOA; an
 //! exhausted pool gets SERVFAIL. Unmatched names and non-standard queries
@@ -120,8 +123,11 @@ pub fn new_network_filter_config(
         let settings =
             config::parse_dns_gateway(config).map_err(|e| format!("{DNS_GATEWAY_TCP}: {e}"))?;
         let state = GatewayState::for_pin_dir(&settings.pin_dir);
-        let udp = dns_gateway::DnsGatewayConfig::new(settings, state, Counters::define(registry))
-            .map_err(|e| format!("{DNS_GATEWAY_TCP}: {e}"))?;
+        // Network filter counters carry no filter name of their own.
+        let mut prefixed = api::PrefixedRegistry::new(registry, "dns_gateway_tcp.");
+        let udp =
+            dns_gateway::DnsGatewayConfig::new(settings, state, Counters::define(&mut prefixed))
+                .map_err(|e| format!("{DNS_GATEWAY_TCP}: {e}"))?;
         return Ok(Box::new(dns_tcp::DnsTcpConfig::new(udp)));
     }
     if name != CACHE_LOOKUP {

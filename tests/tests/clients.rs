@@ -647,6 +647,21 @@ fn dns_over_tcp_truncation_and_the_verbatim_fallback() -> Result<()> {
         .and_then(|all| all.iter().find(|pair| pair[0] == "dns_tcp_redirected"))
         .and_then(|pair| pair[1].as_u64());
     assert!(redirected.is_some_and(|n| n >= 1), "{status}");
+    let stats = clients.scenario.admin_get("/stats")?;
+    let stat = |name: &str| {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("dynamicmodulescustom.{name}: ")))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    assert!(
+        stat("dns_gateway_tcp.answered").is_some_and(|n| n >= 6),
+        "matched names over TCP are counted: {stats}"
+    );
+    assert!(
+        stat("dns_gateway_tcp.passed_on").is_some_and(|n| n >= 3),
+        "relayed ones too: {stats}"
+    );
 
     // Unmatched names: the gateway's answers are the fallback's own, byte
     // for byte (rcode, answer section, EDNS), for every type.

@@ -48,6 +48,27 @@ pub enum NetworkStatus {
 }
 
 /// Defines Envoy stats at config creation.
+/// A [`CounterRegistry`] that puts `prefix` before every name (network
+/// filter counters are not scoped by filter name, so a filter that reuses
+/// another's counter set names its own).
+pub struct PrefixedRegistry<'a> {
+    inner: &'a mut dyn CounterRegistry,
+    prefix: &'static str,
+}
+
+impl<'a> PrefixedRegistry<'a> {
+    /// Wraps `inner`.
+    pub fn new(inner: &'a mut dyn CounterRegistry, prefix: &'static str) -> Self {
+        Self { inner, prefix }
+    }
+}
+
+impl CounterRegistry for PrefixedRegistry<'_> {
+    fn define_counter(&mut self, name: &str) -> Option<CounterId> {
+        self.inner.define_counter(&format!("{}{name}", self.prefix))
+    }
+}
+
 pub trait CounterRegistry {
     /// Defines (or finds) the counter `name`; `None` if Envoy refused.
     fn define_counter(&mut self, name: &str) -> Option<CounterId>;
