@@ -143,18 +143,18 @@ fn ipv4(addr: Option<SocketAddr>) -> Option<SocketAddrV4> {
     }
 }
 
-/// The IPv4 VIP a recorded destination stands for. An IPv6 destination
-/// is an IPv6 VIP (the kernel records no other), whose last 32 bits are
-/// the IPv4 VIP of the same domain.
-fn ipv4_vip(destination: SocketAddr) -> SocketAddrV4 {
+/// The IPv4 VIP a recorded destination stands for: itself, or for an
+/// IPv6 VIP of the gateway's IPv6 range, the IPv4 VIP of the same domain;
+/// `None` for any other IPv6 address.
+fn ipv4_vip(state: &GatewayState, destination: SocketAddr) -> Option<SocketAddrV4> {
     match destination {
-        SocketAddr::V4(v4) => v4,
+        SocketAddr::V4(v4) => Some(v4),
         SocketAddr::V6(v6) => {
-            let ip = v6.ip().to_ipv4_mapped().unwrap_or_else(|| {
-                let o = v6.ip().octets();
-                std::net::Ipv4Addr::new(o[12], o[13], o[14], o[15])
-            });
-            SocketAddrV4::new(ip, v6.port())
+            let ip = match v6.ip().to_ipv4_mapped() {
+                Some(ip) => ip,
+                None => state.ipv4_of_ipv6_vip(*v6.ip())?,
+            };
+            Some(SocketAddrV4::new(ip, v6.port()))
         }
     }
 }
@@ -175,7 +175,7 @@ impl CacheLookupFilter {
             state
                 .take_original_destination(client, false)
                 .or_else(|| state.take_original_destination(client, true))
-                .map(ipv4_vip)
+                .and_then(|dst| ipv4_vip(state, dst))
         };
         let local = || ipv4(handle.local_address());
         match self.shared.settings.destination_from {

@@ -72,6 +72,8 @@ pub enum DnsCounter {
     RateLimited,
     /// Datagrams dropped because handling them panicked.
     Panics,
+    /// DNS-over-TCP connections closed past their query limit.
+    TcpQueryLimit,
 }
 
 impl CounterKind for DnsCounter {
@@ -91,6 +93,7 @@ impl CounterKind for DnsCounter {
         Self::Formerr,
         Self::RateLimited,
         Self::Panics,
+        Self::TcpQueryLimit,
     ];
 
     fn name(self) -> &'static str {
@@ -110,6 +113,7 @@ impl CounterKind for DnsCounter {
             Self::Formerr => "formerr",
             Self::RateLimited => "rate_limited",
             Self::Panics => "panics",
+            Self::TcpQueryLimit => "tcp_query_limit",
         }
     }
 
@@ -144,6 +148,7 @@ impl DnsGatewayConfig {
             Arc::new(settings.patterns.clone()),
             settings.require_pinned_maps,
         )?;
+        state.set_vip6_prefix(settings.vip6_prefix);
         log(
             LogLevel::Info,
             &format!(

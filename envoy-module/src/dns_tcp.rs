@@ -19,6 +19,12 @@ use crate::{
     dns_gateway::{DnsCounter, DnsGatewayConfig, Outcome, Shared},
 };
 
+/// Queries one connection may send; one more closes it (RFC 7766 §6.2.3
+/// lets a server close; clients reconnect). This
+/// bounds what a client that never reads its answers can make Envoy hold:
+/// answers are written to the connection whether or not it reads them.
+pub const MAX_QUERIES_PER_CONNECTION: u32 = 100;
+
 /// A loaded `dns_gateway_tcp` config.
 pub struct DnsTcpConfig {
     shared: Arc<Shared>,
@@ -40,6 +46,7 @@ impl NetworkFilterConfig for DnsTcpConfig {
             shared: self.shared.clone(),
             from_client: Vec::new(),
             from_resolver: Vec::new(),
+            queries: 0,
         })
     }
 }
@@ -51,6 +58,8 @@ pub struct DnsTcpFilter {
     from_client: Vec<u8>,
     /// Bytes from the resolver not yet forming a whole frame.
     from_resolver: Vec<u8>,
+    /// Queries seen on this connection.
+    queries: u32,
 }
 
 /// Splits the whole frames (length prefix included) off the front of
@@ -92,7 +101,13 @@ impl DnsTcpFilter {
         handle.drain_read_buffer(incoming.len());
         self.from_client.extend_from_slice(&incoming);
         let mut relay = Vec::new();
+        let mut at_limit = false;
         for whole in take_frames(&mut self.from_client) {
+            if self.queries >= MAX_QUERIES_PER_CONNECTION {
+                at_limit = true;
+                break;
+            }
+            self.queries += 1;
             self.count(handle, DnsCounter::Queries);
             let shared = self.shared.clone();
             let outcome = shared.decide(&whole[2..], false, &mut |c| {
@@ -117,7 +132,22 @@ impl DnsTcpFilter {
                 }
             }
         }
-        if !relay.is_empty() {
+        if at_limit {
+            // Answers already written are flushed; relayed queries still
+            // pending may go unanswered, and the client asks again on a
+            // new connection.
+            self.from_client.clear();
+            self.count(handle, DnsCounter::TcpQueryLimit);
+            log(
+                LogLevel::Debug,
+                "dns_gateway_tcp: connection reached its query limit; closing it",
+            );
+            if !relay.is_empty() {
+                handle.append_read_buffer(&relay);
+            }
+            handle.close();
+            NetworkStatus::StopIteration
+        } else if !relay.is_empty() {
             handle.append_read_buffer(&relay);
             NetworkStatus::Continue
         } else if end_stream {

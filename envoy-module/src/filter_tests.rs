@@ -735,3 +735,62 @@ fn dns_over_tcp_refuses_garbage_and_never_answers_responses() {
     assert_eq!(counter(&registry, &conn.counters, "malformed"), 1);
     assert!(conn.read.is_empty(), "nothing relayed");
 }
+
+#[test]
+fn dns_over_tcp_closes_a_connection_past_its_query_limit() {
+    let gw = gateway();
+    let (mut filter, registry) = dns_tcp(&gw);
+    let mut conn = FakeNet::new("127.0.0.1:15053", "127.0.0.1:40202");
+    let one = framed(&query_bytes("one.s3.aws.com.", RecordType::A, false));
+    let limit = crate::dns_tcp::MAX_QUERIES_PER_CONNECTION as usize;
+    conn.read = one.repeat(limit);
+    assert_eq!(
+        filter.on_read(&mut conn, false),
+        NetworkStatus::StopIteration
+    );
+    assert!(!conn.closed, "{limit} queries are fine");
+    assert_eq!(tcp_answers(&conn.to_client).len(), limit);
+    conn.read = one.repeat(5);
+    filter.on_read(&mut conn, false);
+    assert!(conn.closed, "one more closes the connection");
+    assert_eq!(
+        tcp_answers(&conn.to_client).len(),
+        limit,
+        "and is not answered"
+    );
+    assert_eq!(counter(&registry, &conn.counters, "tcp_query_limit"), 1);
+}
+
+#[test]
+fn cache_lookup_maps_only_ipv6_vips_of_the_configured_range() {
+    let gw = gateway_with(CONFIG_V6);
+    let mut h = FakeUdp::default();
+    ask(&gw, &mut h, "one.s3.aws.com.", RecordType::AAAA);
+    // (recorded destination, domain found?)
+    let cases = [
+        ("[fd00:6a7e::a0a:1]:443", true),
+        ("[::ffff:10.10.0.1]:443", true),
+        ("10.10.0.1:443", true),
+        ("[fd00:6a7f::a0a:1]:443", false),
+        ("[2001:db8::a0a:1]:443", false),
+    ];
+    for (i, (destination, found)) in cases.into_iter().enumerate() {
+        let client: SocketAddr = format!("[::1]:{}", 40300 + i).parse().unwrap();
+        *gw.maps.orig_dst.lock().unwrap() = Some(Arc::new(Mutex::new(HashMap::from([(
+            client,
+            destination.parse().unwrap(),
+        )]))));
+        let (config, _) = cache_lookup(
+            &gw,
+            r#"{"destination_from":"pinned_map","on_miss":"close"}"#,
+        );
+        let mut conn = FakeNet::new("[::1]:15001", &client.to_string());
+        config.new_filter().on_new_connection(&mut conn);
+        assert_eq!(
+            conn.state.contains_key("envoy.dns_gateway.domain"),
+            found,
+            "{destination}"
+        );
+        assert_eq!(conn.closed, !found, "{destination}");
+    }
+}

@@ -64,6 +64,9 @@ pub struct GatewayState {
     opener: Arc<dyn MapOpener>,
     orig_dst: Mutex<OrigDstSlot>,
     reopen_interval: Duration,
+    /// The IPv6 VIP range the `dns_gateway` of this pin directory answers
+    /// AAAA from, for `cache_lookup` to map IPv6 VIPs back.
+    vip6_prefix: RwLock<Option<std::net::Ipv6Addr>>,
 }
 
 /// Every gateway's state in this process, by pin directory.
@@ -78,6 +81,7 @@ impl GatewayState {
             allocator: Mutex::new(VipAllocator::new()),
             patterns: RwLock::new(Arc::new(PatternSet::default())),
             opener,
+            vip6_prefix: RwLock::new(None),
             orig_dst: Mutex::new(OrigDstSlot::default()),
             reopen_interval: REOPEN_INTERVAL,
         }
@@ -192,6 +196,19 @@ impl GatewayState {
     /// Every (VIP, domain) pair known in this process.
     pub fn entries(&self) -> Vec<(Ipv4Addr, String)> {
         lock(&self.allocator).entries()
+    }
+
+    /// Records the IPv6 VIP range of this gateway's `dns_gateway`.
+    pub fn set_vip6_prefix(&self, prefix: Option<std::net::Ipv6Addr>) {
+        write(&self.vip6_prefix, prefix);
+    }
+
+    /// The IPv4 VIP an IPv6 VIP stands for: its last 32 bits, when it lies
+    /// in the registered IPv6 range; `None` otherwise.
+    pub fn ipv4_of_ipv6_vip(&self, vip: std::net::Ipv6Addr) -> Option<Ipv4Addr> {
+        let prefix = read(&self.vip6_prefix)?;
+        let o = vip.octets();
+        (o[..12] == prefix.octets()[..12]).then(|| Ipv4Addr::new(o[12], o[13], o[14], o[15]))
     }
 
     /// Whether the VIP table is backed by a pinned map.

@@ -148,6 +148,31 @@ impl PinDir {
             .with_context(|| format!("pinned map {name} has an unexpected type"))
     }
 
+    /// Removes the pins of transient maps (see [`crate::TRANSIENT_MAPS`])
+    /// whose layout is not this build's, left by another version of the
+    /// gateway; they hold nothing that must survive. Call it only while
+    /// holding the pin directory's lock. The VIP table is never touched.
+    /// Returns the names removed.
+    pub fn remove_stale_transient_maps(&self) -> Result<Vec<&'static str>> {
+        let mut removed = Vec::new();
+        for (name, key_size, value_size) in EXPECTED_LAYOUTS {
+            if !crate::TRANSIENT_MAPS.contains(&name) || !self.has(name) {
+                continue;
+            }
+            let info = self
+                .open(name)?
+                .info()
+                .with_context(|| format!("reading info of {name}"))?;
+            if info.key_size() != key_size || info.value_size() != value_size {
+                let path = self.map_path(name);
+                fs::remove_file(&path)
+                    .with_context(|| format!("removing the stale pin {}", path.display()))?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+
     /// Checks that every map already pinned here has the layout this build
     /// expects, so a stale pin from another version fails with advice
     /// instead of corrupting data.

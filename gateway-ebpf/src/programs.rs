@@ -253,10 +253,22 @@ fn target_for(cfg: &GatewayConfig, dest: &Destination, listener: &SockAddrV4) ->
     }
 }
 
-/// Whether `addr` is one of the proxy's listeners (either family): such
-/// traffic is never redirected, and only such a peer is restored.
+/// Which of the proxy's listeners an address is checked against.
+#[derive(Clone, Copy)]
+enum Listeners {
+    /// Any of them: traffic to them is never redirected, and a connected
+    /// socket's peer is restored only when it is one of them.
+    Any,
+    /// Only the UDP DNS listener: the only source whose datagrams a
+    /// redirected socket may see restored (a datagram from another local
+    /// port, e.g. a UDP socket someone bound on the TCP listener's port,
+    /// must never pass for the application's nameserver).
+    DnsUdp,
+}
+
+/// Whether `addr` is one of the proxy's `which` listeners (either family).
 #[inline(always)]
-fn is_listener(cfg: &GatewayConfig, addr: &SockAddr6) -> bool {
+fn is_listener_of(cfg: &GatewayConfig, addr: &SockAddr6, which: Listeners) -> bool {
     let port = addr.port;
     let v4 = if addr.is_v4_mapped() {
         Some(addr.ip6[3])
@@ -271,9 +283,20 @@ fn is_listener(cfg: &GatewayConfig, addr: &SockAddr6) -> bool {
         return false;
     };
     let matches = |l: &SockAddrV4| l.port == port && v4.map_or(true, |ip| ip == l.ip);
-    matches(&cfg.dns_target)
-        || matches(&cfg.tcp_target)
-        || (cfg.has(CONFIG_FLAG_DNS_TCP) && matches(&cfg.dns_tcp_target))
+    match which {
+        Listeners::DnsUdp => matches(&cfg.dns_target),
+        Listeners::Any => {
+            matches(&cfg.dns_target)
+                || matches(&cfg.tcp_target)
+                || (cfg.has(CONFIG_FLAG_DNS_TCP) && matches(&cfg.dns_tcp_target))
+        }
+    }
+}
+
+/// Whether `addr` is any of the proxy's listeners.
+#[inline(always)]
+fn is_listener(cfg: &GatewayConfig, addr: &SockAddr6) -> bool {
+    is_listener_of(cfg, addr, Listeners::Any)
 }
 
 /// A VIP of either form: an IPv4 VIP (plain or v4-mapped) or an IPv6 VIP.
@@ -313,6 +336,9 @@ fn on_tcp_connect(
             }
         }
     }
+    // A record left by an earlier connect of this socket (one that failed,
+    // or was undone with AF_UNSPEC) must not describe this connection.
+    let _ = GW_SOCK_ORIG.remove(&socket_cookie(ctx));
     count(Counter::TcpPassed);
 }
 
@@ -413,12 +439,12 @@ pub fn gw_sendmsg6(ctx: SockAddrContext) -> i32 {
 /// When the address a socket reports is one of the redirect targets and the
 /// socket was redirected, report the original destination instead.
 #[inline(always)]
-fn restore_original(ctx: &SockAddrContext, hook_family: u32, counter: Counter) {
+fn restore_original(ctx: &SockAddrContext, hook_family: u32, which: Listeners, counter: Counter) {
     let Some(cfg) = config() else {
         return;
     };
     let dest = destination(ctx, hook_family);
-    if !is_listener(cfg, &dest.addr) {
+    if !is_listener_of(cfg, &dest.addr, which) {
         return;
     }
     // SAFETY: the value is copied out at once; LRU eviction of a concurrent
@@ -438,7 +464,7 @@ fn restore_original(ctx: &SockAddrContext, hook_family: u32, counter: Counter) {
 /// application asked.
 #[cgroup_sock_addr(recvmsg4)]
 pub fn gw_recvmsg4(ctx: SockAddrContext) -> i32 {
-    restore_original(&ctx, AF_INET, Counter::RecvRewritten);
+    restore_original(&ctx, AF_INET, Listeners::DnsUdp, Counter::RecvRewritten);
     // recvmsg programs must return 1.
     ALLOW
 }
@@ -446,21 +472,21 @@ pub fn gw_recvmsg4(ctx: SockAddrContext) -> i32 {
 /// The same for AF_INET6 sockets (musl's resolver, IPv6 nameservers).
 #[cgroup_sock_addr(recvmsg6)]
 pub fn gw_recvmsg6(ctx: SockAddrContext) -> i32 {
-    restore_original(&ctx, AF_INET6, Counter::RecvRewritten);
+    restore_original(&ctx, AF_INET6, Listeners::DnsUdp, Counter::RecvRewritten);
     ALLOW
 }
 
 /// `getpeername` on a redirected socket reports the original destination.
 #[cgroup_sock_addr(getpeername4)]
 pub fn gw_getpeername4(ctx: SockAddrContext) -> i32 {
-    restore_original(&ctx, AF_INET, Counter::PeerRewritten);
+    restore_original(&ctx, AF_INET, Listeners::Any, Counter::PeerRewritten);
     ALLOW
 }
 
 /// The same for AF_INET6 sockets.
 #[cgroup_sock_addr(getpeername6)]
 pub fn gw_getpeername6(ctx: SockAddrContext) -> i32 {
-    restore_original(&ctx, AF_INET6, Counter::PeerRewritten);
+    restore_original(&ctx, AF_INET6, Listeners::Any, Counter::PeerRewritten);
     ALLOW
 }
 
@@ -498,9 +524,10 @@ macro_rules! sock_ops_field {
 }
 
 /// The connection's peer and its own address, both in the one layout.
-/// An AF_INET6 socket dialling a v4-mapped address runs over IPv4: its
-/// IPv4 fields are set at connect time (its IPv6 source only after the
-/// connect callback), and the proxy sees an IPv4 peer.
+/// An AF_INET6 socket dialling a v4-mapped address runs over IPv4: the
+/// proxy sees an IPv4 peer, so such a connection is keyed by its IPv4
+/// fields (set by the IPv4 connect path before the connect callback),
+/// exactly like a plain IPv4 one.
 #[inline(always)]
 fn connection_ends(ctx: &SockOpsContext) -> (SockAddr6, SockAddr6) {
     // Every field is read before any branch: loads in different branches

@@ -182,6 +182,17 @@ pub fn parse_socket_addr(text: &str) -> Result<SocketAddrV4, String> {
     Ok(addr)
 }
 
+/// A resolver address: IPv4 (`192.0.2.53:53`) or IPv6 (`[2001:db8::53]:53`).
+pub fn parse_resolver_addr(text: &str) -> Result<std::net::SocketAddr, String> {
+    let addr: std::net::SocketAddr = text.parse().map_err(|_| {
+        format!("{text:?} is not an address: expected address and port, like 192.0.2.53:53 or [2001:db8::53]:53")
+    })?;
+    if addr.port() == 0 {
+        return Err(format!("{text:?}: port 0 cannot receive traffic"));
+    }
+    Ok(addr)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

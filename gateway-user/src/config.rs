@@ -7,14 +7,14 @@
 use std::{
     collections::BTreeMap,
     fs,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
+    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
 };
 
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::addr::{parse_cidr, parse_socket_addr, Cidr};
+use crate::addr::{parse_cidr, parse_resolver_addr, parse_socket_addr, Cidr};
 
 /// The built-in configuration: the seed's example (`*.aws.com` → cluster_1
 /// with an auth token, `example.com` → cluster_2).
@@ -168,8 +168,9 @@ pub struct Config {
     pub ipv6: bool,
     /// The IPv6 VIP prefix (a /96), if any.
     pub vip6_prefix: Option<Ipv6Addr>,
-    /// Fallback resolvers (from the file or /etc/resolv.conf).
-    pub fallback: Vec<SocketAddrV4>,
+    /// Fallback resolvers (from the file or /etc/resolv.conf), IPv4 or
+    /// IPv6.
+    pub fallback: Vec<SocketAddr>,
     /// Cluster addresses by name.
     pub clusters: BTreeMap<String, SocketAddrV4>,
 }
@@ -282,17 +283,29 @@ pub fn validate(file: GatewayFile) -> Result<Config> {
             .fallback
             .iter()
             .enumerate()
-            .map(|(i, r)| field(&format!("dns.fallback[{i}]"), parse_socket_addr(r)))
+            .map(|(i, r)| field(&format!("dns.fallback[{i}]"), parse_resolver_addr(r)))
             .collect::<Result<_>>()?
     };
     for (i, resolver) in fallback.iter().enumerate() {
-        if *resolver == dns_listener {
-            bail!("dns.fallback[{i}]: {dns_listener} is the gateway's own DNS listener (queries would loop)");
+        let own = match resolver {
+            SocketAddr::V4(v4) => *v4 == dns_listener,
+            SocketAddr::V6(v6) => {
+                v6.ip().to_ipv4_mapped() == Some(*dns_listener.ip())
+                    && v6.port() == dns_listener.port()
+                    || (v6.ip().is_loopback() && v6.port() == dns_listener.port())
+            }
+        };
+        if own {
+            bail!("dns.fallback[{i}]: {resolver} is the gateway's own DNS listener (queries would loop)");
         }
         if resolver.port() == 0 {
             bail!("dns.fallback[{i}]: {resolver} needs a port");
         }
-        if vip_cidr.contains(*resolver.ip()) {
+        let in_vips = match resolver.ip() {
+            IpAddr::V4(v4) => vip_cidr.contains(v4),
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some_and(|v4| vip_cidr.contains(v4)),
+        };
+        if in_vips {
             bail!("dns.fallback[{i}]: {resolver} lies inside dns.vip_cidr {vip_cidr}");
         }
     }
@@ -463,16 +476,18 @@ fn parse_vip6_prefix(text: &str) -> Result<Ipv6Addr, String> {
     Ok(addr)
 }
 
-fn system_resolvers() -> Result<Vec<SocketAddrV4>> {
+fn system_resolvers() -> Result<Vec<SocketAddr>> {
     let text = fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-    let found: Vec<SocketAddrV4> = text
+    // A link-local IPv6 nameserver with a zone (fe80::1%eth0) does not
+    // parse and is skipped: Envoy's clusters take no zone.
+    let found: Vec<SocketAddr> = text
         .lines()
         .filter_map(|l| l.trim().strip_prefix("nameserver"))
-        .filter_map(|ip| ip.trim().parse::<Ipv4Addr>().ok())
-        .map(|ip| SocketAddrV4::new(ip, 53))
+        .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
+        .map(|ip| SocketAddr::new(ip, 53))
         .collect();
     if found.is_empty() {
-        bail!("dns.fallback: empty, and /etc/resolv.conf names no IPv4 nameserver; list resolvers for unmatched names");
+        bail!("dns.fallback: empty, and /etc/resolv.conf names no usable nameserver; list resolvers for unmatched names");
     }
     Ok(found)
 }
@@ -622,6 +637,29 @@ mod tests {
         for (text, field) in cases {
             let err = error_of(&text);
             assert!(err.contains(field), "expected {field:?} in {err:?}");
+        }
+    }
+
+    #[test]
+    fn fallback_resolvers_of_either_family() {
+        let with_fallback = |list: &str| with("fallback = []", &format!("fallback = [{list}]"));
+        let config = parse(&with_fallback("\"[2001:db8::53]:53\", \"192.0.2.53:53\""))
+            .expect("IPv6 and IPv4 resolvers");
+        assert_eq!(config.fallback.len(), 2);
+        assert!(config.fallback[0].is_ipv6());
+        // (list, what the error names)
+        let cases = [
+            ("\"[::1]:15053\"", "own DNS listener"),
+            ("\"[::ffff:127.0.0.1]:15053\"", "own DNS listener"),
+            ("\"[::ffff:10.10.0.9]:53\"", "inside dns.vip_cidr"),
+            ("\"[2001:db8::53]\"", "expected address and port"),
+        ];
+        for (list, why) in cases {
+            let err = error_of(&with_fallback(list));
+            assert!(
+                err.contains("dns.fallback[0]") && err.contains(why),
+                "{list}: {err}"
+            );
         }
     }
 

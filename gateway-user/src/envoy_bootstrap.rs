@@ -37,8 +37,23 @@ pub const FALLBACK_UDP_CLUSTER: &str = "dns_fallback_udp";
 pub const FALLBACK_TCP_CLUSTER: &str = "dns_fallback_tcp";
 
 /// How long udp_proxy keeps a client's session (its upstream socket)
-/// without traffic: longer than any resolver takes to answer.
-const UDP_SESSION_IDLE: &str = "10s";
+/// without traffic: as long as a stub resolver waits for an answer, and no
+/// longer (every client port is a session).
+const UDP_SESSION_IDLE: &str = "5s";
+
+/// Bound on the fallback clusters' connections (udp_proxy sessions count
+/// as connections): far above Envoy's default of 1024, which a burst of
+/// unmatched queries from fresh ports would exhaust.
+const FALLBACK_MAX_CONNECTIONS: u32 = 65_536;
+
+/// Bound on each DNS-over-TCP listener's open connections (with the
+/// module's per-connection query limit, this bounds what clients that
+/// never read can make Envoy hold).
+pub const DNS_TCP_CONNECTION_LIMIT: u32 = 1024;
+
+/// What tcp_proxy buffers from a DNS-over-TCP client before its resolver
+/// connection is up (a few queries).
+const DNS_TCP_EARLY_DATA: u32 = 65_536;
 
 /// How long an idle DNS-over-TCP connection is kept (RFC 7766 §6.2.3
 /// suggests seconds).
@@ -165,6 +180,13 @@ fn dns_listeners(config: &Config) -> Vec<Value> {
         .collect()
 }
 
+fn dns_tcp_listener_names(config: &Config) -> Vec<String> {
+    listener_addresses(config, config.dns_tcp_listener)
+        .into_iter()
+        .map(|(suffix, _)| format!("dns_tcp_listener{suffix}"))
+        .collect()
+}
+
 fn dns_tcp_listeners(config: &Config) -> Vec<Value> {
     let mut gateway = dynamic_module(DNS_GATEWAY_TCP_FILTER);
     gateway["@type"] =
@@ -187,6 +209,13 @@ fn dns_tcp_listeners(config: &Config) -> Vec<Value> {
                         "stat_prefix": "dns_fallback_tcp",
                         "cluster": FALLBACK_TCP_CLUSTER,
                         "idle_timeout": DNS_TCP_IDLE,
+                        // Connect to a resolver only once a query is
+                        // relayed: names the module answers never need
+                        // one, so they work with every resolver down.
+                        "upstream_connect_mode": "ON_DOWNSTREAM_DATA",
+                        "max_early_data_bytes": DNS_TCP_EARLY_DATA,
+                        // A dead resolver: try the next one.
+                        "max_connect_attempts": config.fallback.len().max(1),
                     },
                 },
             ]}],
@@ -250,7 +279,7 @@ fn tcp_listeners(config: &Config) -> Vec<Value> {
         .collect()
 }
 
-fn static_cluster(name: &str, endpoints: &[std::net::SocketAddrV4]) -> Value {
+fn static_cluster(name: &str, endpoints: &[std::net::SocketAddr]) -> Value {
     let endpoints: Vec<Value> = endpoints
         .iter()
         .map(|addr| json!({ "endpoint": { "address": socket_address(*addr, false) } }))
@@ -266,14 +295,29 @@ fn static_cluster(name: &str, endpoints: &[std::net::SocketAddrV4]) -> Value {
     })
 }
 
+/// The fallback resolvers as a cluster: with a high connection bound, and
+/// for TCP a short connect timeout, so a dead resolver is passed over
+/// quickly.
+fn fallback_cluster(name: &str, resolvers: &[std::net::SocketAddr], tcp: bool) -> Value {
+    let mut cluster = static_cluster(name, resolvers);
+    cluster["circuit_breakers"] = json!({ "thresholds": [{
+        "max_connections": FALLBACK_MAX_CONNECTIONS,
+        "max_pending_requests": FALLBACK_MAX_CONNECTIONS,
+    }]});
+    if tcp {
+        cluster["connect_timeout"] = json!("2s");
+    }
+    cluster
+}
+
 fn clusters(config: &Config) -> Vec<Value> {
     config
         .clusters
         .iter()
-        .map(|(name, addr)| static_cluster(name, &[*addr]))
+        .map(|(name, addr)| static_cluster(name, &[(*addr).into()]))
         .chain([
-            static_cluster(FALLBACK_UDP_CLUSTER, &config.fallback),
-            static_cluster(FALLBACK_TCP_CLUSTER, &config.fallback),
+            fallback_cluster(FALLBACK_UDP_CLUSTER, &config.fallback, false),
+            fallback_cluster(FALLBACK_TCP_CLUSTER, &config.fallback, true),
         ])
         .collect()
 }
@@ -308,6 +352,17 @@ pub fn bootstrap(config: &Config, admin_socket: &Path) -> Value {
                 "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
                 "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
             },
+        }]},
+        // Per-listener connection limits are runtime settings.
+        "layered_runtime": { "layers": [{
+            "name": "gateway_limits",
+            "static_layer": dns_tcp_listener_names(config)
+                .into_iter()
+                .map(|name| (
+                    format!("envoy.resource_limits.listener.{name}.connection_limit"),
+                    json!(DNS_TCP_CONNECTION_LIMIT),
+                ))
+                .collect::<serde_json::Map<String, Value>>(),
         }]},
         "static_resources": {
             "listeners": listeners(config),

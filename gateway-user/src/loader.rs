@@ -285,6 +285,12 @@ pub fn load(request: &AttachRequest) -> Result<Loaded> {
     bpffs::prepare_pin_dir(&request.pin_dir)?;
     let lock = PinLock::acquire(&request.pin_dir)?;
     let pin_dir = PinDir::new(&request.pin_dir);
+    // An upgrade changes the layouts of the per-connection maps; they are
+    // recreated, while the VIP table (whose loss would re-hand VIPs that
+    // clients still cache) must match or the start is refused.
+    for name in pin_dir.remove_stale_transient_maps()? {
+        log::info!("removed {name} pinned by another version of the gateway; it is recreated");
+    }
     pin_dir.check_layouts()?;
 
     let log_level = kernel_log_level();

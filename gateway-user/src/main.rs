@@ -115,8 +115,8 @@ enum Command {
         #[arg(long)]
         config: Option<PathBuf>,
         /// Resolver for unmatched names (repeatable), as for `run`.
-        #[arg(long, value_parser = parse_socket_addr)]
-        fallback: Vec<SocketAddrV4>,
+        #[arg(long, value_parser = gateway_user::addr::parse_resolver_addr)]
+        fallback: Vec<std::net::SocketAddr>,
         /// Parent of the state directory whose admin socket the bootstrap
         /// names, as for `run`.
         #[arg(long, default_value = gateway_user::instance::DEFAULT_STATE_DIR)]

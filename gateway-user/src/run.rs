@@ -3,16 +3,13 @@
 //! generated bootstrap, attaches the programs once Envoy is ready,
 //! supervises Envoy, and on SIGINT/SIGTERM stops Envoy and detaches.
 
-use std::{
-    net::SocketAddrV4,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _, Result};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
-    addr::{parse_socket_addr, parse_user, RunAs},
+    addr::{parse_user, RunAs},
     cgroup, config,
     envoy_bootstrap::{self, MODULE_NAME},
     instance::{Instance, DEFAULT_STATE_DIR},
@@ -31,8 +28,8 @@ pub struct RunOptions {
     pub config: Option<PathBuf>,
     /// Resolver for names no pattern matches (repeatable); replaces
     /// dns.fallback of the configuration.
-    #[arg(long, value_parser = parse_socket_addr)]
-    pub fallback: Vec<SocketAddrV4>,
+    #[arg(long, value_parser = crate::addr::parse_resolver_addr)]
+    pub fallback: Vec<std::net::SocketAddr>,
     /// Envoy binary (default: $ENVOY_BIN, .tools/bin/envoy, PATH).
     #[arg(long)]
     pub envoy: Option<PathBuf>,
@@ -60,7 +57,10 @@ pub struct RunOptions {
 
 /// The configuration with command-line overrides applied, validated as a
 /// whole again: the command line gets the same checks as the file.
-pub fn effective_config(path: Option<&Path>, fallback: &[SocketAddrV4]) -> Result<config::Config> {
+pub fn effective_config(
+    path: Option<&Path>,
+    fallback: &[std::net::SocketAddr],
+) -> Result<config::Config> {
     let mut config = config::load(path)?;
     if !fallback.is_empty() {
         let mut file = config.file;
@@ -147,6 +147,21 @@ pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
 pub async fn run(options: RunOptions) -> Result<()> {
     let shutdown = shutdown_signal()?;
     let config = effective_config(options.config.as_deref(), &options.fallback)?;
+    if !config.ipv6 {
+        let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        if resolv
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("nameserver"))
+            .any(|ns| ns.trim().parse::<std::net::Ipv6Addr>().is_ok())
+        {
+            log::warn!(
+                "/etc/resolv.conf names an IPv6 nameserver, but Envoy gets no [::1] listeners \
+                 (listeners.ipv6 is off or this host cannot bind ::1): DNS to it is not \
+                 redirected (counted as ipv6_unserved); enable IPv6 on loopback or list only \
+                 IPv4 nameservers"
+            );
+        }
+    }
     if let Some(user) = &options.envoy_user {
         crate::addr::check_dedicated_user_here(user)?;
     }

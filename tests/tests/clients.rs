@@ -111,7 +111,7 @@ impl Resolv {
 struct Clients {
     scenario: SeedScenario,
     dir: PathBuf,
-    _dnsmasq: Guarded,
+    dnsmasq: Guarded,
 }
 
 impl Clients {
@@ -192,7 +192,7 @@ fn start() -> Result<Option<Clients>> {
     Ok(Some(Clients {
         scenario,
         dir,
-        _dnsmasq: dnsmasq,
+        dnsmasq,
     }))
 }
 
@@ -541,7 +541,7 @@ fn dig(clients: &Clients, resolv: Resolv, args: &[&str]) -> Result<String> {
 
 #[test]
 fn dns_over_tcp_truncation_and_the_verbatim_fallback() -> Result<()> {
-    let Some(clients) = start()? else {
+    let Some(mut clients) = start()? else {
         return Ok(());
     };
     // dig +tcp: matched names answered by the gateway, unmatched relayed
@@ -695,6 +695,66 @@ fn dns_over_tcp_truncation_and_the_verbatim_fallback() -> Result<()> {
             assert_eq!(v["identical"], true, "{line}");
             assert_eq!(v["has_opt"], true, "EDNS kept: {line}");
         }
+    }
+
+    // With every fallback resolver down, matched names still resolve over
+    // TCP (no resolver connection is needed for them) and over UDP.
+    clients
+        .dnsmasq
+        .stop(nix::sys::signal::Signal::SIGTERM, Duration::from_secs(5))?;
+    for args in [
+        &["+tcp", "+short", "bucket.aws.com"][..],
+        &["+short", "example.com"][..],
+    ] {
+        let short = dig(&clients, Resolv::V4, args)?;
+        assert!(
+            short.trim().starts_with("10.10.0."),
+            "dig {args:?} with the fallback down: {short:?}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn only_the_dns_listener_can_answer_for_a_nameserver() -> Result<()> {
+    let Some(clients) = start()? else {
+        return Ok(());
+    };
+    // The TCP listener's port is free for UDP: a local process may bind it.
+    for (nameserver, proxy) in [(NAMESERVER_V4, "127.0.0.1"), (NAMESERVER_V6, "::1")] {
+        let out = clients.run(
+            Resolv::V4,
+            "/usr/bin/python3",
+            &[
+                &clients_script("spoof_check.py"),
+                nameserver,
+                proxy,
+                "15001",
+                "bucket.aws.com",
+            ],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for line in text.lines() {
+            let v: serde_json::Value = serde_json::from_str(line)?;
+            let from = v["from"][0].as_str().unwrap_or_default();
+            let from: IpAddr = from.parse()?;
+            let nameserver: IpAddr = nameserver.parse()?;
+            match v["kind"].as_str() {
+                Some("answer") => {
+                    assert_eq!(from, nameserver, "the answer shows the nameserver: {line}")
+                }
+                _ => assert_ne!(
+                    from, nameserver,
+                    "a forged datagram passed for the nameserver: {line}"
+                ),
+            }
+        }
+        assert_eq!(text.lines().count(), 2, "{text}");
     }
     Ok(())
 }

@@ -446,6 +446,57 @@ fn restarted_loader_reuses_the_pinned_tables() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn an_upgrade_recreates_the_connection_maps_and_keeps_the_vip_table() -> Result<()> {
+    let Some(cgroup) = setup()? else {
+        return Ok(());
+    };
+    let mut first = attach(&cgroup)?;
+    PinDir::new(first.pin_dir())
+        .vips()?
+        .insert("10.10.0.9".parse()?, "kept.example.com")?;
+    first.stop_with(Signal::SIGTERM)?;
+    // An older version's per-socket map (8-byte values, IPv4 only) left
+    // pinned next to the VIP table.
+    let stale = first.pin_dir().join(gateway_common::MAP_SOCK_ORIG);
+    std::fs::remove_file(&stale)?;
+    let created = Command::new("bpftool")
+        .args(["map", "create"])
+        .arg(&stale)
+        .args([
+            "type",
+            "lru_hash",
+            "key",
+            "8",
+            "value",
+            "8",
+            "entries",
+            "16",
+            "name",
+            "GW_SOCK_ORIG",
+        ])
+        .status()?;
+    assert!(created.success(), "bpftool map create failed");
+    let second = Loader::attach_with_pin_dir(
+        &cgroup,
+        &[VIP_CIDR],
+        addr(DNS_TO),
+        addr(TCP_TO),
+        first.pin_dir(),
+    )?;
+    let vips = second.status()?["vips"].clone();
+    assert_eq!(vips, serde_json::json!([["10.10.0.9", "kept.example.com"]]));
+    // The programs use the new map: a redirect records its original.
+    let out = cgroup.run(
+        "python3",
+        &["-c", "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'x'*12, ('192.0.2.1', 53))"],
+    )?;
+    assert!(out.status.success());
+    assert_eq!(second.counter("udp_send_redirected")?, 1);
+    assert_eq!(second.counter("map_update_failed")?, 0);
+    Ok(())
+}
+
 /// Runs `gateway <args>` and returns (exit code, stderr).
 fn gateway(args: &[&str]) -> Result<(i32, String)> {
     let out = Command::new(gateway_bin()).args(args).output()?;
