@@ -141,7 +141,19 @@ impl Clients {
     }
 }
 
+/// The scenario with IPv6 listeners and an IPv6 VIP range.
 fn start() -> Result<Option<Clients>> {
+    start_with(|config| {
+        config.replacen(
+            "vip_cidr = \"10.10.0.0/24\"",
+            &format!("vip_cidr = \"10.10.0.0/24\"\nvip_ipv6_prefix = \"{VIP6_PREFIX}/96\""),
+            1,
+        )
+    })
+}
+
+/// The scenario on the built-in configuration as `edit` changes it.
+fn start_with(edit: impl Fn(String) -> String) -> Result<Option<Clients>> {
     if !scenario_prerequisites(&TOOLS) {
         return Ok(None);
     }
@@ -183,11 +195,7 @@ fn start() -> Result<Option<Clients>> {
     })?;
     wait_for_listener(FALLBACK, Duration::from_secs(10))?;
 
-    let config = isolated_config("gw-clients")?.replacen(
-        "vip_cidr = \"10.10.0.0/24\"",
-        &format!("vip_cidr = \"10.10.0.0/24\"\nvip_ipv6_prefix = \"{VIP6_PREFIX}/96\""),
-        1,
-    );
+    let config = edit(isolated_config("gw-clients")?);
     let scenario = SeedScenario::start_with_args(Some(config), &["--fallback", FALLBACK])?;
     Ok(Some(Clients {
         scenario,
@@ -756,5 +764,62 @@ fn only_the_dns_listener_can_answer_for_a_nameserver() -> Result<()> {
         }
         assert_eq!(text.lines().count(), 2, "{text}");
     }
+    Ok(())
+}
+
+#[test]
+fn without_ipv6_listeners_ipv6_dns_is_left_alone_and_counted() -> Result<()> {
+    let Some(clients) = start_with(|config| {
+        config.replacen(
+            "tcp = \"127.0.0.1:15001\"",
+            "tcp = \"127.0.0.1:15001\"\nipv6 = false",
+            1,
+        )
+    })?
+    else {
+        return Ok(());
+    };
+    let unserved = || -> Result<u64> {
+        let status = tests::status_json(clients.scenario.pin_dir())?;
+        Ok(status["counters"]
+            .as_array()
+            .and_then(|all| all.iter().find(|pair| pair[0] == "ipv6_unserved"))
+            .and_then(|pair| pair[1].as_u64())
+            .unwrap_or(0))
+    };
+    assert_eq!(unserved()?, 0);
+    // An IPv6 nameserver is not redirected (nothing listens on [::1]):
+    // the query goes where it was sent, which here is nowhere.
+    let six = dig(
+        &clients,
+        Resolv::V6,
+        &["+tries=1", "+time=1", "+short", "bucket.aws.com"],
+    )?;
+    assert!(!six.contains("10.10.0."), "{six}");
+    assert!(unserved()? >= 1, "counted");
+    // IPv4 and v4-mapped (Java's dual-stack sockets) still work.
+    let out = clients.run(
+        Resolv::V4,
+        "java",
+        &[
+            "-cp",
+            &clients.dir.display().to_string(),
+            "ResolveConnect",
+            "bucket.aws.com",
+            "80",
+        ],
+    )?;
+    check(
+        "bucket.aws.com",
+        Expect::Tunnel {
+            cluster: "cluster_1",
+            token: "abc123",
+        },
+        &report(&out),
+    )
+    .map_err(anyhow::Error::msg)?;
+    // Without an IPv6 VIP range a matched AAAA is NODATA.
+    let aaaa = dig(&clients, Resolv::V4, &["+short", "AAAA", "bucket.aws.com"])?;
+    assert!(aaaa.trim().is_empty(), "{aaaa}");
     Ok(())
 }
