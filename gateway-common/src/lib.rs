@@ -215,6 +215,16 @@ pub const CONFIG_FLAG_VIP6: u32 = 4;
 /// Set when `dns_tcp_target` holds the DNS-over-TCP listener.
 pub const CONFIG_FLAG_DNS_TCP: u32 = 8;
 
+/// Set when a connect to an address of a VIP range that no name holds
+/// (no entry in the VIP table) is refused at `connect()` (EPERM) instead
+/// of going to the proxy, which could only close it.
+pub const CONFIG_FLAG_REFUSE_UNKNOWN_VIPS: u32 = 16;
+
+/// Set when DNS (UDP or TCP) is refused (EPERM) while no proxy listener
+/// is bound at its target; without it such DNS is left on its original
+/// path, so names keep resolving while the proxy restarts.
+pub const CONFIG_FLAG_DNS_OUTAGE_DROP: u32 = 32;
+
 /// Runtime configuration of the kernel programs, written by the loader into
 /// the single entry of [`MAP_CONFIG`] before the programs are attached.
 #[repr(C)]
@@ -368,10 +378,21 @@ pub enum Counter {
     /// An IPv6 DNS datagram or connect (not v4-mapped) left alone because
     /// the proxy has no IPv6 listener.
     Ipv6Unserved = 15,
+    /// A connect to an address of a VIP range that no name holds, refused.
+    UnknownVipRefused = 16,
+    /// DNS left on its original path because no proxy listener was bound
+    /// at the target (the proxy is restarting).
+    DnsOutagePassed = 17,
+    /// DNS refused because no proxy listener was bound at the target and
+    /// the outage policy is "drop".
+    DnsOutageRefused = 18,
+    /// A connect to a VIP while no proxy listener was bound (it fails at
+    /// once with ECONNREFUSED).
+    TcpTargetDown = 19,
 }
 
 /// Number of counter slots.
-pub const COUNTER_COUNT: u32 = 16;
+pub const COUNTER_COUNT: u32 = 20;
 
 impl Counter {
     /// Every counter, in slot order.
@@ -392,6 +413,10 @@ impl Counter {
         Counter::OrigDstClosed,
         Counter::DnsTcpRedirected,
         Counter::Ipv6Unserved,
+        Counter::UnknownVipRefused,
+        Counter::DnsOutagePassed,
+        Counter::DnsOutageRefused,
+        Counter::TcpTargetDown,
     ];
 
     /// Stable snake_case name used by `gateway status`.
@@ -413,6 +438,10 @@ impl Counter {
             Counter::OrigDstClosed => "orig_dst_closed",
             Counter::DnsTcpRedirected => "dns_tcp_redirected",
             Counter::Ipv6Unserved => "ipv6_unserved",
+            Counter::UnknownVipRefused => "unknown_vip_refused",
+            Counter::DnsOutagePassed => "dns_outage_passed",
+            Counter::DnsOutageRefused => "dns_outage_refused",
+            Counter::TcpTargetDown => "tcp_target_down",
         }
     }
 }

@@ -4,10 +4,14 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT2,
+        bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT2,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_lookup_tcp,
+        bpf_sk_lookup_udp, bpf_sk_release,
+    },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
     programs::{SockAddrContext, SockOpsContext},
@@ -16,8 +20,9 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use gateway_common::{
     is_v4_mapped, Counter, GatewayConfig, LoaderInfo, OrigDstEntry, SockAddr6, SockAddrV4,
-    VipRecord, CONFIG_FLAG_DNS_TCP, CONFIG_FLAG_ENABLED, CONFIG_FLAG_IPV6,
-    CONNECTION_TABLE_CAPACITY, COUNTER_COUNT, IPV6_LOOPBACK, VIP_TABLE_CAPACITY,
+    VipRecord, CONFIG_FLAG_DNS_OUTAGE_DROP, CONFIG_FLAG_DNS_TCP, CONFIG_FLAG_ENABLED,
+    CONFIG_FLAG_IPV6, CONFIG_FLAG_REFUSE_UNKNOWN_VIPS, CONNECTION_TABLE_CAPACITY, COUNTER_COUNT,
+    IPV6_LOOPBACK, VIP_TABLE_CAPACITY,
 };
 
 const AF_INET: u32 = 2;
@@ -308,6 +313,104 @@ fn is_vip(cfg: &GatewayConfig, dest: &Destination) -> bool {
     }
 }
 
+/// cgroup sock_addr programs return 0 to fail the syscall with EPERM.
+const DENY: i32 = 0;
+
+/// `BPF_F_CURRENT_NETNS`: look sockets up in the caller's namespace.
+const CURRENT_NETNS: u64 = u64::MAX;
+
+/// Whether a socket of `protocol` is bound at `target` in the caller's
+/// network namespace: the proxy's listener is up.
+#[inline(always)]
+fn listener_up(ctx: &SockAddrContext, protocol: u32, target: &SockAddr6) -> bool {
+    // SAFETY: all-zero bytes are a valid bpf_sock_tuple (a plain union of
+    // integer fields).
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if target.is_v4_mapped() {
+        tuple.__bindgen_anon_1.ipv4 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+            saddr: 0,
+            daddr: target.ip6[3],
+            sport: 0,
+            dport: target.port,
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>()
+    } else {
+        tuple.__bindgen_anon_1.ipv6 = bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+            saddr: [0; 4],
+            daddr: target.ip6,
+            sport: 0,
+            dport: target.port,
+        };
+        core::mem::size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>()
+    } as u32;
+    // SAFETY: the tuple is a valid stack object of `size` bytes; both
+    // lookups are available to cgroup sock_addr programs, and a socket
+    // they return is released before the program ends.
+    unsafe {
+        let sk = if protocol == IPPROTO_TCP {
+            bpf_sk_lookup_tcp(ctx.as_ptr(), &mut tuple, size, CURRENT_NETNS, 0)
+        } else {
+            bpf_sk_lookup_udp(ctx.as_ptr(), &mut tuple, size, CURRENT_NETNS, 0)
+        };
+        if sk.is_null() {
+            false
+        } else {
+            bpf_sk_release(sk.cast());
+            true
+        }
+    }
+}
+
+/// What became of a DNS exchange (UDP datagram, UDP connect or TCP
+/// connect to port 53).
+enum DnsVerdict {
+    /// Sent to the proxy.
+    Redirected,
+    /// Left on its original path (not DNS for the proxy, or no proxy
+    /// listener and the outage policy passes).
+    Passed,
+    /// Refused: no proxy listener and the outage policy drops.
+    Refused,
+}
+
+/// DNS to `dest` → the proxy listener of `protocol` at `listener`, if it
+/// is up; otherwise as the outage policy says.
+#[inline(always)]
+fn redirect_dns(
+    ctx: &SockAddrContext,
+    hook_family: u32,
+    cfg: &GatewayConfig,
+    dest: &Destination,
+    protocol: u32,
+    listener: &SockAddrV4,
+) -> DnsVerdict {
+    let Some(target) = target_for(cfg, dest, listener) else {
+        return DnsVerdict::Passed;
+    };
+    if !listener_up(ctx, protocol, &target) {
+        if cfg.has(CONFIG_FLAG_DNS_OUTAGE_DROP) {
+            count(Counter::DnsOutageRefused);
+            return DnsVerdict::Refused;
+        }
+        count(Counter::DnsOutagePassed);
+        return DnsVerdict::Passed;
+    }
+    if redirect(ctx, hook_family, dest, &target) {
+        DnsVerdict::Redirected
+    } else {
+        DnsVerdict::Passed
+    }
+}
+
+/// Whether the VIP `dest` stands for a name (has an entry in the VIP
+/// table); an IPv6 VIP by its embedded IPv4 VIP.
+#[inline(always)]
+fn vip_allocated(dest: &Destination) -> bool {
+    let vip = dest.addr.ip6[3];
+    // SAFETY: only the presence of the entry is used.
+    unsafe { GW_VIPS.get(&vip) }.is_some()
+}
+
 /// TCP to a VIP → TCP target; TCP to port 53 → DNS-over-TCP target.
 #[inline(always)]
 fn on_tcp_connect(
@@ -315,48 +418,64 @@ fn on_tcp_connect(
     hook_family: u32,
     cfg: &GatewayConfig,
     dest: &Destination,
-) {
+) -> i32 {
     if is_vip(cfg, dest) {
+        if cfg.has(CONFIG_FLAG_REFUSE_UNKNOWN_VIPS) && !vip_allocated(dest) {
+            count(Counter::UnknownVipRefused);
+            return DENY;
+        }
         if let Some(target) = target_for(cfg, dest, &cfg.tcp_target) {
+            if !listener_up(ctx, IPPROTO_TCP, &target) {
+                // Redirected all the same: the connect fails at once with
+                // ECONNREFUSED, and never leaves for the VIP itself.
+                count(Counter::TcpTargetDown);
+            }
             if redirect(ctx, hook_family, dest, &target) {
                 count(Counter::TcpRedirected);
                 debug!(ctx, "tcp connect to a VIP redirected");
-                return;
+                return ALLOW;
             }
         }
     } else if dest.port() == DNS_PORT
         && cfg.has(CONFIG_FLAG_DNS_TCP)
         && !is_listener(cfg, &dest.addr)
     {
-        if let Some(target) = target_for(cfg, dest, &cfg.dns_tcp_target) {
-            if redirect(ctx, hook_family, dest, &target) {
+        match redirect_dns(
+            ctx,
+            hook_family,
+            cfg,
+            dest,
+            IPPROTO_TCP,
+            &cfg.dns_tcp_target,
+        ) {
+            DnsVerdict::Redirected => {
                 count(Counter::DnsTcpRedirected);
                 debug!(ctx, "dns over tcp redirected");
-                return;
+                return ALLOW;
             }
+            DnsVerdict::Refused => return DENY,
+            DnsVerdict::Passed => {}
         }
     }
     // A record left by an earlier connect of this socket (one that failed,
     // or was undone with AF_UNSPEC) must not describe this connection.
     let _ = GW_SOCK_ORIG.remove(&socket_cookie(ctx));
     count(Counter::TcpPassed);
+    ALLOW
 }
 
-/// UDP to port 53 → DNS target. Returns whether it was redirected.
+/// UDP to port 53 → DNS target.
 #[inline(always)]
 fn on_dns_datagram(
     ctx: &SockAddrContext,
     hook_family: u32,
     cfg: &GatewayConfig,
     dest: &Destination,
-) -> bool {
+) -> DnsVerdict {
     if dest.port() != DNS_PORT || is_listener(cfg, &dest.addr) {
-        return false;
+        return DnsVerdict::Passed;
     }
-    match target_for(cfg, dest, &cfg.dns_target) {
-        Some(target) => redirect(ctx, hook_family, dest, &target),
-        None => false,
-    }
+    redirect_dns(ctx, hook_family, cfg, dest, IPPROTO_UDP, &cfg.dns_target)
 }
 
 #[inline(always)]
@@ -374,17 +493,23 @@ fn on_connect(ctx: &SockAddrContext, family: u32) -> i32 {
     }
     match dest.protocol {
         IPPROTO_TCP => on_tcp_connect(ctx, family, cfg, &dest),
-        IPPROTO_UDP => {
-            if on_dns_datagram(ctx, family, cfg, &dest) {
+        IPPROTO_UDP => match on_dns_datagram(ctx, family, cfg, &dest) {
+            DnsVerdict::Redirected => {
                 count(Counter::UdpConnectRedirected);
                 debug!(ctx, "udp connect to port 53 redirected");
-            } else {
-                count(Counter::UdpPassed);
+                ALLOW
             }
+            DnsVerdict::Refused => DENY,
+            DnsVerdict::Passed => {
+                count(Counter::UdpPassed);
+                ALLOW
+            }
+        },
+        _ => {
+            count(Counter::OtherPassed);
+            ALLOW
         }
-        _ => count(Counter::OtherPassed),
     }
-    ALLOW
 }
 
 #[inline(always)]
@@ -400,13 +525,18 @@ fn on_sendmsg(ctx: &SockAddrContext, family: u32) -> i32 {
     if !in_proxy_netns(ctx, cfg) {
         return ALLOW;
     }
-    if on_dns_datagram(ctx, family, cfg, &dest) {
-        count(Counter::UdpSendRedirected);
-        debug!(ctx, "udp datagram to port 53 redirected");
-    } else {
-        count(Counter::UdpPassed);
+    match on_dns_datagram(ctx, family, cfg, &dest) {
+        DnsVerdict::Redirected => {
+            count(Counter::UdpSendRedirected);
+            debug!(ctx, "udp datagram to port 53 redirected");
+            ALLOW
+        }
+        DnsVerdict::Refused => DENY,
+        DnsVerdict::Passed => {
+            count(Counter::UdpPassed);
+            ALLOW
+        }
     }
-    ALLOW
 }
 
 /// TCP to a VIP → TCP target; TCP to port 53 → DNS-over-TCP target;

@@ -113,10 +113,28 @@ pub struct Dns {
     /// New VIPs that may be handed out at once before the cap applies.
     #[serde(default)]
     pub new_vip_burst: Option<u32>,
+    /// What the kernel does with DNS while Envoy is down (restarting).
+    #[serde(default)]
+    pub outage: DnsOutage,
 }
 
 fn default_ttl() -> u32 {
     300
+}
+
+/// What happens to DNS while no Envoy listener is bound (Envoy crashed or
+/// restarts).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DnsOutage {
+    /// Leave it on its original path: every name keeps resolving; matched
+    /// names get their real addresses meanwhile (connections to those go
+    /// out directly if the network allows).
+    #[default]
+    Pass,
+    /// Refuse it (EPERM): nothing resolves and nothing bypasses the
+    /// gateway until Envoy is back.
+    Drop,
 }
 
 /// One domain pattern.

@@ -16,8 +16,9 @@ use aya::{
 };
 use gateway_common::{
     pinned::{sockaddr_from_std, PinDir},
-    GatewayConfig, LoaderInfo, CONFIG_FLAG_DNS_TCP, CONFIG_FLAG_ENABLED, CONFIG_FLAG_IPV6,
-    CONFIG_FLAG_VIP6, MAX_VIP_CIDRS,
+    GatewayConfig, LoaderInfo, CONFIG_FLAG_DNS_OUTAGE_DROP, CONFIG_FLAG_DNS_TCP,
+    CONFIG_FLAG_ENABLED, CONFIG_FLAG_IPV6, CONFIG_FLAG_REFUSE_UNKNOWN_VIPS, CONFIG_FLAG_VIP6,
+    MAX_VIP_CIDRS,
 };
 use nix::{
     errno::Errno,
@@ -64,6 +65,11 @@ pub struct AttachRequest {
     pub ipv6_listeners: bool,
     /// IPv6 VIP range: a /96 prefix followed by the IPv4 VIP.
     pub vip6_prefix: Option<Ipv6Addr>,
+    /// Refuse (EPERM) connects to VIP-range addresses no name holds.
+    pub refuse_unknown_vips: bool,
+    /// Refuse DNS while no proxy listener is bound, instead of leaving it
+    /// on its original path.
+    pub dns_outage_drop: bool,
     /// bpffs directory for the maps.
     pub pin_dir: PathBuf,
     /// Accept the root cgroup.
@@ -204,6 +210,12 @@ pub fn kernel_config(request: &AttachRequest) -> Result<GatewayConfig> {
     let mut flags = CONFIG_FLAG_ENABLED;
     if request.ipv6_listeners {
         flags |= CONFIG_FLAG_IPV6;
+    }
+    if request.refuse_unknown_vips {
+        flags |= CONFIG_FLAG_REFUSE_UNKNOWN_VIPS;
+    }
+    if request.dns_outage_drop {
+        flags |= CONFIG_FLAG_DNS_OUTAGE_DROP;
     }
     let mut vip6_prefix = [0u32; 3];
     if let Some(prefix) = request.vip6_prefix {

@@ -8,7 +8,9 @@ use clap::{Parser, Subcommand};
 use gateway_common::DEFAULT_PIN_DIR;
 use gateway_user::{
     addr::{parse_cidr, parse_group, parse_socket_addr, Cidr},
-    config, envoy_bootstrap, exec,
+    config,
+    config::DnsOutage,
+    envoy_bootstrap, exec,
     loader::{self, AttachRequest},
     run::{self, RunOptions},
     status,
@@ -73,6 +75,16 @@ enum Command {
         /// the prefix followed by an IPv4 VIP stands for the same domain.
         #[arg(long)]
         vip6_prefix: Option<std::net::Ipv6Addr>,
+        /// Refuse (EPERM, counted) a connect to an address of a VIP range
+        /// that no name holds, instead of sending it to Envoy. Needs Envoy's
+        /// module to use this --pin-dir (it records the VIPs there).
+        #[arg(long)]
+        refuse_unknown_vips: bool,
+        /// While no Envoy listener is bound at the DNS target: `pass` leaves
+        /// DNS on its original path (names keep resolving; matched names
+        /// get their real addresses meanwhile), `drop` refuses it (EPERM).
+        #[arg(long, value_enum, default_value_t = DnsOutage::Pass)]
+        dns_outage: DnsOutage,
         /// bpffs directory for the maps Envoy reads.
         #[arg(long, default_value = DEFAULT_PIN_DIR, value_parser = parse_pin_dir)]
         pin_dir: PathBuf,
@@ -165,6 +177,8 @@ fn run(command: Command) -> Result<()> {
             dns_tcp_to,
             ipv6,
             vip6_prefix,
+            refuse_unknown_vips,
+            dns_outage,
             pin_dir,
             force_root_cgroup,
             maps_group,
@@ -177,6 +191,8 @@ fn run(command: Command) -> Result<()> {
                 dns_tcp_to,
                 ipv6_listeners: ipv6,
                 vip6_prefix,
+                refuse_unknown_vips,
+                dns_outage_drop: dns_outage == DnsOutage::Drop,
                 pin_dir,
                 allow_root_cgroup: force_root_cgroup,
                 maps_group,

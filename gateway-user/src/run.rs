@@ -222,6 +222,8 @@ async fn run_with_cgroup(
         dns_tcp_to: Some(config.dns_tcp_listener),
         ipv6_listeners: config.ipv6,
         vip6_prefix: config.vip6_prefix,
+        refuse_unknown_vips: true,
+        dns_outage_drop: config.file.dns.outage == config::DnsOutage::Drop,
         pin_dir: config.file.pin_dir.clone(),
         allow_root_cgroup: false,
         maps_group: options.envoy_user.as_ref().map(|u| u.gid),

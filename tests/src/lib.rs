@@ -377,6 +377,19 @@ impl Loader {
         tcp_to: SocketAddrV4,
         pin_dir: &Path,
     ) -> Result<Self> {
+        Self::attach_with_args(cgroup, vip_cidrs, dns_to, tcp_to, pin_dir, &[])
+    }
+
+    /// Like [`Loader::attach_with_pin_dir`], with extra `gateway attach`
+    /// arguments.
+    pub fn attach_with_args(
+        cgroup: &TestCgroup,
+        vip_cidrs: &[&str],
+        dns_to: SocketAddrV4,
+        tcp_to: SocketAddrV4,
+        pin_dir: &Path,
+        extra: &[&str],
+    ) -> Result<Self> {
         let pin_dir = pin_dir.to_path_buf();
         let mut cmd = Command::new(gateway_bin());
         cmd.arg("attach")
@@ -391,6 +404,7 @@ impl Loader {
         for cidr in vip_cidrs {
             cmd.arg("--vip-cidr").arg(cidr);
         }
+        cmd.args(extra);
         let mut process = Guarded::spawn("gateway attach", cmd)?;
         let loader_pid = process.pid();
         let pins = pin_dir.clone();

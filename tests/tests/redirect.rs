@@ -446,6 +446,98 @@ fn restarted_loader_reuses_the_pinned_tables() -> Result<()> {
     Ok(())
 }
 
+fn attach_with(cgroup: &TestCgroup, extra: &[&str]) -> Result<Loader> {
+    let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(tests::unique_name("gw-test"));
+    Loader::attach_with_args(
+        cgroup,
+        &[VIP_CIDR],
+        addr(DNS_TO),
+        addr(TCP_TO),
+        &pin_dir,
+        extra,
+    )
+}
+
+#[test]
+fn while_the_proxy_is_down_dns_passes_or_is_refused_and_vip_connects_fail_at_once() -> Result<()> {
+    let Some(cgroup) = setup()? else {
+        return Ok(());
+    };
+    // The real resolver of the namespace; nothing listens at DNS_TO yet.
+    let _resolver = UdpServer::start("127.0.0.53:53", b"direct")?;
+    let mut loader = attach(&cgroup)?;
+    let passed = probe(Some(&cgroup), "udp-sendto", "127.0.0.53", 53)?;
+    assert_eq!(passed["reply"], "direct", "left on its path: {passed}");
+    let connected = probe(Some(&cgroup), "udp-connected", "127.0.0.53", 53)?;
+    assert_eq!(connected["reply"], "direct", "{connected}");
+    assert_eq!(loader.counter("dns_outage_passed")?, 2);
+    // The proxy is back: redirected again.
+    let dns = UdpServer::start(DNS_TO, b"answer")?;
+    let back = probe(Some(&cgroup), "udp-sendto", "127.0.0.53", 53)?;
+    assert_eq!(back["reply"], "answer", "{back}");
+    assert_eq!(back["from"], "127.0.0.53:53");
+    drop(dns);
+
+    // A VIP connect while nothing listens fails at once.
+    let started = std::time::Instant::now();
+    let refused = probe(Some(&cgroup), "tcp", "10.10.0.7", 443)?;
+    assert_eq!(refused["ok"], false);
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Connection refused"),
+        "{refused}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2), "not at once");
+    assert_eq!(loader.counter("tcp_target_down")?, 1);
+    loader.stop_with(Signal::SIGTERM)?;
+
+    // Policy "drop": refused at once, nothing leaves.
+    let cgroup = TestCgroup::new()?;
+    let strict = attach_with(&cgroup, &["--dns-outage", "drop"])?;
+    let dropped = probe(Some(&cgroup), "udp-sendto", "127.0.0.53", 53)?;
+    assert_eq!(dropped["ok"], false, "{dropped}");
+    assert!(
+        dropped["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not permitted"),
+        "{dropped}"
+    );
+    assert_eq!(strict.counter("dns_outage_refused")?, 1);
+    assert_eq!(strict.counter("dns_outage_passed")?, 0);
+    Ok(())
+}
+
+#[test]
+fn connects_to_vips_no_name_holds_are_refused_by_the_kernel() -> Result<()> {
+    let Some(cgroup) = setup()? else {
+        return Ok(());
+    };
+    let proxy = TcpServer::start(TCP_TO)?;
+    let loader = attach_with(&cgroup, &["--refuse-unknown-vips"])?;
+    let unknown = probe(Some(&cgroup), "tcp", "10.10.0.8", 443)?;
+    assert_eq!(unknown["ok"], false);
+    assert!(
+        unknown["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("not permitted"),
+        "{unknown}"
+    );
+    assert_eq!(loader.counter("unknown_vip_refused")?, 1);
+    assert!(proxy.no_more_peers(), "the proxy saw nothing");
+    PinDir::new(loader.pin_dir())
+        .vips()?
+        .insert("10.10.0.9".parse()?, "held.example.com")?;
+    let held = probe(Some(&cgroup), "tcp", "10.10.0.9", 443)?;
+    assert_eq!(held["ok"], true, "{held}");
+    assert_eq!(held["peer"], "10.10.0.9:443");
+    assert_eq!(loader.counter("tcp_redirected")?, 1);
+    Ok(())
+}
+
 #[test]
 fn an_upgrade_recreates_the_connection_maps_and_keeps_the_vip_table() -> Result<()> {
     let Some(cgroup) = setup()? else {
@@ -487,6 +579,7 @@ fn an_upgrade_recreates_the_connection_maps_and_keeps_the_vip_table() -> Result<
     let vips = second.status()?["vips"].clone();
     assert_eq!(vips, serde_json::json!([["10.10.0.9", "kept.example.com"]]));
     // The programs use the new map: a redirect records its original.
+    let _dns = UdpServer::start(DNS_TO, b"answer")?;
     let out = cgroup.run(
         "python3",
         &["-c", "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.sendto(b'x'*12, ('192.0.2.1', 53))"],
