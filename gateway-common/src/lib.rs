@@ -338,6 +338,9 @@ pub struct LoaderInfo {
     pub attached_at: u64,
     /// Path of the cgroup the programs are attached to (UTF-8).
     pub cgroup_path: [u8; 256],
+    /// Digest of the eBPF object whose programs are attached: a new loader
+    /// keeps (adopts) attached programs only when they are its own build.
+    pub object_digest: u64,
 }
 
 /// Decisions the kernel programs count, one slot each in [`MAP_COUNTERS`].

@@ -30,19 +30,30 @@ type SockAddrBytes = [u8; SOCKADDR_SIZE];
 type OrigDstEntryBytes = [u8; ORIG_DST_ENTRY_SIZE];
 type VipRecordBytes = [u8; VIP_RECORD_SIZE];
 
-/// Key and value sizes each pinned map must have; a pin with other sizes
-/// was left by an incompatible build.
-const EXPECTED_LAYOUTS: [(&str, u32, u32); 6] = [
-    (MAP_CONFIG, 4, CONFIG_SIZE as u32),
-    (MAP_COUNTERS, 4, 8),
-    (MAP_SOCK_ORIG, 8, SOCKADDR_SIZE as u32),
+/// Key size, value size and capacity each pinned map must have; a pin
+/// with others was left by an incompatible build.
+const EXPECTED_LAYOUTS: [(&str, u32, u32, u32); 6] = [
+    (MAP_CONFIG, 4, CONFIG_SIZE as u32, 1),
+    (MAP_COUNTERS, 4, 8, crate::COUNTER_COUNT),
+    (
+        MAP_SOCK_ORIG,
+        8,
+        SOCKADDR_SIZE as u32,
+        crate::CONNECTION_TABLE_CAPACITY,
+    ),
     (
         MAP_ORIG_DST,
         SOCKADDR_SIZE as u32,
         ORIG_DST_ENTRY_SIZE as u32,
+        crate::CONNECTION_TABLE_CAPACITY,
     ),
-    (MAP_VIPS, 4, VIP_RECORD_SIZE as u32),
-    (MAP_LOADER, 4, LOADER_INFO_SIZE as u32),
+    (
+        MAP_VIPS,
+        4,
+        VIP_RECORD_SIZE as u32,
+        crate::VIP_TABLE_CAPACITY,
+    ),
+    (MAP_LOADER, 4, LOADER_INFO_SIZE as u32, 1),
 ];
 
 fn to_bytes<T: Pod, const N: usize>(value: &T) -> [u8; N] {
@@ -64,6 +75,7 @@ const _: () = assert!(SOCKADDR_SIZE == 20);
 const _: () = assert!(VIP_RECORD_SIZE == 260);
 const _: () = assert!(ORIG_DST_ENTRY_SIZE == 40);
 const _: () = assert!(CONFIG_SIZE == 120);
+const _: () = assert!(LOADER_INFO_SIZE == 280);
 
 /// Converts a std socket address to the kernel's representation.
 pub fn sockaddr_from_std(addr: SocketAddrV4) -> SockAddrV4 {
@@ -155,7 +167,7 @@ impl PinDir {
     /// Returns the names removed.
     pub fn remove_stale_transient_maps(&self) -> Result<Vec<&'static str>> {
         let mut removed = Vec::new();
-        for (name, key_size, value_size) in EXPECTED_LAYOUTS {
+        for (name, key_size, value_size, entries) in EXPECTED_LAYOUTS {
             if !crate::TRANSIENT_MAPS.contains(&name) || !self.has(name) {
                 continue;
             }
@@ -163,7 +175,10 @@ impl PinDir {
                 .open(name)?
                 .info()
                 .with_context(|| format!("reading info of {name}"))?;
-            if info.key_size() != key_size || info.value_size() != value_size {
+            if info.key_size() != key_size
+                || info.value_size() != value_size
+                || info.max_entries() != entries
+            {
                 let path = self.map_path(name);
                 fs::remove_file(&path)
                     .with_context(|| format!("removing the stale pin {}", path.display()))?;
@@ -177,7 +192,7 @@ impl PinDir {
     /// expects, so a stale pin from another version fails with advice
     /// instead of corrupting data.
     pub fn check_layouts(&self) -> Result<()> {
-        for (name, key_size, value_size) in EXPECTED_LAYOUTS {
+        for (name, key_size, value_size, entries) in EXPECTED_LAYOUTS {
             if !self.has(name) {
                 continue;
             }
@@ -185,15 +200,20 @@ impl PinDir {
                 .open(name)?
                 .info()
                 .with_context(|| format!("reading info of {name}"))?;
-            if info.key_size() != key_size || info.value_size() != value_size {
+            if info.key_size() != key_size
+                || info.value_size() != value_size
+                || info.max_entries() != entries
+            {
                 bail!(
-                    "pinned map {} has key/value sizes {}/{} but this build needs {}/{}: \
+                    "pinned map {} has key/value sizes {}/{} and {} entries but this build needs {}/{} and {}: \
                      it was left by another version; remove it with `gateway reset --pin-dir {}`",
                     self.map_path(name).display(),
                     info.key_size(),
                     info.value_size(),
+                    info.max_entries(),
                     key_size,
                     value_size,
+                    entries,
                     self.path.display()
                 );
             }

@@ -27,7 +27,15 @@ pub fn exec(config_path: Option<&Path>, command: &[String]) -> Result<()> {
             .loader_info()
             .map(|info| info.pid != 0)
             .unwrap_or(false);
-    if !owner_alive {
+    let gated = !crate::links::pinned(&config.file.pin_dir).is_empty();
+    if !owner_alive && gated {
+        log::warn!(
+            "no running gateway owns {}: {program} runs in {} with the programs a stopped gateway left \
+             attached, and no Envoy (DNS follows the outage policy; connects to VIPs are refused)",
+            config.file.pin_dir.display(),
+            cgroup.display()
+        );
+    } else if !owner_alive {
         log::warn!(
             "no running gateway owns {}: {program} runs in {} without redirection",
             config.file.pin_dir.display(),

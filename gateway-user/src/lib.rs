@@ -2,8 +2,8 @@
 //! kernel programs to a cgroup, pinning the maps the Envoy module reads,
 //! and reporting what is attached where.
 //!
-//! `unsafe` is denied everywhere except [`netns`], which wraps one socket
-//! option that neither std nor nix provides.
+//! `unsafe` is denied everywhere except [`sys`], which wraps the two system
+//! calls neither std nor nix provides.
 #![deny(unsafe_code)]
 
 pub mod addr;
@@ -14,11 +14,12 @@ pub mod envoy_bootstrap;
 pub mod exec;
 pub mod instance;
 pub mod kernel_log;
+pub mod links;
 pub mod loader;
-#[allow(unsafe_code)]
-pub mod netns;
 pub mod privileges;
 pub mod reaper;
 pub mod run;
 pub mod status;
 pub mod supervisor;
+#[allow(unsafe_code)]
+pub mod sys;

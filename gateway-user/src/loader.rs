@@ -1,17 +1,22 @@
-//! Loading the kernel programs, configuring them through their pinned
-//! config map and attaching them to a cgroup. Dropping an [`Attached`]
-//! detaches everything.
+//! A loader's life as a sequence of states: [`discover`] (check the
+//! request, lock the pin directory, find what a previous loader left),
+//! [`Discovered::load_or_adopt`] (keep programs of this build still
+//! attached, or load new ones; write the configuration),
+//! [`Prepared::attach`] (attach by pinned links), and [`Attached::stop`]
+//! (detach). The links are pinned, so a loader that dies leaves the gate in
+//! place; only a clean stop removes it.
 
 use std::{
     fs::File,
     net::{Ipv6Addr, SocketAddrV4},
+    os::unix::ffi::OsStrExt as _,
     path::{Path, PathBuf},
     time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{bail, Context as _, Result};
 use aya::{
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps},
+    programs::{links::FdLink, CgroupAttachMode, CgroupSockAddr, SockOps},
     Ebpf, EbpfLoader,
 };
 use gateway_common::{
@@ -25,7 +30,7 @@ use nix::{
     fcntl::{Flock, FlockArg},
 };
 
-use crate::{addr::Cidr, bpffs, cgroup};
+use crate::{addr::Cidr, bpffs, cgroup, links};
 
 /// The eBPF object built by build.rs, embedded so the binary is
 /// self-contained.
@@ -101,51 +106,6 @@ impl PinLock {
     }
 }
 
-/// Programs attached to a cgroup. Keeps the links alive; dropping it
-/// detaches them.
-pub struct Attached {
-    ebpf: Ebpf,
-    pin_dir: PinDir,
-    cgroup: PathBuf,
-    _lock: PinLock,
-}
-
-impl Attached {
-    /// The cgroup the programs are attached to.
-    pub fn cgroup(&self) -> &Path {
-        &self.cgroup
-    }
-
-    /// The loaded object, e.g. to start forwarding kernel logs.
-    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
-        &mut self.ebpf
-    }
-
-    /// Detaches the programs and marks the pins as no longer owned. The
-    /// maps stay pinned (the VIP table must survive restarts); `gateway
-    /// reset` removes them.
-    pub fn detach(self) -> Result<()> {
-        // The lock is held until the pins are marked as no longer owned.
-        let Attached {
-            ebpf,
-            pin_dir,
-            cgroup,
-            _lock,
-        } = self;
-        // Dropping the object drops the link file descriptors, which
-        // detaches every program.
-        drop(ebpf);
-        let mut info = pin_dir.loader_info()?;
-        info.pid = 0;
-        pin_dir.set_loader_info(&info)?;
-        let mut config = pin_dir.config()?;
-        config.flags &= !CONFIG_FLAG_ENABLED;
-        pin_dir.set_config(&config)?;
-        log::info!("detached from {}", cgroup.display());
-        Ok(())
-    }
-}
-
 /// Whether a gateway holds the lock on `pin_dir`, i.e. is alive and owns
 /// the pins. The lock dies with its owner however it dies, so unlike a
 /// recorded pid this is right under pid reuse and in pid namespaces.
@@ -175,6 +135,10 @@ pub fn reset(pin_dir: &Path) -> Result<Vec<PathBuf>> {
         );
     }
     let _lock = PinLock::acquire(pin_dir)?;
+    let detached = links::unpin_all(pin_dir)?;
+    if detached > 0 {
+        log::info!("detached {detached} programs a stopped gateway left attached");
+    }
     PinDir::new(pin_dir).remove_all()
 }
 
@@ -243,7 +207,7 @@ pub fn kernel_config(request: &AttachRequest) -> Result<GatewayConfig> {
             flags
         },
         vip_cidr_count: request.vip_cidrs.len() as u32,
-        netns_cookie: crate::netns::current_netns_cookie()?,
+        netns_cookie: crate::sys::current_netns_cookie()?,
         ..Default::default()
     };
     for (slot, cidr) in config.vip_cidrs.iter_mut().zip(&request.vip_cidrs) {
@@ -278,19 +242,41 @@ fn privilege_hint(err: &anyhow::Error) -> String {
     }
 }
 
-/// Programs loaded and maps pinned and configured, not yet attached: the
-/// moment to start Envoy, which opens the pinned maps, before any traffic
-/// is redirected to it.
-pub struct Loaded {
-    ebpf: Ebpf,
-    pin_dir: PinDir,
-    cgroup: PathBuf,
-    lock: PinLock,
+/// The eBPF object's digest, recorded with the attachment so that a later
+/// loader adopts only programs of its own build.
+pub fn object_digest() -> u64 {
+    crate::instance::fnv1a(EBPF_OBJECT)
 }
 
-/// Checks the request, loads the programs, pins the maps and writes the
-/// kernel configuration.
-pub fn load(request: &AttachRequest) -> Result<Loaded> {
+/// What a loader finds in its pin directory (see [`discover`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Previous {
+    /// No program attached by pinned links: a first start, or a clean
+    /// stop before.
+    Nothing,
+    /// Every program of this very build attached to this cgroup by pinned
+    /// links, left by a loader that died: kept attached as they are, so
+    /// there is no moment without the gate, and the counters go on.
+    Adoptable,
+    /// Pinned links of another build or cgroup, or an incomplete set: new
+    /// programs are attached first, then the old links released.
+    Replaceable(String),
+}
+
+/// First state of a loader's life: the request checked, the pin
+/// directory prepared and locked, and what a previous loader left known.
+pub struct Discovered {
+    config: GatewayConfig,
+    cgroup: PathBuf,
+    pin_dir: PinDir,
+    lock: PinLock,
+    previous: Previous,
+    maps_group: Option<u32>,
+}
+
+/// Checks the request, prepares and locks the pin directory, and finds
+/// out what a previous loader left attached.
+pub fn discover(request: &AttachRequest) -> Result<Discovered> {
     let config = kernel_config(request)?;
     let cgroup = cgroup::validate(&request.cgroup, request.allow_root_cgroup)?;
     crate::privileges::check_attach()?;
@@ -304,54 +290,179 @@ pub fn load(request: &AttachRequest) -> Result<Loaded> {
         log::info!("removed {name} pinned by another version of the gateway; it is recreated");
     }
     pin_dir.check_layouts()?;
-
-    let log_level = kernel_log_level();
-    let ebpf = EbpfLoader::new()
-        .default_map_pin_directory(&request.pin_dir)
-        .override_global("AYA_LOG_LEVEL", &log_level, false)
-        .load(EBPF_OBJECT)
-        .map_err(anyhow::Error::from)
-        .map_err(|e| {
-            let hint = privilege_hint(&e);
-            e.context(format!("loading the eBPF object{hint}"))
-        })?;
-    // Configure before attaching, so the first redirected socket already
-    // sees the targets.
-    pin_dir
-        .set_config(&config)
-        .context("writing the kernel configuration")?;
-    if let Some(gid) = request.maps_group {
-        pin_dir.share_with_group(gid)?;
-    }
-    Ok(Loaded {
-        ebpf,
-        pin_dir,
+    let previous = previous_attachment(&pin_dir, &cgroup);
+    Ok(Discovered {
+        config,
         cgroup,
+        pin_dir,
         lock,
+        previous,
+        maps_group: request.maps_group,
     })
 }
 
-impl Loaded {
+fn previous_attachment(pin_dir: &PinDir, cgroup: &Path) -> Previous {
+    let pinned = links::pinned(pin_dir.path());
+    if pinned.is_empty() {
+        return Previous::Nothing;
+    }
+    let complete = PROGRAMS.iter().all(|p| pinned.iter().any(|n| n == p));
+    let info = match pin_dir.loader_info() {
+        Ok(info) => info,
+        Err(e) => return Previous::Replaceable(format!("no loader record ({e:#})")),
+    };
+    let len = (info.cgroup_path_len as usize).min(info.cgroup_path.len());
+    let recorded = Path::new(std::ffi::OsStr::from_bytes(&info.cgroup_path[..len]));
+    if !complete {
+        Previous::Replaceable(format!(
+            "only {} of {} links pinned",
+            pinned.len(),
+            PROGRAMS.len()
+        ))
+    } else if info.object_digest != object_digest() {
+        Previous::Replaceable("programs of another build".to_owned())
+    } else if recorded != cgroup {
+        Previous::Replaceable(format!("attached to {}", recorded.display()))
+    } else {
+        Previous::Adoptable
+    }
+}
+
+impl Discovered {
+    /// What the previous loader left.
+    pub fn previous(&self) -> &Previous {
+        &self.previous
+    }
+
+    /// Second state: adopts the attached programs or loads new ones, and
+    /// writes the kernel configuration (the running programs read it at
+    /// once, so an adopted attachment takes a changed configuration
+    /// without a reattach).
+    pub fn load_or_adopt(self) -> Result<Prepared> {
+        let Discovered {
+            config,
+            cgroup,
+            pin_dir,
+            lock,
+            previous,
+            maps_group,
+        } = self;
+        let ebpf = if previous == Previous::Adoptable {
+            log::info!(
+                "adopting the programs still attached to {} (a previous gateway stopped without detaching)",
+                cgroup.display()
+            );
+            None
+        } else {
+            if let Previous::Replaceable(why) = &previous {
+                log::info!("replacing the programs attached by a previous gateway ({why})");
+            }
+            let log_level = kernel_log_level();
+            Some(
+                EbpfLoader::new()
+                    .default_map_pin_directory(pin_dir.path())
+                    .override_global("AYA_LOG_LEVEL", &log_level, false)
+                    .load(EBPF_OBJECT)
+                    .map_err(anyhow::Error::from)
+                    .map_err(|e| {
+                        let hint = privilege_hint(&e);
+                        e.context(format!("loading the eBPF object{hint}"))
+                    })?,
+            )
+        };
+        // Configure before attaching, so the first redirected socket already
+        // sees the targets.
+        pin_dir
+            .set_config(&config)
+            .context("writing the kernel configuration")?;
+        if let Some(gid) = maps_group {
+            pin_dir.share_with_group(gid)?;
+        }
+        Ok(Prepared {
+            ebpf,
+            pin_dir,
+            cgroup,
+            lock,
+        })
+    }
+}
+
+/// Programs loaded (or adopted) and maps pinned and configured: the moment
+/// to start Envoy, which opens the pinned maps, before any traffic is
+/// redirected to it (adopted programs redirect already; while no listener
+/// is bound, the DNS outage policy applies).
+pub struct Prepared {
+    ebpf: Option<Ebpf>,
+    pin_dir: PinDir,
+    cgroup: PathBuf,
+    lock: PinLock,
+}
+
+/// Checks the request, then loads or adopts ([`discover`], then
+/// [`Discovered::load_or_adopt`]).
+pub fn load(request: &AttachRequest) -> Result<Prepared> {
+    discover(request)?.load_or_adopt()
+}
+
+impl Prepared {
     /// The pinned maps.
     pub fn pin_dir(&self) -> &PinDir {
         &self.pin_dir
     }
 
-    /// Attaches every program to the cgroup and records the loader.
+    /// Whether the programs were adopted rather than loaded.
+    pub fn adopted(&self) -> bool {
+        self.ebpf.is_none()
+    }
+
+    /// Gives up before attaching (Envoy never became ready): detaches what
+    /// a previous gateway left attached, so that a stopped gateway leaves
+    /// no gate behind either way.
+    pub fn stop(self) -> Result<()> {
+        let detached = links::unpin_all(self.pin_dir.path())?;
+        let mut config = self.pin_dir.config()?;
+        config.flags &= !CONFIG_FLAG_ENABLED;
+        self.pin_dir.set_config(&config)?;
+        if detached > 0 {
+            log::info!(
+                "detached {detached} programs left attached to {}",
+                self.cgroup.display()
+            );
+        }
+        Ok(())
+    }
+
+    /// Third state: every program attached to the cgroup by a pinned link
+    /// (new programs replace old links only once attached), and the loader
+    /// recorded.
     pub fn attach(self) -> Result<Attached> {
-        let Loaded {
+        let Prepared {
             mut ebpf,
             pin_dir,
             cgroup,
             lock,
         } = self;
-        let cgroup_file =
-            File::open(&cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-        for name in PROGRAMS {
-            attach_program(&mut ebpf, name, &cgroup_file).map_err(|e| {
-                let hint = privilege_hint(&e);
-                e.context(format!("attaching {name} to {}{hint}", cgroup.display()))
-            })?;
+        if let Some(ebpf) = ebpf.as_mut() {
+            let cgroup_file = File::open(&cgroup)
+                .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+            let mut attached = Vec::new();
+            for name in PROGRAMS {
+                let link = attach_program(ebpf, name, &cgroup_file).map_err(|e| {
+                    let hint = privilege_hint(&e);
+                    e.context(format!("attaching {name} to {}{hint}", cgroup.display()))
+                })?;
+                attached.push((name, link));
+            }
+            for (name, link) in attached {
+                links::pin(pin_dir.path(), name, link)?;
+            }
+            // Links of programs this build no longer has.
+            for stale in links::pinned(pin_dir.path()) {
+                if !PROGRAMS.contains(&stale.as_str()) {
+                    let path = links::dir(pin_dir.path()).join(&stale);
+                    let _ = aya::programs::links::PinnedLink::from_pin(&path).map(|l| l.unpin());
+                }
+            }
         }
         let mut info = LoaderInfo {
             pid: std::process::id(),
@@ -361,6 +472,7 @@ impl Loaded {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             cgroup_path: [0; 256],
+            object_digest: object_digest(),
         };
         let path_bytes = cgroup.as_os_str().as_encoded_bytes();
         let len = path_bytes.len().min(info.cgroup_path.len());
@@ -376,9 +488,56 @@ impl Loaded {
     }
 }
 
-/// Loads and attaches in one step (`gateway attach`).
+/// Loads (or adopts) and attaches in one step (`gateway attach`).
 pub fn attach(request: &AttachRequest) -> Result<Attached> {
     load(request)?.attach()
+}
+
+/// Programs attached to a cgroup by pinned links. Dropping it (or the
+/// process dying) leaves them attached, for the next loader to adopt;
+/// [`Attached::stop`] detaches them.
+pub struct Attached {
+    ebpf: Option<Ebpf>,
+    pin_dir: PinDir,
+    cgroup: PathBuf,
+    _lock: PinLock,
+}
+
+impl Attached {
+    /// The cgroup the programs are attached to.
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// The loaded object, e.g. to start forwarding kernel logs; `None`
+    /// for adopted programs (their log buffer belongs to the loader that
+    /// loaded them).
+    pub fn ebpf_mut(&mut self) -> Option<&mut Ebpf> {
+        self.ebpf.as_mut()
+    }
+
+    /// Last state: detaches every program (removes the link pins) and marks
+    /// the pins as no longer owned. The maps stay pinned (the VIP table
+    /// must survive restarts); `gateway reset` removes them.
+    pub fn stop(self) -> Result<()> {
+        // The lock is held until the pins are marked as no longer owned.
+        let Attached {
+            ebpf,
+            pin_dir,
+            cgroup,
+            _lock,
+        } = self;
+        let detached = links::unpin_all(pin_dir.path())?;
+        drop(ebpf);
+        let mut info = pin_dir.loader_info()?;
+        info.pid = 0;
+        pin_dir.set_loader_info(&info)?;
+        let mut config = pin_dir.config()?;
+        config.flags &= !CONFIG_FLAG_ENABLED;
+        pin_dir.set_config(&config)?;
+        log::info!("detached {detached} programs from {}", cgroup.display());
+        Ok(())
+    }
 }
 
 /// Attach mode for every program. On kernels with cgroup bpf_links (5.7+)
@@ -386,19 +545,27 @@ pub fn attach(request: &AttachRequest) -> Result<Attached> {
 /// coexist with other programs on the cgroup, so this is not exclusive.
 const ATTACH_MODE: CgroupAttachMode = CgroupAttachMode::Single;
 
-fn attach_program(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> Result<()> {
+fn attach_program(ebpf: &mut Ebpf, name: &str, cgroup: &File) -> Result<FdLink> {
     let program = ebpf
         .program_mut(name)
         .with_context(|| format!("program {name} missing from the eBPF object"))?;
-    if name == "gw_sockops" {
+    let link: FdLink = if name == "gw_sockops" {
         let program: &mut SockOps = program.try_into()?;
         program.load()?;
-        program.attach(cgroup, ATTACH_MODE)?;
+        let id = program.attach(cgroup, ATTACH_MODE)?;
+        program
+            .take_link(id)?
+            .try_into()
+            .context("this kernel has no cgroup bpf_links (5.7+), which keep the gate attached across loader restarts")?
     } else {
         let program: &mut CgroupSockAddr = program.try_into()?;
         program.load()?;
-        program.attach(cgroup, ATTACH_MODE)?;
-    }
+        let id = program.attach(cgroup, ATTACH_MODE)?;
+        program
+            .take_link(id)?
+            .try_into()
+            .context("this kernel has no cgroup bpf_links (5.7+), which keep the gate attached across loader restarts")?
+    };
     log::debug!("attached {name}");
-    Ok(())
+    Ok(link)
 }

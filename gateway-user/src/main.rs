@@ -243,7 +243,9 @@ fn run(command: Command) -> Result<()> {
 async fn attach_foreground(request: AttachRequest) -> Result<()> {
     let shutdown = run::shutdown_signal()?;
     let mut attached = loader::attach(&request)?;
-    let log_task = gateway_user::kernel_log::forward(attached.ebpf_mut());
+    let log_task = attached
+        .ebpf_mut()
+        .and_then(gateway_user::kernel_log::forward);
     let reaper = gateway_user::reaper::spawn(request.pin_dir.clone());
     log::info!(
         "attached to {}: DNS to {}, VIP connects ({}) to {}; maps pinned in {}; Ctrl-C or SIGTERM detaches",
@@ -263,7 +265,7 @@ async fn attach_foreground(request: AttachRequest) -> Result<()> {
     if let Some(task) = log_task {
         task.abort();
     }
-    attached.detach()
+    attached.stop()
 }
 
 fn reset(pin_dir: &std::path::Path) -> Result<()> {

@@ -228,35 +228,45 @@ async fn run_with_cgroup(
         allow_root_cgroup: false,
         maps_group: options.envoy_user.as_ref().map(|u| u.gid),
     };
-    // Pins exist before Envoy starts, so the module finds the shared VIP
-    // table; programs attach only once Envoy listens, so no query is
-    // redirected to nothing.
-    let mut loaded = Some(loader::load(&request)?);
+    // 1. Discover: check, lock the pin directory, see what a previous
+    //    gateway left. 2. Load or adopt: pins exist before Envoy starts, so
+    //    the module finds the shared VIP table.
+    let prepared = loader::discover(&request)?.load_or_adopt()?;
+    // Closed original destinations a dead loader could not sweep go before
+    // any Envoy can consume them.
+    if let Err(err) = crate::reaper::sweep(prepared.pin_dir()) {
+        log::warn!("cannot sweep closed original destinations: {err:#}");
+    }
+    let reaper = crate::reaper::spawn(config.file.pin_dir.clone());
     let owner = options.envoy_user.as_ref().map(|u| (u.uid, u.gid));
     instance.prepare(owner)?;
     instance.write_bootstrap(
         &envoy_bootstrap::render(config, &instance.admin_socket())?,
         owner,
     )?;
-    let mut attached: Option<Attached> = None;
-    let mut log_task = None;
-    let mut reaper = None;
     log::info!(
         "starting Envoy {} (bootstrap {}, module from {})",
         envoy.binary.display(),
         envoy.bootstrap.display(),
         envoy.module_dir.display()
     );
+    // 3. Attach once Envoy listens (new programs; adopted ones are attached
+    //    already, and while Envoy starts the DNS outage policy applies).
+    // 4. Supervise until a stop signal.
+    let mut prepared = Some(prepared);
+    let mut attached: Option<Attached> = None;
+    let mut log_task = None;
     let supervised = supervisor::supervise(
         &envoy,
         || {
-            let loaded = loaded.take().context("programs already attached")?;
-            let mut done = loaded.attach()?;
-            log_task = kernel_log::forward(done.ebpf_mut());
-            reaper = Some(crate::reaper::spawn(config.file.pin_dir.clone()));
+            let prepared = prepared.take().context("programs already attached")?;
+            let adopted = prepared.adopted();
+            let mut done = prepared.attach()?;
+            log_task = done.ebpf_mut().and_then(kernel_log::forward);
             log::info!(
-                "gateway ready: {} is gated (DNS → {}, {} → {}); run programs in it with `gateway exec{} -- <command>`; `gateway status` shows the state",
+                "gateway ready: {} is gated{} (DNS → {}, {} → {}); run programs in it with `gateway exec{} -- <command>`; `gateway status` shows the state",
                 cgroup_path.display(),
+                if adopted { " (programs adopted, counters continue)" } else { "" },
                 config.dns_listener,
                 config.vip_cidr,
                 config.tcp_listener,
@@ -272,12 +282,15 @@ async fn run_with_cgroup(
         shutdown,
     )
     .await;
-    for task in log_task.into_iter().chain(reaper) {
+    for task in log_task.into_iter().chain([reaper]) {
         task.abort();
     }
-    let detached = match attached {
-        Some(a) => a.detach(),
-        None => Ok(()),
+    // 5. Stop: a clean stop detaches fully. Programs adopted but never
+    //    re-attached (Envoy never became ready) are detached as well.
+    let stopped = match (attached, prepared) {
+        (Some(a), _) => a.stop(),
+        (None, Some(p)) => p.stop(),
+        (None, None) => Ok(()),
     };
-    supervised.and(detached)
+    supervised.and(stopped)
 }

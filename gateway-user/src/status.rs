@@ -15,8 +15,11 @@ use serde::Serialize;
 pub struct Status {
     /// The pin directory read.
     pub pin_dir: String,
-    /// True when a live loader has the programs attached.
+    /// True when the programs are attached: by a live loader, or by the
+    /// pinned links a loader that died left (the gate stays in place).
     pub attached: bool,
+    /// Program links pinned in the pin directory.
+    pub links_pinned: usize,
     /// The loader's own record, if any.
     pub loader: Option<LoaderStatus>,
     /// The kernel configuration in force.
@@ -67,6 +70,7 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
     let mut status = Status {
         pin_dir: pin_dir.display().to_string(),
         attached: false,
+        links_pinned: crate::links::pinned(pin_dir).len(),
         loader: None,
         config: None,
         counters: Vec::new(),
@@ -90,7 +94,7 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
     });
     let config = pins.config()?;
     let enabled = config.flags & CONFIG_FLAG_ENABLED != 0;
-    status.attached = alive && enabled;
+    status.attached = enabled && (alive || status.links_pinned > 0);
     status.config = Some(ConfigStatus {
         enabled,
         dns_to: sockaddr_to_std(config.dns_target).to_string(),
@@ -152,13 +156,21 @@ pub fn render(status: &Status) -> String {
             line("nothing pinned here: start `gateway attach` or `gateway run`".to_owned());
             return out;
         }
-        Some(l) => line(format!(
-            "attached: {} (loader pid {}{}, cgroup {})",
-            if status.attached { "yes" } else { "no" },
-            l.pid,
-            if l.alive { "" } else { ", not running" },
-            l.cgroup
-        )),
+        Some(l) => {
+            line(format!(
+                "attached: {} (loader pid {}{}, cgroup {})",
+                if status.attached { "yes" } else { "no" },
+                l.pid,
+                if l.alive { "" } else { ", not running" },
+                l.cgroup
+            ));
+            if status.attached && !l.alive {
+                line(format!(
+                    "  the loader is gone; {} pinned links keep the programs attached: start the gateway again to adopt them, or `gateway reset` to detach",
+                    status.links_pinned
+                ));
+            }
+        }
     }
     if let Some(c) = &status.config {
         line(format!(

@@ -58,6 +58,9 @@ impl EnvoyCommand {
             // Dropping to another uid also drops every capability.
             command.uid(user.uid).gid(user.gid);
         }
+        // Envoy dies with the gateway, however it dies: no orphan keeps the
+        // listeners (and a new gateway would find its ports taken).
+        crate::sys::die_with_parent(&mut command);
         let mut child = command
             .arg("-c")
             .arg(&self.bootstrap)
@@ -123,12 +126,26 @@ pub async fn admin_get(admin: &Path, path: &str) -> Result<String> {
 }
 
 async fn admin_get_unbounded(admin: &Path, path: &str) -> Result<String> {
+    admin_request_unbounded(admin, "GET", path).await
+}
+
+/// One admin request with `method`, bounded in time.
+async fn admin_request(admin: &Path, method: &str, path: &str) -> Result<String> {
+    tokio::time::timeout(ADMIN_TIMEOUT, admin_request_unbounded(admin, method, path))
+        .await
+        .with_context(|| format!("Envoy's admin did not answer {method} {path}"))?
+}
+
+async fn admin_request_unbounded(admin: &Path, method: &str, path: &str) -> Result<String> {
     let mut stream = UnixStream::connect(admin)
         .await
         .with_context(|| format!("connecting to Envoy's admin at {}", admin.display()))?;
     stream
         .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes(),
+            format!(
+                "{method} {path} HTTP/1.1\r\nHost: admin\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            )
+            .as_bytes(),
         )
         .await?;
     let mut response = String::new();
@@ -140,6 +157,32 @@ async fn admin_get_unbounded(admin: &Path, path: &str) -> Result<String> {
         bail!("admin {path}: {}", head.lines().next().unwrap_or_default());
     }
     Ok(body.to_owned())
+}
+
+/// Stops an Envoy a previous gateway of this pin directory left running.
+/// It is provably this gateway's: it answers on the admin socket in this
+/// gateway's state directory (root only), which belongs to whoever holds
+/// the pin directory's lock, now this process.
+async fn reap_leftover(admin: &Path) -> Result<()> {
+    if admin_get(admin, "/ready").await.is_err() {
+        return Ok(());
+    }
+    log::warn!(
+        "an Envoy a previous gateway left still answers on {}; stopping it to take over",
+        admin.display()
+    );
+    let _ = admin_request(admin, "POST", "/quitquitquit").await;
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    while admin_get(admin, "/ready").await.is_ok() {
+        if Instant::now() > deadline {
+            bail!(
+                "the Envoy left on {} did not stop within {STOP_TIMEOUT:?}; stop it by hand and start again",
+                admin.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
 }
 
 /// How often a running Envoy's health is checked.
@@ -211,14 +254,7 @@ pub async fn supervise(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     tokio::pin!(shutdown);
-    if admin_get(&envoy.admin, "/ready").await.is_ok() {
-        bail!(
-            "an Envoy still answers on this gateway's admin socket {}: it was left by a gateway that \
-             did not stop cleanly; stop it (curl --unix-socket {} -X POST http://admin/quitquitquit) and start again",
-            envoy.admin.display(),
-            envoy.admin.display()
-        );
-    }
+    reap_leftover(&envoy.admin).await?;
     // A socket file nobody answers on was left by a killed Envoy.
     let _ = std::fs::remove_file(&envoy.admin);
     let mut child = envoy.spawn()?;

@@ -34,6 +34,7 @@ pub struct SeedScenario {
     pin_dir: PathBuf,
     cgroup: PathBuf,
     gateway: Guarded,
+    gateway_args: Vec<std::ffi::OsString>,
     _upstreams: Vec<Guarded>,
     _resolver: Guarded,
 }
@@ -201,19 +202,8 @@ impl SeedScenario {
             .args(extra_args);
         let admin_socket =
             gateway_user::instance::Instance::new(&work_dir.join("state"), &pin_dir).admin_socket();
-        let mut gateway = Guarded::spawn("gateway run", cmd)?;
-        let pins = pin_dir.clone();
-        let ready = wait_for("gateway run to be ready", Duration::from_secs(60), || {
-            if !gateway.is_running() {
-                bail!("gateway run exited:\n{}", gateway.output());
-            }
-            Ok((gateway.output().contains("gateway ready")
-                && status_json(&pins)?["attached"] == true)
-                .then_some(()))
-        });
-        if let Err(err) = ready {
-            bail!("{err:#}\ngateway output:\n{}", gateway.output());
-        }
+        let gateway_args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
+        let gateway = spawn_ready(&gateway_args, &pin_dir)?;
         Ok(Self {
             work_dir,
             admin_socket,
@@ -221,9 +211,24 @@ impl SeedScenario {
             pin_dir,
             cgroup,
             gateway,
+            gateway_args,
             _upstreams: upstreams,
             _resolver: resolver,
         })
+    }
+
+    /// Kills `gateway run` with `signal` (e.g. SIGKILL, a crash) and
+    /// returns its output.
+    pub fn kill_gateway(&mut self, signal: Signal) -> Result<String> {
+        self.gateway.stop(signal, Duration::from_secs(20))?;
+        Ok(self.gateway.output())
+    }
+
+    /// Starts `gateway run` again with the same arguments and waits until
+    /// it is ready.
+    pub fn restart_gateway(&mut self) -> Result<()> {
+        self.gateway = spawn_ready(&self.gateway_args, &self.pin_dir)?;
+        Ok(())
     }
 
     /// The gated cgroup.
@@ -317,6 +322,27 @@ impl SeedScenario {
             .stop(Signal::SIGTERM, Duration::from_secs(20))?;
         Ok((status, self.gateway.output()))
     }
+}
+
+/// Starts `gateway run <args>` and waits until it says it is ready and
+/// the pins show it attached.
+fn spawn_ready(args: &[std::ffi::OsString], pin_dir: &Path) -> Result<Guarded> {
+    let mut cmd = Command::new(gateway_bin());
+    cmd.args(args);
+    let mut gateway = Guarded::spawn("gateway run", cmd)?;
+    let pins = pin_dir.to_path_buf();
+    let ready = wait_for("gateway run to be ready", Duration::from_secs(60), || {
+        if !gateway.is_running() {
+            bail!("gateway run exited:\n{}", gateway.output());
+        }
+        Ok((gateway.output().contains("gateway ready")
+            && status_json(&pins)?["loader"]["alive"] == true)
+            .then_some(()))
+    });
+    if let Err(err) = ready {
+        bail!("{err:#}\ngateway output:\n{}", gateway.output());
+    }
+    Ok(gateway)
 }
 
 impl Drop for SeedScenario {

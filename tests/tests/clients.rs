@@ -823,3 +823,126 @@ fn without_ipv6_listeners_ipv6_dns_is_left_alone_and_counted() -> Result<()> {
     assert!(aaaa.trim().is_empty(), "{aaaa}");
     Ok(())
 }
+
+#[test]
+fn a_killed_gateway_leaves_the_gate_and_dns_and_a_new_one_adopts_it() -> Result<()> {
+    let Some(mut clients) = start()? else {
+        return Ok(());
+    };
+    // The namespace's "real" resolver, where DNS goes when it is left on
+    // its original path.
+    let _local = Guarded::spawn("local dnsmasq", {
+        let mut cmd = Command::new("dnsmasq");
+        cmd.args([
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--no-resolv",
+            "--no-hosts",
+            "--user=root",
+            "--listen-address=127.0.0.53",
+            "--bind-interfaces",
+            "--port=53",
+            &format!("--host-record={UNMATCHED},{UNMATCHED_V4}"),
+        ]);
+        cmd
+    })?;
+    wait_for_listener("127.0.0.53:53", Duration::from_secs(10))?;
+    fs::write(
+        clients.dir.join("resolv-local.conf"),
+        "nameserver 127.0.0.53\n",
+    )?;
+    let local = |clients: &Clients, name: &str| -> Result<String> {
+        let path = clients.dir.join("resolv-local.conf");
+        let script = "mount --bind \"$0\" /etc/resolv.conf && exec \"$@\"";
+        let out = clients.scenario.exec(
+            "unshare",
+            &[
+                "--mount",
+                "sh",
+                "-c",
+                script,
+                path.to_str().context("path")?,
+                "dig",
+                "+short",
+                "+tries=1",
+                "+time=2",
+                name,
+            ],
+        )?;
+        let stdout = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if stdout.is_empty() {
+            return Ok(format!(
+                "(nothing) {}",
+                String::from_utf8_lossy(&out.stderr)
+            ));
+        }
+        Ok(stdout)
+    };
+    let counter = |clients: &Clients, name: &str| -> Result<u64> {
+        let status = tests::status_json(clients.scenario.pin_dir())?;
+        Ok(status["counters"]
+            .as_array()
+            .and_then(|all| all.iter().find(|pair| pair[0] == name))
+            .and_then(|pair| pair[1].as_u64())
+            .unwrap_or(0))
+    };
+    let glibc = clients.path("rc-glibc");
+    let tunnel = |clients: &Clients| -> Result<Report> {
+        Ok(report(&clients.run(
+            Resolv::V4,
+            &glibc,
+            &["bucket.aws.com", "80", "inet"],
+        )?))
+    };
+    let expect = Expect::Tunnel {
+        cluster: "cluster_1",
+        token: "abc123",
+    };
+    check("bucket.aws.com", expect, &tunnel(&clients)?).map_err(anyhow::Error::msg)?;
+    let vips_before = tests::status_json(clients.scenario.pin_dir())?["vips"].clone();
+    let redirected_before = counter(&clients, "tcp_redirected")?;
+    let envoy = clients.scenario.envoy_pid().context("no Envoy")?;
+
+    // The loader dies without detaching.
+    clients
+        .scenario
+        .kill_gateway(nix::sys::signal::Signal::SIGKILL)?;
+    tests::wait_for(
+        "Envoy to die with its supervisor",
+        Duration::from_secs(10),
+        || Ok((!Path::new(&format!("/proc/{envoy}")).exists()).then_some(())),
+    )?;
+    let status = tests::status_json(clients.scenario.pin_dir())?;
+    assert_eq!(status["attached"], true, "the gate stays: {status}");
+    assert_eq!(status["loader"]["alive"], false);
+    assert_eq!(status["links_pinned"], 9, "{status}");
+    // Meanwhile: names resolve on their original path (outage "pass") …
+    assert_eq!(local(&clients, UNMATCHED)?, UNMATCHED_V4);
+    assert!(counter(&clients, "dns_outage_passed")? >= 1);
+    // … and a connect to a VIP fails at once instead of leaving.
+    let script = "import socket\ntry:\n    socket.create_connection(('10.10.0.1', 80), timeout=5)\n    print('connected')\nexcept OSError as e:\n    print(type(e).__name__)";
+    let started = std::time::Instant::now();
+    let out = clients.run(Resolv::V4, "/usr/bin/python3", &["-c", script])?;
+    let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(said, "ConnectionRefusedError");
+    assert!(started.elapsed() < Duration::from_secs(4), "not at once");
+    assert!(counter(&clients, "tcp_target_down")? >= 1);
+
+    // A new gateway adopts the attachment: no reattach, counters go on,
+    // the same VIP for the same name.
+    clients.scenario.restart_gateway()?;
+    let output = clients.scenario.gateway_output();
+    assert!(output.contains("adopting the programs"), "{output}");
+    check("bucket.aws.com", expect, &tunnel(&clients)?).map_err(anyhow::Error::msg)?;
+    assert!(counter(&clients, "tcp_redirected")? > redirected_before);
+    assert_eq!(
+        tests::status_json(clients.scenario.pin_dir())?["vips"],
+        vips_before
+    );
+    // A clean stop detaches fully.
+    clients.scenario.stop()?;
+    let status = tests::status_json(clients.scenario.pin_dir())?;
+    assert_eq!(status["attached"], false, "{status}");
+    assert_eq!(status["links_pinned"], 0, "{status}");
+    Ok(())
+}

@@ -1,9 +1,11 @@
-//! The cookie of the network namespace the gateway runs in: the kernel
-//! programs redirect and record only sockets of this namespace, the one
-//! whose loopback Envoy listens on.
+//! The two system calls std and nix do not wrap, and the loader's only
+//! `unsafe` code:
 //!
-//! This is the loader's one `unsafe` block: neither std nor nix wraps the
-//! `SO_NETNS_COOKIE` socket option.
+//! - the cookie of the network namespace the gateway runs in (the kernel
+//!   programs redirect and record only sockets of this namespace, the one
+//!   whose loopback Envoy listens on): `SO_NETNS_COOKIE`;
+//! - a child that dies with its supervisor: `PR_SET_PDEATHSIG` between
+//!   fork and exec, so Envoy never outlives `gateway run` unnoticed.
 
 use std::os::fd::AsRawFd as _;
 
@@ -43,6 +45,28 @@ pub fn current_netns_cookie() -> Result<u64> {
         );
     }
     Ok(cookie)
+}
+
+/// Makes `command`'s child receive SIGKILL when the thread that spawned it
+/// dies (the supervisor's runtime thread lives as long as the process),
+/// and exit at once if the supervisor is already gone.
+pub fn die_with_parent(command: &mut tokio::process::Command) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec and only
+    // makes async-signal-safe system calls (prctl, getppid, _exit); it
+    // touches no memory of the parent's heap or locks.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent died between fork and prctl: no signal will come.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
 }
 
 #[cfg(test)]
