@@ -159,7 +159,7 @@ pub struct Cluster {
 }
 
 /// CONNECT tunnelling settings.
-#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Tunnel {
     /// Header name → metadata key: added to every CONNECT with the value
@@ -167,6 +167,34 @@ pub struct Tunnel {
     /// "auth_token").
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Seconds a tunnelled connection may go without traffic either way
+    /// before both sides are closed. It also bounds an upstream that
+    /// accepts the connection but never answers the CONNECT (Envoy 1.40
+    /// runs this timer from the start of the connection).
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: u64,
+    /// Seconds to establish the TCP connection to an upstream proxy; a
+    /// failure closes the client's connection at once.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: u64,
+}
+
+fn default_idle_timeout() -> u64 {
+    3600
+}
+
+fn default_connect_timeout() -> u64 {
+    10
+}
+
+impl Default for Tunnel {
+    fn default() -> Self {
+        Self {
+            headers: BTreeMap::new(),
+            idle_timeout: default_idle_timeout(),
+            connect_timeout: default_connect_timeout(),
+        }
+    }
 }
 
 /// A validated configuration, with parsed addresses.
@@ -386,6 +414,18 @@ pub fn validate(file: GatewayFile) -> Result<Config> {
             Some(_) => {}
         }
     }
+    if !(1..=86_400).contains(&file.tunnel.idle_timeout) {
+        bail!(
+            "tunnel.idle_timeout: {} must be between 1 and 86400 seconds",
+            file.tunnel.idle_timeout
+        );
+    }
+    if !(1..=300).contains(&file.tunnel.connect_timeout) {
+        bail!(
+            "tunnel.connect_timeout: {} must be between 1 and 300 seconds",
+            file.tunnel.connect_timeout
+        );
+    }
     for (header, key) in &file.tunnel.headers {
         field(
             &format!("tunnel.headers.{header}"),
@@ -552,6 +592,18 @@ mod tests {
             (with("10.10.0.0/24", "10.10.0.1/24"), "dns.vip_cidr"),
             (with("10.10.0.0/24", "10.10.0.0/31"), "dns.vip_cidr"),
             (with("ttl = 300", "ttl = 0"), "dns.ttl"),
+            (
+                with("idle_timeout = 3600", "idle_timeout = 0"),
+                "tunnel.idle_timeout",
+            ),
+            (
+                with("connect_timeout = 10", "connect_timeout = 9999"),
+                "tunnel.connect_timeout",
+            ),
+            (
+                with("outage = \"pass\"", "outage = \"maybe\""),
+                "unknown variant `maybe`",
+            ),
             (
                 with("ttl = 300", "ttl = 300\nreclaim_idle_after = 400"),
                 "dns.reclaim_idle_after",

@@ -268,6 +268,7 @@ fn tcp_listeners(config: &Config) -> Vec<Value> {
                     "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
                     "stat_prefix": "egress",
                     "cluster": NO_MATCH_CLUSTER,
+                    "idle_timeout": format!("{}s", config.file.tunnel.idle_timeout),
                     "tunneling_config": {
                         "hostname": format!("%FILTER_STATE({DOMAIN_KEY}:PLAIN)%:%FILTER_STATE({PORT_KEY}:PLAIN)%"),
                         "headers_to_add": headers,
@@ -314,7 +315,11 @@ fn clusters(config: &Config) -> Vec<Value> {
     config
         .clusters
         .iter()
-        .map(|(name, addr)| static_cluster(name, &[(*addr).into()]))
+        .map(|(name, addr)| {
+            let mut cluster = static_cluster(name, &[(*addr).into()]);
+            cluster["connect_timeout"] = json!(format!("{}s", config.file.tunnel.connect_timeout));
+            cluster
+        })
         .chain([
             fallback_cluster(FALLBACK_UDP_CLUSTER, &config.fallback, false),
             fallback_cluster(FALLBACK_TCP_CLUSTER, &config.fallback, true),

@@ -420,3 +420,61 @@ fn invalid_configuration_files_name_the_field() -> Result<()> {
     std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
+
+#[test]
+fn an_upstream_that_fails_or_never_answers_closes_the_client_in_bounded_time() -> Result<()> {
+    // cluster_1 → a port nothing listens on; cluster_2 → a proxy that
+    // accepts the connection and never answers the CONNECT.
+    let config = test_config()?
+        .replacen("127.0.0.1:18001", "127.0.0.1:18004", 1)
+        .replacen("127.0.0.1:18002", "127.0.0.1:18003", 1)
+        .replacen("idle_timeout = 3600", "idle_timeout = 3", 1);
+    let Some(scenario) = start_isolated(config, &[], &TOOLS)? else {
+        return Ok(());
+    };
+    let _silent = tests::Guarded::spawn("silent proxy", {
+        let mut cmd = Command::new("python3");
+        cmd.args([
+            "-c",
+            "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\ns.bind(('127.0.0.1', 18003))\ns.listen(16)\nheld=[]\nwhile True:\n    held.append(s.accept())",
+        ]);
+        cmd
+    })?;
+    tests::wait_for_listener("127.0.0.1:18003", Duration::from_secs(10))?;
+    let timed = |name: &str| -> Result<(Duration, String)> {
+        let started = std::time::Instant::now();
+        let out = scenario.exec(
+            "curl",
+            &["-sS", "--max-time", "30", &format!("http://{name}/")],
+        )?;
+        Ok((
+            started.elapsed(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    };
+    // Connect refused upstream: the client is closed at once.
+    let (took, err) = timed("bucket.aws.com")?;
+    assert!(took < Duration::from_secs(3), "took {took:?}: {err}");
+    assert!(!err.is_empty(), "curl must fail");
+    // CONNECT never answered: closed after the idle timeout, not 30 s.
+    let (took, err) = timed("example.com")?;
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "took {took:?}: {err}"
+    );
+    // Counted per cluster.
+    let stats = scenario.admin_get("/stats")?;
+    let stat = |name: &str| {
+        stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        stat("cluster.cluster_1.upstream_cx_connect_fail") >= 1,
+        "{stats}"
+    );
+    assert!(stat("tcp.egress.idle_timeout") >= 1, "{stats}");
+    Ok(())
+}
