@@ -77,6 +77,8 @@ pub mod config;
 pub mod dns;
 pub mod dns_gateway;
 pub mod dns_tcp;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod matcher;
 pub mod pinned;
 pub mod state;

@@ -4,6 +4,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -36,6 +37,9 @@ enum Command {
     /// Internal: one benchmark client loop (run by `bench`).
     #[command(hide = true)]
     BenchClient(bench::ClientArgs),
+    /// Run the fuzz targets (module DNS path, configuration parsers) for a
+    /// bounded time each; installs cargo-fuzz if missing.
+    Fuzz(fuzz::FuzzArgs),
     /// Set up, build, lint, and run all tests (needs root for the real
     /// kernel and Envoy tests; with CI=true nothing may be skipped).
     Test(test::TestArgs),
@@ -49,6 +53,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::bench(&args),
         Command::BenchClient(args) => bench::client(&args),
         Command::Test(args) => test::test(&args),
+        Command::Fuzz(args) => fuzz::fuzz(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -39,5 +39,17 @@ pub fn test(args: &TestArgs) -> Result<()> {
     }
     run(cargo()
         .args(["test", "--workspace", "--no-fail-fast", "--"])
-        .args(&args.test_args))
+        .args(&args.test_args))?;
+    if args.test_args.is_empty() {
+        // A smoke run of every fuzz target: the targets still build, and
+        // a shallow crash is caught.
+        crate::fuzz::fuzz(&crate::fuzz::FuzzArgs {
+            seconds: FUZZ_SMOKE_SECONDS,
+            target: None,
+        })?;
+    }
+    Ok(())
 }
+
+/// Seconds each fuzz target runs in the test command.
+const FUZZ_SMOKE_SECONDS: u32 = 20;
