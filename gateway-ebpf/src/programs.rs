@@ -459,7 +459,12 @@ fn on_tcp_connect(
     }
     // A record left by an earlier connect of this socket (one that failed,
     // or was undone with AF_UNSPEC) must not describe this connection.
-    let _ = GW_SOCK_ORIG.remove(&socket_cookie(ctx));
+    // Not when the destination is a listener already: then a program
+    // attached before this one (the previous set, while a new loader
+    // replaces it) has just redirected and recorded this very connect.
+    if !is_listener(cfg, &dest.addr) {
+        let _ = GW_SOCK_ORIG.remove(&socket_cookie(ctx));
+    }
     count(Counter::TcpPassed);
     ALLOW
 }

@@ -26,6 +26,8 @@ pub fn pinned(pin_dir: &Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default();
+    // Temporary pins a crash left mid-rename are listed too, so that the
+    // next loader releases them.
     names.sort();
     names
 }
@@ -38,21 +40,29 @@ pub fn pin(pin_dir: &Path, program: &str, link: FdLink) -> Result<()> {
     let links = dir(pin_dir);
     fs::create_dir_all(&links).with_context(|| format!("creating {}", links.display()))?;
     let path = links.join(program);
-    let previous = if path.exists() {
-        Some(
-            PinnedLink::from_pin(&path)
-                .with_context(|| format!("opening the pinned link {}", path.display()))?
-                .unpin()
-                .with_context(|| format!("unpinning {}", path.display()))?,
-        )
-    } else {
-        None
-    };
-    link.pin(&path)
-        .with_context(|| format!("pinning the link of {program} at {}", path.display()))?;
-    // Dropping the old link's last reference detaches the old program.
-    drop(previous);
+    // Pinned under a temporary name, then renamed over the old pin in one
+    // step: at no moment (not even if this process dies here) is the
+    // program's slot without a pinned link.
+    // (bpffs refuses names with a dot.)
+    let fresh = links.join(format!("{program}_new"));
+    let _ = fs::remove_file(&fresh);
+    let pinned = link
+        .pin(&fresh)
+        .with_context(|| format!("pinning the link of {program} at {}", fresh.display()))?;
+    fs::rename(&fresh, &path)
+        .with_context(|| format!("moving the pin of {program} to {}", path.display()))?;
+    // The old pin is gone with the rename; dropping the last reference to
+    // its link detaches the old program. This process's reference to the
+    // new link goes too; the pin keeps it.
+    drop(pinned);
     Ok(())
+}
+
+/// The id of the program behind the pinned link of `program`, if pinned.
+pub fn program_id(pin_dir: &Path, program: &str) -> Option<u32> {
+    let link = PinnedLink::from_pin(dir(pin_dir).join(program)).ok()?;
+    let link: FdLink = link.into();
+    link.info().ok().map(|info| info.program_id())
 }
 
 /// Removes every link pin of `pin_dir` (detaching those programs) and the

@@ -323,9 +323,49 @@ fn previous_attachment(pin_dir: &PinDir, cgroup: &Path) -> Previous {
         Previous::Replaceable("programs of another build".to_owned())
     } else if recorded != cgroup {
         Previous::Replaceable(format!("attached to {}", recorded.display()))
+    } else if let Err(why) = verify_attached(pin_dir.path(), cgroup) {
+        Previous::Replaceable(why)
     } else {
         Previous::Adoptable
     }
+}
+
+/// The `bpf_attach_type` each program is attached with.
+fn attach_type(program: &str) -> Option<u32> {
+    Some(match program {
+        "gw_sockops" => 3,
+        "gw_connect4" => 10,
+        "gw_connect6" => 11,
+        "gw_sendmsg4" => 14,
+        "gw_sendmsg6" => 15,
+        "gw_recvmsg4" => 19,
+        "gw_recvmsg6" => 20,
+        "gw_getpeername4" => 29,
+        "gw_getpeername6" => 30,
+        _ => return None,
+    })
+}
+
+/// Whether every program's pinned link is really attached to `cgroup`
+/// now: the program behind the link is among those the kernel lists for
+/// that cgroup (a cgroup removed and created again under the same path
+/// has none; its links were detached with it).
+pub fn verify_attached(pin_dir: &Path, cgroup: &Path) -> std::result::Result<(), String> {
+    let file = File::open(cgroup).map_err(|e| format!("cannot open {}: {e}", cgroup.display()))?;
+    for program in PROGRAMS {
+        let kind = attach_type(program).ok_or_else(|| format!("no attach type for {program}"))?;
+        let id = links::program_id(pin_dir, program)
+            .ok_or_else(|| format!("the pinned link of {program} cannot be read"))?;
+        let attached =
+            crate::sys::attached_program_ids(&file, kind).map_err(|e| format!("{e:#}"))?;
+        if !attached.contains(&id) {
+            return Err(format!(
+                "the pinned {program} is no longer attached to {} (was the cgroup recreated?)",
+                cgroup.display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Discovered {
@@ -413,23 +453,6 @@ impl Prepared {
     /// Whether the programs were adopted rather than loaded.
     pub fn adopted(&self) -> bool {
         self.ebpf.is_none()
-    }
-
-    /// Gives up before attaching (Envoy never became ready): detaches what
-    /// a previous gateway left attached, so that a stopped gateway leaves
-    /// no gate behind either way.
-    pub fn stop(self) -> Result<()> {
-        let detached = links::unpin_all(self.pin_dir.path())?;
-        let mut config = self.pin_dir.config()?;
-        config.flags &= !CONFIG_FLAG_ENABLED;
-        self.pin_dir.set_config(&config)?;
-        if detached > 0 {
-            log::info!(
-                "detached {detached} programs left attached to {}",
-                self.cgroup.display()
-            );
-        }
-        Ok(())
     }
 
     /// Third state: every program attached to the cgroup by a pinned link

@@ -285,12 +285,19 @@ async fn run_with_cgroup(
     for task in log_task.into_iter().chain([reaper]) {
         task.abort();
     }
-    // 5. Stop: a clean stop detaches fully. Programs adopted but never
-    //    re-attached (Envoy never became ready) are detached as well.
-    let stopped = match (attached, prepared) {
-        (Some(a), _) => a.stop(),
-        (None, Some(p)) => p.stop(),
-        (None, None) => Ok(()),
+    // 5. Stop: a clean stop detaches fully. A start that failed before
+    //    attaching leaves whatever a previous gateway had attached: failing
+    //    to start must not open the gate.
+    let stopped = match attached {
+        Some(a) => a.stop(),
+        None => {
+            if prepared.is_some_and(|p| p.adopted()) {
+                log::warn!(
+                    "the programs a previous gateway left attached stay attached; `gateway reset` detaches them"
+                );
+            }
+            Ok(())
+        }
     };
     supervised.and(stopped)
 }

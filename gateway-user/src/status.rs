@@ -20,6 +20,9 @@ pub struct Status {
     pub attached: bool,
     /// Program links pinned in the pin directory.
     pub links_pinned: usize,
+    /// Program id behind each pinned link (a new loader that adopts keeps
+    /// them; one that loads anew changes them).
+    pub link_programs: Vec<(String, u32)>,
     /// The loader's own record, if any.
     pub loader: Option<LoaderStatus>,
     /// The kernel configuration in force.
@@ -71,6 +74,13 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
         pin_dir: pin_dir.display().to_string(),
         attached: false,
         links_pinned: crate::links::pinned(pin_dir).len(),
+        link_programs: crate::links::pinned(pin_dir)
+            .into_iter()
+            .filter_map(|name| {
+                let id = crate::links::program_id(pin_dir, &name)?;
+                Some((name, id))
+            })
+            .collect(),
         loader: None,
         config: None,
         counters: Vec::new(),
@@ -94,7 +104,17 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
     });
     let config = pins.config()?;
     let enabled = config.flags & CONFIG_FLAG_ENABLED != 0;
-    status.attached = enabled && (alive || status.links_pinned > 0);
+    let cgroup_path = std::path::PathBuf::from(
+        status
+            .loader
+            .as_ref()
+            .map(|l| l.cgroup.clone())
+            .unwrap_or_default(),
+    );
+    status.attached = enabled
+        && (alive
+            || (status.links_pinned > 0
+                && crate::loader::verify_attached(pin_dir, &cgroup_path).is_ok()));
     status.config = Some(ConfigStatus {
         enabled,
         dns_to: sockaddr_to_std(config.dns_target).to_string(),

@@ -253,14 +253,21 @@ impl SeedScenario {
 
     /// Runs an unmodified program in the gated cgroup through `gateway exec`.
     pub fn exec(&self, program: &str, args: &[&str]) -> Result<Output> {
+        self.exec_command(program, args)
+            .output()
+            .with_context(|| format!("gateway exec -- {program}"))
+    }
+
+    /// The `gateway exec` command for `program args`, to start it
+    /// alongside others.
+    pub fn exec_command(&self, program: &str, args: &[&str]) -> Command {
         let mut cmd = Command::new(gateway_bin());
         cmd.arg("exec");
         if let Some(path) = &self.config_path {
             cmd.arg("--config").arg(path);
         }
         cmd.arg("--").arg(program).args(args);
-        cmd.output()
-            .with_context(|| format!("gateway exec -- {program}"))
+        cmd
     }
 
     /// Every CONNECT an upstream received: {cluster, connect, headers}.

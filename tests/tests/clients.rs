@@ -900,6 +900,12 @@ fn a_killed_gateway_leaves_the_gate_and_dns_and_a_new_one_adopts_it() -> Result<
     };
     check("bucket.aws.com", expect, &tunnel(&clients)?).map_err(anyhow::Error::msg)?;
     let vips_before = tests::status_json(clients.scenario.pin_dir())?["vips"].clone();
+    let programs_before = tests::status_json(clients.scenario.pin_dir())?["link_programs"].clone();
+    assert_eq!(
+        programs_before.as_array().map(Vec::len),
+        Some(9),
+        "{programs_before}"
+    );
     let redirected_before = counter(&clients, "tcp_redirected")?;
     let envoy = clients.scenario.envoy_pid().context("no Envoy")?;
 
@@ -933,12 +939,40 @@ fn a_killed_gateway_leaves_the_gate_and_dns_and_a_new_one_adopts_it() -> Result<
     clients.scenario.restart_gateway()?;
     let output = clients.scenario.gateway_output();
     assert!(output.contains("adopting the programs"), "{output}");
+    assert_eq!(
+        tests::status_json(clients.scenario.pin_dir())?["link_programs"],
+        programs_before,
+        "the very same programs stay attached"
+    );
     check("bucket.aws.com", expect, &tunnel(&clients)?).map_err(anyhow::Error::msg)?;
     assert!(counter(&clients, "tcp_redirected")? > redirected_before);
     assert_eq!(
         tests::status_json(clients.scenario.pin_dir())?["vips"],
         vips_before
     );
+
+    // The cgroup is removed and created again while no gateway runs (its
+    // links are detached with it): the next gateway must not adopt dead
+    // links but attach anew.
+    clients
+        .scenario
+        .kill_gateway(nix::sys::signal::Signal::SIGKILL)?;
+    let cgroup = clients.scenario.cgroup().to_path_buf();
+    std::fs::remove_dir(&cgroup)?;
+    let status = tests::status_json(clients.scenario.pin_dir())?;
+    assert_eq!(
+        status["attached"], false,
+        "dead links are not a gate: {status}"
+    );
+    clients.scenario.restart_gateway()?;
+    let output = clients.scenario.gateway_output();
+    assert!(output.contains("replacing the programs"), "{output}");
+    assert_ne!(
+        tests::status_json(clients.scenario.pin_dir())?["link_programs"],
+        programs_before
+    );
+    check("bucket.aws.com", expect, &tunnel(&clients)?).map_err(anyhow::Error::msg)?;
+
     // A clean stop detaches fully.
     clients.scenario.stop()?;
     let status = tests::status_json(clients.scenario.pin_dir())?;
