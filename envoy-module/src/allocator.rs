@@ -146,7 +146,20 @@ pub trait VipStore: Send {
     /// Records `vip` → `domain` only if `vip` is free; false if another
     /// writer holds it.
     fn insert_new(&mut self, vip: Ipv4Addr, domain: &str) -> Result<bool, String>;
+    /// When `vip` was last used by anyone (a connect the kernel saw, or an
+    /// answer any Envoy gave), CLOCK_MONOTONIC nanoseconds; `None` when the
+    /// store keeps no such stamps or has none for it.
+    fn last_use_ns(&self, _vip: Ipv4Addr) -> Option<u64> {
+        None
+    }
+    /// Records that `vip` was answered at `ns` (CLOCK_MONOTONIC).
+    fn stamp_use(&mut self, _vip: Ipv4Addr, _ns: u64) {}
 }
+
+use crate::abi::monotonic_ns;
+
+/// How often one process stamps the same VIP's use in the shared table.
+const STAMP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The outcome of a successful [`VipAllocator::allocate`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -225,8 +238,13 @@ pub struct VipAllocator {
     pools: HashMap<(u32, u8), PoolState>,
     store: Option<Box<dyn VipStore>>,
     /// When each VIP was last answered or connected to (in this process;
-    /// VIPs learnt from the store count as used when learnt).
+    /// VIPs learnt from the store count as used when learnt, unless the
+    /// store's shared stamps say otherwise, see `learnt_only`).
     last_used: HashMap<u32, Instant>,
+    /// VIPs whose `last_used` is only the time they were learnt.
+    learnt_only: std::collections::HashSet<u32>,
+    /// When this process last stamped each VIP's use in the store.
+    stamped: HashMap<u32, Instant>,
     /// Rate limits on new allocations, per pool.
     buckets: HashMap<(u32, u8), Bucket>,
 }
@@ -242,8 +260,54 @@ impl VipAllocator {
         self.store.is_some()
     }
 
+    /// A real use of `vip` (an answer or a connection) at `now`: recorded
+    /// in memory and, at most once per [`STAMP_INTERVAL`], in the store's
+    /// shared use table.
+    fn used(&mut self, vip: u32, now: Instant) {
+        self.last_used.insert(vip, now);
+        self.learnt_only.remove(&vip);
+        let due = self
+            .stamped
+            .get(&vip)
+            .is_none_or(|at| now.saturating_duration_since(*at) >= STAMP_INTERVAL);
+        if due {
+            if let Some(store) = self.store.as_mut() {
+                store.stamp_use(Ipv4Addr::from(vip), monotonic_ns());
+                self.stamped.insert(vip, now);
+            }
+        }
+    }
+
+    /// How long `vip` has been idle at `now`: by the shared stamps (what
+    /// the kernel and every Envoy saw) together with this process's own
+    /// uses when the store has stamps; by this process's memory (uses, or
+    /// the time it learnt the VIP) otherwise.
+    fn idle_for(&self, vip: u32, now: Instant) -> Duration {
+        let own = self
+            .last_used
+            .get(&vip)
+            .map(|at| now.saturating_duration_since(*at));
+        let shared = self
+            .store
+            .as_ref()
+            .and_then(|s| s.last_use_ns(Ipv4Addr::from(vip)));
+        match shared {
+            Some(ns) => {
+                let shared_idle = Duration::from_nanos(monotonic_ns().saturating_sub(ns));
+                match own {
+                    Some(own) if !self.learnt_only.contains(&vip) => own.min(shared_idle),
+                    _ => shared_idle,
+                }
+            }
+            None => own.unwrap_or(Duration::ZERO),
+        }
+    }
+
     fn remember(&mut self, vip: u32, domain: String) {
-        self.last_used.entry(vip).or_insert_with(Instant::now);
+        if let std::collections::hash_map::Entry::Vacant(e) = self.last_used.entry(vip) {
+            e.insert(Instant::now());
+            self.learnt_only.insert(vip);
+        }
         if let Some(old) = self.by_vip.insert(vip, domain.clone()) {
             if let Some(vips) = self.by_domain.get_mut(&old) {
                 vips.retain(|v| *v != vip);
@@ -302,9 +366,12 @@ impl VipAllocator {
     /// [`VipAllocator::domain_of`] at a given time (a connection counts as
     /// a use of the VIP).
     pub fn domain_of_at(&mut self, vip: Ipv4Addr, now: Instant) -> Option<String> {
-        if let Some(domain) = self.by_vip.get(&u32::from(vip)) {
+        if let Some(domain) = self.by_vip.get(&u32::from(vip)).cloned() {
+            // The kernel stamps connects itself; this keeps the process's
+            // own view current too.
             self.last_used.insert(u32::from(vip), now);
-            return Some(domain.clone());
+            self.learnt_only.remove(&u32::from(vip));
+            return Some(domain);
         }
         let domain = self.store.as_ref()?.get(vip).ok().flatten()?;
         self.remember(u32::from(vip), domain.clone());
@@ -352,7 +419,7 @@ impl VipAllocator {
                 .copied()
                 .find(|v| pool.contains(Ipv4Addr::from(*v)))
         }) {
-            self.last_used.insert(vip, now);
+            self.used(vip, now);
             return Ok(Allocated {
                 vip: Ipv4Addr::from(vip),
                 new: false,
@@ -398,7 +465,7 @@ impl VipAllocator {
                     self.remember(candidate, owner);
                     state.used += 1;
                     self.pools.insert(pool.key(), state);
-                    self.last_used.insert(candidate, now);
+                    self.used(candidate, now);
                     return Ok(Allocated {
                         vip: Ipv4Addr::from(candidate),
                         new: false,
@@ -423,7 +490,7 @@ impl VipAllocator {
             state.used += 1;
         }
         self.remember(vip, domain.to_owned());
-        self.last_used.insert(vip, now);
+        self.used(vip, now);
         Ok(Allocated {
             vip: Ipv4Addr::from(vip),
             new: true,
@@ -442,15 +509,15 @@ impl VipAllocator {
         let Some(idle) = pool.reclaim_idle_after() else {
             return Err(AllocError::Exhausted);
         };
-        let oldest = self
+        let idlest = self
             .by_vip
             .range(pool.first()..=pool.last())
-            .map(|(vip, _)| (*vip, self.last_used.get(vip).copied().unwrap_or(now)))
-            .min_by_key(|(_, used)| *used);
-        let Some((vip, used)) = oldest else {
+            .map(|(vip, _)| (*vip, self.idle_for(*vip, now)))
+            .max_by_key(|(_, idle_for)| *idle_for);
+        let Some((vip, idle_for)) = idlest else {
             return Err(AllocError::Exhausted);
         };
-        if now.saturating_duration_since(used) < idle {
+        if idle_for < idle {
             return Err(AllocError::Exhausted);
         }
         if let Some(store) = self.store.as_mut() {
@@ -460,7 +527,7 @@ impl VipAllocator {
         }
         let previous = self.by_vip.get(&vip).cloned();
         self.remember(vip, domain.to_owned());
-        self.last_used.insert(vip, now);
+        self.used(vip, now);
         Ok(Allocated {
             vip: Ipv4Addr::from(vip),
             new: true,
@@ -527,6 +594,69 @@ pub(crate) mod tests {
 
     fn pool(net: [u8; 4], len: u8) -> Pool {
         Pool::new(Ipv4Addr::from(net), len, Pool::usable_hosts(len) as u32).unwrap()
+    }
+
+    /// A store with shared use stamps, as the pinned maps have them.
+    #[derive(Clone, Default)]
+    struct StampedStore {
+        vips: MemStore,
+        uses: Arc<Mutex<std::collections::HashMap<Ipv4Addr, u64>>>,
+    }
+
+    impl VipStore for StampedStore {
+        fn entries(&self) -> Result<Vec<(Ipv4Addr, String)>, String> {
+            self.vips.entries()
+        }
+        fn get(&self, vip: Ipv4Addr) -> Result<Option<String>, String> {
+            self.vips.get(vip)
+        }
+        fn insert(&mut self, vip: Ipv4Addr, domain: &str) -> Result<(), String> {
+            self.vips.insert(vip, domain)
+        }
+        fn insert_new(&mut self, vip: Ipv4Addr, domain: &str) -> Result<bool, String> {
+            self.vips.insert_new(vip, domain)
+        }
+        fn last_use_ns(&self, vip: Ipv4Addr) -> Option<u64> {
+            self.uses.lock().unwrap().get(&vip).copied()
+        }
+        fn stamp_use(&mut self, vip: Ipv4Addr, ns: u64) {
+            self.uses.lock().unwrap().insert(vip, ns);
+        }
+    }
+
+    #[test]
+    fn reclaiming_follows_the_shared_stamps_not_one_process_memory() {
+        let ago = |secs: u64| monotonic_ns().saturating_sub(secs * 1_000_000_000);
+        let p = pool([10, 10, 0, 0], 30).with_reclaim_idle_after(Some(Duration::from_secs(2)));
+        let store = StampedStore::default();
+        // A first process answers both names: its answers are stamped.
+        let mut first = VipAllocator::new();
+        first.attach_store(Some(Box::new(store.clone()))).unwrap();
+        let a = first.allocate("a.com", &p).unwrap().vip;
+        let b = first.allocate("b.com", &p).unwrap().vip;
+        assert!(store.last_use_ns(a).is_some(), "answers are stamped");
+        // A restarted process learns the VIPs. By the shared stamps, a.com
+        // was last used 5 s ago (idle), b.com just now (a connect the
+        // kernel saw): the new name gets a.com's VIP at once, although
+        // this process has only just learnt both.
+        store.uses.lock().unwrap().insert(a, ago(5));
+        store.uses.lock().unwrap().insert(b, ago(0));
+        let mut second = VipAllocator::new();
+        second.attach_store(Some(Box::new(store.clone()))).unwrap();
+        let c = second.allocate("c.com", &p).unwrap();
+        assert_eq!(c.vip, a);
+        assert_eq!(c.reclaimed_from.as_deref(), Some("a.com"));
+        // Now every VIP was used within the idle time: nothing to reclaim.
+        assert_eq!(second.allocate("d.com", &p), Err(AllocError::Exhausted));
+        // Without shared stamps a learnt VIP counts as just used.
+        let plain = MemStore::default();
+        let mut third = VipAllocator::new();
+        third.attach_store(Some(Box::new(plain.clone()))).unwrap();
+        third.allocate("a.com", &p).unwrap();
+        third.allocate("b.com", &p).unwrap();
+        let mut fourth = VipAllocator::new();
+        fourth.attach_store(Some(Box::new(plain))).unwrap();
+        assert_eq!(fourth.allocate("c.com", &p), Err(AllocError::Exhausted));
     }
 
     fn ip(s: &str) -> Ipv4Addr {

@@ -51,6 +51,10 @@ pub struct DnsGatewaySettings {
     /// IPv6 VIP range (a /96): a matched AAAA query is answered with this
     /// prefix followed by the name's IPv4 VIP. `None`: AAAA gets NODATA.
     pub vip6_prefix: Option<std::net::Ipv6Addr>,
+    /// With the pool full (and nothing reclaimable): pass the query on to
+    /// the next filter (the real resolver: the name then resolves to its
+    /// real address) instead of answering SERVFAIL.
+    pub pass_on_exhausted: bool,
 }
 
 /// What `cache_lookup` does with a connection whose VIP it cannot resolve.
@@ -232,6 +236,7 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
             "require_pinned_maps",
             "debug_panic_on_domain",
             "vip_ipv6_prefix",
+            "on_exhausted",
         ],
     )?;
     let base_ip = map.get("base_ip").ok_or("base_ip: missing")?;
@@ -312,6 +317,18 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
         }
         None => None,
     };
+    let pass_on_exhausted = match map.get("on_exhausted") {
+        None => false,
+        Some(value) => match string(value, "on_exhausted")? {
+            "servfail" => false,
+            "pass" => true,
+            other => {
+                return Err(format!(
+                    "on_exhausted: {other:?} is neither \"servfail\" nor \"pass\""
+                ))
+            }
+        },
+    };
     Ok(DnsGatewaySettings {
         pool,
         patterns,
@@ -320,6 +337,7 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
         require_pinned_maps,
         debug_panic_on_domain,
         vip6_prefix,
+        pass_on_exhausted,
     })
 }
 

@@ -327,15 +327,24 @@ impl Shared {
                     }
                     Err(AllocError::Exhausted) => {
                         count(DnsCounter::Exhausted);
+                        let pass = settings.pass_on_exhausted;
                         log(
                             LogLevel::Warn,
                             &format!(
-                            "dns_gateway: VIP pool {}/{} exhausted ({} VIPs): SERVFAIL for {name}",
-                            settings.pool.network(),
-                            settings.pool.prefix_len(),
-                            settings.pool.max_entries()
-                        ),
+                                "dns_gateway: VIP pool {}/{} exhausted ({} VIPs): {} for {name}",
+                                settings.pool.network(),
+                                settings.pool.prefix_len(),
+                                settings.pool.max_entries(),
+                                if pass {
+                                    "passing the query on"
+                                } else {
+                                    "SERVFAIL"
+                                },
+                            ),
                         );
+                        if pass {
+                            return Outcome::PassOn;
+                        }
                         dns::error_answer(&query, ResponseCode::ServFail)
                     }
                 }

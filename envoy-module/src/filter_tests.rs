@@ -794,3 +794,34 @@ fn cache_lookup_maps_only_ipv6_vips_of_the_configured_range() {
         assert_eq!(conn.closed, !found, "{destination}");
     }
 }
+
+#[test]
+fn a_full_pool_answers_servfail_or_passes_on_as_configured() {
+    // (on_exhausted, status for a name over capacity)
+    let cases = [
+        ("", UdpStatus::StopIteration),
+        (r#","on_exhausted":"servfail""#, UdpStatus::StopIteration),
+        (r#","on_exhausted":"pass""#, UdpStatus::Continue),
+    ];
+    for (policy, expected) in cases {
+        let config = format!(
+            r#"{{"base_ip":"10.10.0.0","prefix_len":30{policy},
+            "domains":[{{"domain":"*.aws.com","metadata":{{}}}}]}}"#
+        );
+        let gw = gateway_with(&config);
+        let mut h = FakeUdp::default();
+        ask(&gw, &mut h, "a.aws.com.", RecordType::A);
+        ask(&gw, &mut h, "b.aws.com.", RecordType::A);
+        let (status, answer) = ask(&gw, &mut h, "c.aws.com.", RecordType::A);
+        assert_eq!(status, expected, "{policy}");
+        if expected == UdpStatus::StopIteration {
+            assert_eq!(answer.unwrap().response_code(), ResponseCode::ServFail);
+        }
+        assert_eq!(counter(&gw.registry, &h.counters, "exhausted"), 1);
+    }
+    assert!(parse_dns_gateway(
+        br#"{"base_ip":"10.10.0.0","prefix_len":30,"on_exhausted":"maybe","domains":[]}"#
+    )
+    .unwrap_err()
+    .contains("on_exhausted"));
+}

@@ -37,7 +37,7 @@ pub trait MapOpener: Send + Sync {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PinnedMaps;
 
-struct PinnedVips(VipTable);
+struct PinnedVips(VipTable, Option<gateway_common::pinned::VipUseTable>);
 
 impl VipStore for PinnedVips {
     fn entries(&self) -> Result<Vec<(Ipv4Addr, String)>, String> {
@@ -54,6 +54,17 @@ impl VipStore for PinnedVips {
 
     fn insert_new(&mut self, vip: Ipv4Addr, domain: &str) -> Result<bool, String> {
         self.0.insert_new(vip, domain).map_err(|e| format!("{e:#}"))
+    }
+
+    fn last_use_ns(&self, vip: Ipv4Addr) -> Option<u64> {
+        self.1.as_ref()?.last_use_ns(vip).ok().flatten()
+    }
+
+    fn stamp_use(&mut self, vip: Ipv4Addr, ns: u64) {
+        if let Some(table) = self.1.as_mut() {
+            // A lost stamp only makes the VIP look idler by a second.
+            let _ = table.stamp(vip, ns);
+        }
     }
 }
 
@@ -73,7 +84,12 @@ impl MapOpener for PinnedMaps {
         }
         // Opening checks the key and value sizes against this build.
         let table = pins.vips().map_err(|e| format!("{e:#}"))?;
-        Ok(Some(Box::new(PinnedVips(table))))
+        // The use table is optional: an older loader has none.
+        let uses = pins
+            .has(gateway_common::MAP_VIP_USE)
+            .then(|| pins.vip_use().ok())
+            .flatten();
+        Ok(Some(Box::new(PinnedVips(table, uses))))
     }
 
     fn open_orig_dst(&self, dir: &Path) -> Result<Option<Box<dyn OrigDstSource>>, String> {

@@ -43,14 +43,22 @@ pub const MAP_ORIG_DST: &str = "GW_ORIG_DST";
 pub const MAP_VIPS: &str = "GW_VIPS";
 /// Name of the single-entry array holding [`LoaderInfo`].
 pub const MAP_LOADER: &str = "GW_LOADER";
+/// Name of the VIP use table: VIP → when it was last used, in
+/// CLOCK_MONOTONIC nanoseconds (`bpf_ktime_get_ns`). The connect programs
+/// stamp every connect to a VIP; the module stamps its answers. Every
+/// Envoy on the pin directory reclaims by these stamps, so idle times are
+/// what the kernel saw, not what one process remembers. It outlives
+/// restarts, like the VIP table.
+pub const MAP_VIP_USE: &str = "GW_VIP_USE";
 
 /// Every map the gateway pins, in the order `gateway status` shows them.
-pub const ALL_MAPS: [&str; 6] = [
+pub const ALL_MAPS: [&str; 7] = [
     MAP_CONFIG,
     MAP_COUNTERS,
     MAP_SOCK_ORIG,
     MAP_ORIG_DST,
     MAP_VIPS,
+    MAP_VIP_USE,
     MAP_LOADER,
 ];
 

@@ -32,7 +32,7 @@ type VipRecordBytes = [u8; VIP_RECORD_SIZE];
 
 /// Key size, value size and capacity each pinned map must have; a pin
 /// with others was left by an incompatible build.
-const EXPECTED_LAYOUTS: [(&str, u32, u32, u32); 6] = [
+const EXPECTED_LAYOUTS: [(&str, u32, u32, u32); 7] = [
     (MAP_CONFIG, 4, CONFIG_SIZE as u32, 1),
     (MAP_COUNTERS, 4, 8, crate::COUNTER_COUNT),
     (
@@ -54,6 +54,7 @@ const EXPECTED_LAYOUTS: [(&str, u32, u32, u32); 6] = [
         crate::VIP_TABLE_CAPACITY,
     ),
     (MAP_LOADER, 4, LOADER_INFO_SIZE as u32, 1),
+    (crate::MAP_VIP_USE, 4, 8, crate::VIP_TABLE_CAPACITY),
 ];
 
 fn to_bytes<T: Pod, const N: usize>(value: &T) -> [u8; N] {
@@ -269,6 +270,13 @@ impl PinDir {
             .collect()
     }
 
+    /// The VIP use table (last connect or answer per VIP).
+    pub fn vip_use(&self) -> Result<VipUseTable> {
+        Ok(VipUseTable {
+            map: self.open_map(crate::MAP_VIP_USE)?.try_into()?,
+        })
+    }
+
     /// The client address → original destination table.
     pub fn orig_dst(&self) -> Result<OrigDstTable> {
         Ok(OrigDstTable {
@@ -299,7 +307,7 @@ impl PinDir {
                 .with_context(|| format!("chmod {mode:o} {}", path.display()))
         };
         share(&self.path, 0o750)?;
-        for name in [MAP_VIPS, MAP_ORIG_DST] {
+        for name in [MAP_VIPS, MAP_ORIG_DST, crate::MAP_VIP_USE] {
             let path = self.map_path(name);
             if path.exists() {
                 share(&path, 0o660)?;
@@ -431,6 +439,30 @@ impl OrigDstTable {
                 ))
             })
             .collect()
+    }
+}
+
+/// VIP → last use (CLOCK_MONOTONIC ns), stamped by the kernel at each
+/// connect and by the module at each answer.
+pub struct VipUseTable {
+    map: HashMap<MapData, [u8; 4], u64>,
+}
+
+impl VipUseTable {
+    /// When `vip` was last used, if it ever was since the map exists.
+    pub fn last_use_ns(&self, vip: Ipv4Addr) -> Result<Option<u64>> {
+        match self.map.get(&vip.octets(), 0) {
+            Ok(ns) => Ok(Some(ns)),
+            Err(e) if is_missing(&e) => Ok(None),
+            Err(e) => Err(e).context("reading a VIP's last use"),
+        }
+    }
+
+    /// Records a use of `vip` at `ns`.
+    pub fn stamp(&mut self, vip: Ipv4Addr, ns: u64) -> Result<()> {
+        self.map
+            .insert(vip.octets(), ns, 0)
+            .with_context(|| format!("stamping the use of VIP {vip}"))
     }
 }
 

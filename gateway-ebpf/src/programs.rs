@@ -74,6 +74,12 @@ static GW_ORIG_DST: LruHashMap<SockAddr6, OrigDstEntry> =
 #[map]
 static GW_VIPS: HashMap<u32, VipRecord> = HashMap::pinned(VIP_TABLE_CAPACITY, BPF_F_NO_PREALLOC);
 
+/// VIP → last use (`bpf_ktime_get_ns`): stamped here at every connect to
+/// a VIP and by the module at every answer; the module reclaims idle VIPs
+/// by it. LRU so that it never refuses a stamp.
+#[map]
+static GW_VIP_USE: LruHashMap<u32, u64> = LruHashMap::pinned(VIP_TABLE_CAPACITY, 0);
+
 /// Who attached the programs where; written by the loader for `status`.
 #[map]
 static GW_LOADER: Array<LoaderInfo> = Array::pinned(1, 0);
@@ -424,6 +430,9 @@ fn on_tcp_connect(
             count(Counter::UnknownVipRefused);
             return DENY;
         }
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let _ = GW_VIP_USE.insert(&dest.addr.ip6[3], &now, 0);
         if let Some(target) = target_for(cfg, dest, &cfg.tcp_target) {
             if !listener_up(ctx, IPPROTO_TCP, &target) {
                 // Redirected all the same: the connect fails at once with

@@ -116,6 +116,11 @@ pub struct Dns {
     /// What the kernel does with DNS while Envoy is down (restarting).
     #[serde(default)]
     pub outage: DnsOutage,
+    /// What a new name gets once the VIP range is full and nothing is
+    /// reclaimable: "servfail" (default) or "pass" (on to the fallback
+    /// resolvers: the name resolves to its real address, without the proxy).
+    #[serde(default)]
+    pub on_exhausted: Option<String>,
 }
 
 fn default_ttl() -> u32 {
@@ -479,7 +484,11 @@ fn file_field(module_field: &str) -> String {
         .unwrap_or(module_field);
     match head {
         "base_ip" | "prefix_len" | "max_entries" => "dns.vip_cidr".to_owned(),
-        "ttl" | "reclaim_idle_after" | "max_new_vips_per_second" | "new_vip_burst" => {
+        "ttl"
+        | "reclaim_idle_after"
+        | "max_new_vips_per_second"
+        | "new_vip_burst"
+        | "on_exhausted" => {
             format!("dns.{module_field}")
         }
         _ => module_field.to_owned(),

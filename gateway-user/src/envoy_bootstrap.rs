@@ -106,6 +106,9 @@ pub fn dns_gateway_config(config: &Config) -> Value {
     if let Some(burst) = config.file.dns.new_vip_burst {
         value["new_vip_burst"] = json!(burst);
     }
+    if let Some(policy) = &config.file.dns.on_exhausted {
+        value["on_exhausted"] = json!(policy);
+    }
     if let Some(prefix) = config.vip6_prefix {
         value["vip_ipv6_prefix"] = json!(format!(
             "{prefix}/{}",

@@ -535,6 +535,10 @@ fn connects_to_vips_no_name_holds_are_refused_by_the_kernel() -> Result<()> {
     assert_eq!(held["ok"], true, "{held}");
     assert_eq!(held["peer"], "10.10.0.9:443");
     assert_eq!(loader.counter("tcp_redirected")?, 1);
+    // The kernel stamped the VIP's use, for reclaiming by what it saw.
+    let uses = PinDir::new(loader.pin_dir()).vip_use()?;
+    assert!(uses.last_use_ns("10.10.0.9".parse()?)?.is_some());
+    assert!(uses.last_use_ns("10.10.0.10".parse()?)?.is_none());
     Ok(())
 }
 

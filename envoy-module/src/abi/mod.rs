@@ -1,4 +1,5 @@
-//! The only `unsafe` code of the module: Envoy's C ABI.
+//! The only `unsafe` code of the module: Envoy's C ABI (and one clock read
+//! that std does not offer).
 //!
 //! - [`types`]: the C types (buffers, opaque pointers, enum values).
 //! - [`callbacks`]: Envoy's callbacks, resolved at run time with `dlsym`.
@@ -13,6 +14,23 @@ pub mod hooks;
 pub mod types;
 
 use types::ModuleBuffer;
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock of the kernel's
+/// `bpf_ktime_get_ns` stamps (std's `Instant` runs on it but does not show
+/// its value); 0 if the clock cannot be read.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the valid local.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
 
 /// Logs through Envoy's `log` callback; false when Envoy is not there (or
 /// the level is disabled and the message was dropped on purpose: true).
