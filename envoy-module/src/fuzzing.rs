@@ -27,6 +27,7 @@ const CONFIG: &str = r#"{"base_ip":"10.10.0.0","prefix_len":20,"ttl":30,
 fn shared() -> &'static Arc<Shared> {
     static SHARED: OnceLock<Arc<Shared>> = OnceLock::new();
     SHARED.get_or_init(|| {
+        crate::api::quiet_outside_envoy();
         let settings = parse_dns_gateway(CONFIG.as_bytes()).expect("the fuzz configuration");
         // A pin directory that does not exist: the table stays in memory.
         let state = Arc::new(GatewayState::new(
@@ -85,6 +86,7 @@ pub fn dns_tcp_stream(stream: &[u8]) {
 /// Filter configurations as Envoy hands them over: must be accepted or
 /// refused with a message, never panic.
 pub fn filter_configs(bytes: &[u8]) {
+    crate::api::quiet_outside_envoy();
     if let Err(e) = parse_dns_gateway(bytes) {
         assert!(!e.is_empty());
     }
