@@ -478,3 +478,52 @@ fn an_upstream_that_fails_or_never_answers_closes_the_client_in_bounded_time() -
     assert!(stat("tcp.egress.idle_timeout") >= 1, "{stats}");
     Ok(())
 }
+
+#[test]
+fn an_envoy_left_on_the_admin_socket_is_taken_over() -> Result<()> {
+    let Some(mut scenario) = start()? else {
+        return Ok(());
+    };
+    // The gateway dies; Envoy dies with it (PR_SET_PDEATHSIG).
+    let envoy = scenario.envoy_pid().context("no Envoy")?;
+    scenario.kill_gateway(Signal::SIGKILL)?;
+    wait_for(
+        "Envoy to die with the gateway",
+        Duration::from_secs(10),
+        || Ok((!Path::new(&format!("/proc/{envoy}")).exists()).then_some(())),
+    )?;
+    // An Envoy on this gateway's bootstrap (and so its admin socket) that
+    // nothing supervises, as an older gateway could leave.
+    let instance = std::fs::read_dir(scenario.state_dir())?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.join("envoy.json").exists())
+        .context("no instance directory")?;
+    let mut stray = tests::Guarded::spawn("stray envoy", {
+        let mut cmd = Command::new(tests::envoy::envoy_bin());
+        cmd.arg("-c")
+            .arg(instance.join("envoy.json"))
+            .args(["-l", "error", "--disable-hot-restart", "--base-id"])
+            .arg(tests::envoy::unique_base_id().to_string())
+            .env(
+                "ENVOY_DYNAMIC_MODULES_SEARCH_PATH",
+                tests::envoy::module_dir(),
+            );
+        cmd
+    })?;
+    wait_for("the stray Envoy to answer", Duration::from_secs(20), || {
+        Ok(scenario
+            .admin_get("/ready")
+            .ok()
+            .filter(|b| b.contains("LIVE")))
+    })?;
+    scenario.restart_gateway()?;
+    let output = scenario.gateway_output();
+    assert!(
+        output.contains("still answers") && output.contains("stopping it to take over"),
+        "{output}"
+    );
+    assert!(!stray.is_running(), "the stray Envoy was stopped");
+    assert_eq!(dig(&scenario, "one.s3.aws.com")?, "10.10.0.1");
+    Ok(())
+}
