@@ -25,6 +25,7 @@
 //! | `max_entries` | integer | usable addresses of the range, capped at 65,536 | most VIPs handed out from the range |
 //! | `pin_dir` | string | `/sys/fs/bpf/dns-egress-gateway` | pinned maps; without a pinned `GW_VIPS` the table lives in this process only |
 //! | `vip_ipv6_prefix` | string | none | IPv6 /96 (`"fd00:6a7e::/96"`): a matched AAAA gets this prefix + the name's IPv4 VIP |
+//! | `on_exhausted` | `"servfail"` / `"pass"` | `"servfail"` | a new name once the pool is full and nothing is reclaimable |
 //! | `debug_panic_on_domain` | string | none | **test hook**: a query for this name panics inside the filter |
 //!
 //! # `cache_lookup` config (empty, `{}` or a Struct)
