@@ -154,7 +154,16 @@ pub trait VipStore: Send {
     }
     /// Records that `vip` was answered at `ns` (CLOCK_MONOTONIC).
     fn stamp_use(&mut self, _vip: Ipv4Addr, _ns: u64) {}
+    /// Every VIP's last use at once (one pass over the table instead of a
+    /// lookup per VIP); `None` when the store keeps no stamps.
+    fn all_last_uses(&self) -> Option<HashMap<u32, u64>> {
+        None
+    }
 }
+
+/// How long a snapshot of the shared use stamps serves reclaiming before it
+/// is read again. The VIP finally chosen is always checked afresh.
+const USE_SNAPSHOT_TTL: Duration = Duration::from_secs(5);
 
 use crate::abi::monotonic_ns;
 
@@ -245,6 +254,8 @@ pub struct VipAllocator {
     learnt_only: std::collections::HashSet<u32>,
     /// When this process last stamped each VIP's use in the store.
     stamped: HashMap<u32, Instant>,
+    /// The shared use stamps as last read for reclaiming, and when.
+    use_snapshot: Option<(Instant, HashMap<u32, u64>)>,
     /// Rate limits on new allocations, per pool.
     buckets: HashMap<(u32, u8), Bucket>,
 }
@@ -282,15 +293,11 @@ impl VipAllocator {
     /// the kernel and every Envoy saw) together with this process's own
     /// uses when the store has stamps; by this process's memory (uses, or
     /// the time it learnt the VIP) otherwise.
-    fn idle_for(&self, vip: u32, now: Instant) -> Duration {
+    fn idle_for(&self, vip: u32, now: Instant, shared: Option<u64>) -> Duration {
         let own = self
             .last_used
             .get(&vip)
             .map(|at| now.saturating_duration_since(*at));
-        let shared = self
-            .store
-            .as_ref()
-            .and_then(|s| s.last_use_ns(Ipv4Addr::from(vip)));
         match shared {
             Some(ns) => {
                 let shared_idle = Duration::from_nanos(monotonic_ns().saturating_sub(ns));
@@ -301,6 +308,26 @@ impl VipAllocator {
             }
             None => own.unwrap_or(Duration::ZERO),
         }
+    }
+
+    /// The shared use stamps, read again when `refresh` or when the last
+    /// read is older than [`USE_SNAPSHOT_TTL`].
+    fn use_snapshot(&mut self, now: Instant, refresh: bool) -> HashMap<u32, u64> {
+        let stale = self.use_snapshot.as_ref().is_none_or(|(at, _)| {
+            refresh || now.saturating_duration_since(*at) >= USE_SNAPSHOT_TTL
+        });
+        if stale {
+            let uses = self
+                .store
+                .as_ref()
+                .and_then(|s| s.all_last_uses())
+                .unwrap_or_default();
+            self.use_snapshot = Some((now, uses));
+        }
+        self.use_snapshot
+            .as_ref()
+            .map(|(_, uses)| uses.clone())
+            .unwrap_or_default()
     }
 
     fn remember(&mut self, vip: u32, domain: String) {
@@ -509,17 +536,41 @@ impl VipAllocator {
         let Some(idle) = pool.reclaim_idle_after() else {
             return Err(AllocError::Exhausted);
         };
-        let idlest = self
-            .by_vip
-            .range(pool.first()..=pool.last())
-            .map(|(vip, _)| (*vip, self.idle_for(*vip, now)))
-            .max_by_key(|(_, idle_for)| *idle_for);
-        let Some((vip, idle_for)) = idlest else {
+        // Candidates by a snapshot of the shared stamps (one pass over the
+        // table at most every few seconds, not a lookup per VIP per new
+        // name); the chosen one is checked afresh, and a stale snapshot
+        // is read again once.
+        let mut vip = None;
+        for fresh_snapshot in [false, true] {
+            let snapshot = self.use_snapshot(now, fresh_snapshot);
+            let idlest = self
+                .by_vip
+                .range(pool.first()..=pool.last())
+                .map(|(v, _)| (*v, self.idle_for(*v, now, snapshot.get(v).copied())))
+                .max_by_key(|(_, idle_for)| *idle_for);
+            let Some((candidate, idle_for)) = idlest else {
+                return Err(AllocError::Exhausted);
+            };
+            if idle_for < idle {
+                return Err(AllocError::Exhausted);
+            }
+            let current = self
+                .store
+                .as_ref()
+                .and_then(|s| s.last_use_ns(Ipv4Addr::from(candidate)));
+            if self.idle_for(
+                candidate,
+                now,
+                current.or(snapshot.get(&candidate).copied()),
+            ) >= idle
+            {
+                vip = Some(candidate);
+                break;
+            }
+        }
+        let Some(vip) = vip else {
             return Err(AllocError::Exhausted);
         };
-        if idle_for < idle {
-            return Err(AllocError::Exhausted);
-        }
         if let Some(store) = self.store.as_mut() {
             store
                 .insert(Ipv4Addr::from(vip), domain)
@@ -622,6 +673,16 @@ pub(crate) mod tests {
         fn stamp_use(&mut self, vip: Ipv4Addr, ns: u64) {
             self.uses.lock().unwrap().insert(vip, ns);
         }
+        fn all_last_uses(&self) -> Option<std::collections::HashMap<u32, u64>> {
+            Some(
+                self.uses
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .map(|(vip, ns)| (u32::from(*vip), *ns))
+                    .collect(),
+            )
+        }
     }
 
     #[test]
@@ -648,6 +709,17 @@ pub(crate) mod tests {
         assert_eq!(c.reclaimed_from.as_deref(), Some("a.com"));
         // Now every VIP was used within the idle time: nothing to reclaim.
         assert_eq!(second.allocate("d.com", &p), Err(AllocError::Exhausted));
+        // A use the snapshot missed is caught by the fresh check of the
+        // chosen VIP: c.com's VIP (stamped just now) is not given away,
+        // although a snapshot older than the stamp says it was idle.
+        store.uses.lock().unwrap().insert(a, ago(9));
+        store.uses.lock().unwrap().insert(b, ago(5));
+        let mut fifth = VipAllocator::new();
+        fifth.attach_store(Some(Box::new(store.clone()))).unwrap();
+        let _ = fifth.use_snapshot(Instant::now(), true);
+        store.uses.lock().unwrap().insert(a, ago(0));
+        let e = fifth.allocate("e.com", &p).unwrap();
+        assert_eq!(e.vip, b, "the VIP used since the snapshot stays");
         // Without shared stamps a learnt VIP counts as just used.
         let plain = MemStore::default();
         let mut third = VipAllocator::new();

@@ -60,6 +60,14 @@ impl VipStore for PinnedVips {
         self.1.as_ref()?.last_use_ns(vip).ok().flatten()
     }
 
+    fn all_last_uses(&self) -> Option<std::collections::HashMap<u32, u64>> {
+        self.1.as_ref()?.entries().ok().map(|all| {
+            all.into_iter()
+                .map(|(vip, ns)| (u32::from(vip), ns))
+                .collect()
+        })
+    }
+
     fn stamp_use(&mut self, vip: Ipv4Addr, ns: u64) {
         if let Some(table) = self.1.as_mut() {
             // A lost stamp only makes the VIP look idler by a second.

@@ -458,6 +458,17 @@ impl VipUseTable {
         }
     }
 
+    /// Every (VIP, last use) pair.
+    pub fn entries(&self) -> Result<Vec<(Ipv4Addr, u64)>> {
+        self.map
+            .iter()
+            .map(|item| {
+                let (k, v) = item.context("iterating VIP uses")?;
+                Ok((Ipv4Addr::from(k), v))
+            })
+            .collect()
+    }
+
     /// Records a use of `vip` at `ns`.
     pub fn stamp(&mut self, vip: Ipv4Addr, ns: u64) -> Result<()> {
         self.map
