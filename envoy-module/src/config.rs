@@ -306,14 +306,7 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
     let vip6_prefix = match map.get("vip_ipv6_prefix") {
         Some(value) => {
             let text = string(value, "vip_ipv6_prefix")?;
-            let bare = text
-                .strip_suffix(&format!("/{}", contract::VIP6_PREFIX_LEN))
-                .unwrap_or(text);
-            let prefix: std::net::Ipv6Addr = bare.parse().map_err(|_| {
-                format!("vip_ipv6_prefix: {text:?} is not an IPv6 /96 prefix such as \"fd00:6a7e::/96\"")
-            })?;
-            contract::check_vip6_prefix(prefix).map_err(|e| format!("vip_ipv6_prefix: {e}"))?;
-            Some(prefix)
+            Some(contract::parse_vip6_prefix(text).map_err(|e| format!("vip_ipv6_prefix: {e}"))?)
         }
         None => None,
     };

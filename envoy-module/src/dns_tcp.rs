@@ -102,6 +102,7 @@ impl DnsTcpFilter {
         self.from_client.extend_from_slice(&incoming);
         let mut relay = Vec::new();
         let mut at_limit = false;
+        let shared = self.shared.clone();
         for whole in take_frames(&mut self.from_client) {
             if self.queries >= MAX_QUERIES_PER_CONNECTION {
                 at_limit = true;
@@ -109,7 +110,6 @@ impl DnsTcpFilter {
             }
             self.queries += 1;
             self.count(handle, DnsCounter::Queries);
-            let shared = self.shared.clone();
             let outcome = shared.decide(&whole[2..], false, &mut |c| {
                 if let Some(id) = shared.counters.id(c) {
                     handle.increment_counter(id, 1);

@@ -200,6 +200,26 @@ mod checks {
         }
     }
 
+    /// Parses an IPv6 VIP range as written in a configuration,
+    /// `"fd00:6a7e::/96"`, and checks it ([`check_vip6_prefix`]); the one
+    /// parser of the gateway's file and the module's filter config.
+    pub fn parse_vip6_prefix(text: &str) -> Result<std::net::Ipv6Addr, String> {
+        let len = super::VIP6_PREFIX_LEN;
+        let (addr, prefix_len) = text
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?} is not an IPv6 prefix such as fd00:6a7e::/{len}"))?;
+        let addr: std::net::Ipv6Addr = addr
+            .parse()
+            .map_err(|_| format!("{addr:?} is not an IPv6 address"))?;
+        if prefix_len != len.to_string() {
+            return Err(format!(
+                "{text:?}: only /{len} is supported (the last 32 bits carry the IPv4 VIP)"
+            ));
+        }
+        check_vip6_prefix(addr)?;
+        Ok(addr)
+    }
+
     /// Where the maps are pinned: an absolute path on bpffs below its mount
     /// point, never the bpffs root itself (the gateway makes the directory
     /// its own and locks it).

@@ -168,18 +168,8 @@ impl PinDir {
     /// Returns the names removed.
     pub fn remove_stale_transient_maps(&self) -> Result<Vec<&'static str>> {
         let mut removed = Vec::new();
-        for (name, key_size, value_size, entries) in EXPECTED_LAYOUTS {
-            if !crate::TRANSIENT_MAPS.contains(&name) || !self.has(name) {
-                continue;
-            }
-            let info = self
-                .open(name)?
-                .info()
-                .with_context(|| format!("reading info of {name}"))?;
-            if info.key_size() != key_size
-                || info.value_size() != value_size
-                || info.max_entries() != entries
-            {
+        for (name, ..) in EXPECTED_LAYOUTS {
+            if crate::TRANSIENT_MAPS.contains(&name) && self.layout_mismatch(name)?.is_some() {
                 let path = self.map_path(name);
                 fs::remove_file(&path)
                     .with_context(|| format!("removing the stale pin {}", path.display()))?;
@@ -189,32 +179,41 @@ impl PinDir {
         Ok(removed)
     }
 
+    /// How the pinned map `name` differs from this build's layout (key
+    /// size, value size, capacity), or `None` when it matches or is not
+    /// pinned.
+    fn layout_mismatch(&self, name: &str) -> Result<Option<String>> {
+        let Some((_, key, value, entries)) =
+            EXPECTED_LAYOUTS.iter().find(|(n, ..)| *n == name).copied()
+        else {
+            return Ok(None);
+        };
+        if !self.has(name) {
+            return Ok(None);
+        }
+        let info = self
+            .open(name)?
+            .info()
+            .with_context(|| format!("reading info of {name}"))?;
+        let found = (info.key_size(), info.value_size(), info.max_entries());
+        Ok((found != (key, value, entries)).then(|| {
+            format!(
+                "key/value sizes {}/{} and {} entries but this build needs {key}/{value} and {entries}",
+                found.0, found.1, found.2
+            )
+        }))
+    }
+
     /// Checks that every map already pinned here has the layout this build
     /// expects, so a stale pin from another version fails with advice
     /// instead of corrupting data.
     pub fn check_layouts(&self) -> Result<()> {
-        for (name, key_size, value_size, entries) in EXPECTED_LAYOUTS {
-            if !self.has(name) {
-                continue;
-            }
-            let info = self
-                .open(name)?
-                .info()
-                .with_context(|| format!("reading info of {name}"))?;
-            if info.key_size() != key_size
-                || info.value_size() != value_size
-                || info.max_entries() != entries
-            {
+        for (name, ..) in EXPECTED_LAYOUTS {
+            if let Some(why) = self.layout_mismatch(name)? {
                 bail!(
-                    "pinned map {} has key/value sizes {}/{} and {} entries but this build needs {}/{} and {}: \
-                     it was left by another version; remove it with `gateway reset --pin-dir {}`",
+                    "pinned map {} has {why}: it was left by another version; remove it with \
+                     `gateway reset --pin-dir {}`",
                     self.map_path(name).display(),
-                    info.key_size(),
-                    info.value_size(),
-                    info.max_entries(),
-                    key_size,
-                    value_size,
-                    entries,
                     self.path.display()
                 );
             }

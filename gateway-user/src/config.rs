@@ -454,7 +454,10 @@ pub fn validate(file: GatewayFile) -> Result<Config> {
     let vip6_prefix = match &file.dns.vip_ipv6_prefix {
         None => None,
         Some(text) => {
-            let prefix = field("dns.vip_ipv6_prefix", parse_vip6_prefix(text))?;
+            let prefix = field(
+                "dns.vip_ipv6_prefix",
+                gateway_common::contract::parse_vip6_prefix(text),
+            )?;
             if !ipv6 {
                 bail!("dns.vip_ipv6_prefix: IPv6 VIPs need Envoy's IPv6 listeners, and listeners.ipv6 is off or [::1] cannot be bound here");
             }
@@ -522,25 +525,6 @@ fn module_accepts(config: &Config) -> Result<()> {
 /// Whether this host (network namespace) can bind the IPv6 loopback.
 fn ipv6_loopback_available() -> bool {
     std::net::UdpSocket::bind((Ipv6Addr::LOCALHOST, 0)).is_ok()
-}
-
-/// "fd00:6a7e::/96" → the prefix; only /96 is accepted (the last 32 bits
-/// carry the IPv4 VIP).
-fn parse_vip6_prefix(text: &str) -> Result<Ipv6Addr, String> {
-    let len = gateway_common::contract::VIP6_PREFIX_LEN;
-    let (addr, prefix_len) = text
-        .split_once('/')
-        .ok_or_else(|| format!("{text:?} is not an IPv6 prefix such as fd00:6a7e::/{len}"))?;
-    let addr: Ipv6Addr = addr
-        .parse()
-        .map_err(|_| format!("{addr:?} is not an IPv6 address"))?;
-    if prefix_len != len.to_string() {
-        return Err(format!(
-            "{text:?}: only /{len} is supported (the last 32 bits carry the IPv4 VIP)"
-        ));
-    }
-    gateway_common::contract::check_vip6_prefix(addr)?;
-    Ok(addr)
 }
 
 fn system_resolvers() -> Result<Vec<SocketAddr>> {

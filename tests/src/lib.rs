@@ -438,15 +438,7 @@ impl Loader {
 
     /// A kernel counter by name.
     pub fn counter(&self, name: &str) -> Result<u64> {
-        let status = self.status()?;
-        status["counters"]
-            .as_array()
-            .and_then(|a| {
-                a.iter()
-                    .find(|pair| pair[0].as_str() == Some(name))
-                    .and_then(|pair| pair[1].as_u64())
-            })
-            .with_context(|| format!("no counter {name} in status {status}"))
+        status_counter(&self.pin_dir, name)
     }
 
     /// Stops the loader with `signal` and returns its exit status and
@@ -513,6 +505,19 @@ pub fn dedicated_user() -> Result<DedicatedUser> {
         name: ENVOY_TEST_USER.to_owned(),
         uid: user.uid.as_raw(),
     })
+}
+
+/// One kernel counter from `gateway status --json` for `pin_dir`.
+pub fn status_counter(pin_dir: &Path, name: &str) -> Result<u64> {
+    let status = status_json(pin_dir)?;
+    status["counters"]
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .find(|pair| pair[0].as_str() == Some(name))
+                .and_then(|pair| pair[1].as_u64())
+        })
+        .with_context(|| format!("no counter {name} in status {status}"))
 }
 
 /// `gateway status --json --pin-dir <dir>`, parsed.

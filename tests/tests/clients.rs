@@ -532,6 +532,37 @@ fn unmodified_clients_resolve_and_connect_through_the_gateway() -> Result<()> {
     Ok(())
 }
 
+/// Runs a Python client of tests/clients in the gated cgroup; it must
+/// succeed, and each line of its output is a JSON object.
+fn run_json(clients: &Clients, script: &str, args: &[&str]) -> Result<Vec<serde_json::Value>> {
+    run_json_as(clients, &[], script, args)
+}
+
+/// [`run_json`] behind `prefix` (e.g. `setpriv` to another user).
+fn run_json_as(
+    clients: &Clients,
+    prefix: &[&str],
+    script: &str,
+    args: &[&str],
+) -> Result<Vec<serde_json::Value>> {
+    let path = clients_script(script);
+    let mut all: Vec<&str> = prefix.to_vec();
+    all.extend(["/usr/bin/python3", path.as_str()]);
+    all.extend_from_slice(args);
+    let (program, rest) = (all[0], &all[1..]);
+    let out = clients.run(Resolv::V4, program, rest)?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "{script} {args:?} failed: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    text.lines()
+        .map(|l| serde_json::from_str(l).with_context(|| format!("{script} printed {l:?}")))
+        .collect()
+}
+
 fn clients_script(name: &str) -> String {
     repo_root()
         .join("tests/clients")
@@ -596,11 +627,10 @@ fn dns_over_tcp_truncation_and_the_verbatim_fallback() -> Result<()> {
     // Pipelined: all queries in one write, answers in any order, each
     // with its own ID and content.
     for server in ["192.0.2.53:53", "[2001:db8::53]:53"] {
-        let out = clients.run(
-            Resolv::V4,
-            "/usr/bin/python3",
+        let answers = run_json(
+            &clients,
+            "tcp_pipeline.py",
             &[
-                &clients_script("tcp_pipeline.py"),
                 server,
                 "bucket.aws.com",
                 "github.com",
@@ -609,17 +639,7 @@ fn dns_over_tcp_truncation_and_the_verbatim_fallback() -> Result<()> {
                 "bucket.aws.com",
             ],
         )?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "pipelined over {server}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let answers: Vec<serde_json::Value> = text
-            .lines()
-            .map(serde_json::from_str)
-            .collect::<Result<_, _>>()?;
-        assert_eq!(answers.len(), 5, "{text}");
+        assert_eq!(answers.len(), 5, "{answers:?}");
         for a in &answers {
             let first = a["answers"][0].to_string();
             let ok = match a["name"].as_str() {
@@ -649,12 +669,7 @@ fn dns_over_tcp_truncation_and_the_verbatim_fallback() -> Result<()> {
         12,
         "full TXT over TCP: {full}"
     );
-    let status = tests::status_json(clients.scenario.pin_dir())?;
-    let redirected = status["counters"]
-        .as_array()
-        .and_then(|all| all.iter().find(|pair| pair[0] == "dns_tcp_redirected"))
-        .and_then(|pair| pair[1].as_u64());
-    assert!(redirected.is_some_and(|n| n >= 1), "{status}");
+    assert!(tests::status_counter(clients.scenario.pin_dir(), "dns_tcp_redirected")? >= 1);
     let stats = clients.scenario.admin_get("/stats")?;
     let stat = |name: &str| {
         stats
@@ -673,14 +688,12 @@ fn dns_over_tcp_truncation_and_the_verbatim_fallback() -> Result<()> {
 
     // Unmatched names: the gateway's answers are the fallback's own, byte
     // for byte (rcode, answer section, EDNS), for every type.
-    let compare = clients_script("dns_compare.py");
     for (name, types) in [
         (UNMATCHED, &["A", "AAAA", "MX", "TXT", "HTTPS"][..]),
         ("_xmpp._tcp.github.com", &["SRV"][..]),
         ("nonexistent.github.com", &["A"][..]),
     ] {
         let mut args = vec![
-            compare.as_str(),
             "--direct",
             FALLBACK,
             "--via",
@@ -691,17 +704,12 @@ fn dns_over_tcp_truncation_and_the_verbatim_fallback() -> Result<()> {
         for t in types {
             args.extend(["--type", t]);
         }
-        let out = clients.run(Resolv::V4, "/usr/bin/python3", &args)?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "answers through the gateway differ from the fallback's for {name}: {text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for line in text.lines() {
-            let v: serde_json::Value = serde_json::from_str(line)?;
-            assert_eq!(v["identical"], true, "{line}");
-            assert_eq!(v["has_opt"], true, "EDNS kept: {line}");
+        // dns_compare.py fails unless every answer is byte-identical.
+        for v in run_json(&clients, "dns_compare.py", &args)
+            .with_context(|| format!("answers for {name} differ from the fallback's"))?
+        {
+            assert_eq!(v["identical"], true, "{v}");
+            assert_eq!(v["has_opt"], true, "EDNS kept: {v}");
         }
     }
 
@@ -730,25 +738,20 @@ fn only_the_dns_listener_can_answer_for_a_nameserver() -> Result<()> {
     };
     // The TCP listener's port is free for UDP: a local process may bind it.
     for (nameserver, proxy) in [(NAMESERVER_V4, "127.0.0.1"), (NAMESERVER_V6, "::1")] {
-        let out = clients.run(
-            Resolv::V4,
-            "/usr/bin/python3",
+        // Victim and forger both unprivileged (nobody), as any local user.
+        let seen = run_json_as(
+            &clients,
             &[
-                &clients_script("spoof_check.py"),
-                nameserver,
-                proxy,
-                "15001",
-                "bucket.aws.com",
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
             ],
+            "spoof_check.py",
+            &[nameserver, proxy, "15001", "bucket.aws.com"],
         )?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        for line in text.lines() {
-            let v: serde_json::Value = serde_json::from_str(line)?;
+        for v in &seen {
+            let line = v.to_string();
             let from = v["from"][0].as_str().unwrap_or_default();
             let from: IpAddr = from.parse()?;
             let nameserver: IpAddr = nameserver.parse()?;
@@ -762,7 +765,7 @@ fn only_the_dns_listener_can_answer_for_a_nameserver() -> Result<()> {
                 ),
             }
         }
-        assert_eq!(text.lines().count(), 2, "{text}");
+        assert_eq!(seen.len(), 2, "{seen:?}");
     }
     Ok(())
 }
@@ -779,14 +782,7 @@ fn without_ipv6_listeners_ipv6_dns_is_left_alone_and_counted() -> Result<()> {
     else {
         return Ok(());
     };
-    let unserved = || -> Result<u64> {
-        let status = tests::status_json(clients.scenario.pin_dir())?;
-        Ok(status["counters"]
-            .as_array()
-            .and_then(|all| all.iter().find(|pair| pair[0] == "ipv6_unserved"))
-            .and_then(|pair| pair[1].as_u64())
-            .unwrap_or(0))
-    };
+    let unserved = || tests::status_counter(clients.scenario.pin_dir(), "ipv6_unserved");
     assert_eq!(unserved()?, 0);
     // An IPv6 nameserver is not redirected (nothing listens on [::1]):
     // the query goes where it was sent, which here is nowhere.
@@ -878,14 +874,8 @@ fn a_killed_gateway_leaves_the_gate_and_dns_and_a_new_one_adopts_it() -> Result<
         }
         Ok(stdout)
     };
-    let counter = |clients: &Clients, name: &str| -> Result<u64> {
-        let status = tests::status_json(clients.scenario.pin_dir())?;
-        Ok(status["counters"]
-            .as_array()
-            .and_then(|all| all.iter().find(|pair| pair[0] == name))
-            .and_then(|pair| pair[1].as_u64())
-            .unwrap_or(0))
-    };
+    let counter =
+        |clients: &Clients, name: &str| tests::status_counter(clients.scenario.pin_dir(), name);
     let glibc = clients.path("rc-glibc");
     let tunnel = |clients: &Clients| -> Result<Report> {
         Ok(report(&clients.run(
