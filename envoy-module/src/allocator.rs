@@ -144,8 +144,17 @@ pub trait VipStore: Send {
     /// Records `vip` → `domain`.
     fn insert(&mut self, vip: Ipv4Addr, domain: &str) -> Result<(), String>;
     /// Records `vip` → `domain` only if `vip` is free; false if another
-    /// writer holds it.
+    /// writer holds it (or it is being reclaimed).
     fn insert_new(&mut self, vip: Ipv4Addr, domain: &str) -> Result<bool, String>;
+    /// Marks the allocated `vip` as being reclaimed: until the next
+    /// [`VipStore::insert`], no name holds it ([`VipStore::get`] gives
+    /// `None`) and [`VipStore::insert_new`] cannot take it.
+    fn mark_reclaiming(&mut self, vip: Ipv4Addr) -> Result<(), String>;
+    /// Serialises reclaims among every process sharing the store; held
+    /// until the guard is dropped.
+    fn lock_reclaims(&self) -> Result<ReclaimGuard, String> {
+        Ok(Box::new(()))
+    }
     /// When `vip` was last used by anyone (a connect the kernel saw, or an
     /// answer any Envoy gave), CLOCK_MONOTONIC nanoseconds; `None` when the
     /// store keeps no such stamps or has none for it.
@@ -160,6 +169,9 @@ pub trait VipStore: Send {
         None
     }
 }
+
+/// Held while one process reclaims a VIP (see [`VipStore::lock_reclaims`]).
+pub type ReclaimGuard = Box<dyn std::any::Any + Send>;
 
 /// How long a snapshot of the shared use stamps serves reclaiming before it
 /// is read again. The VIP finally chosen is always checked afresh.
@@ -231,6 +243,8 @@ enum Claim {
     Won,
     /// Another writer holds it, for this domain.
     Owned(String),
+    /// Another writer is reclaiming it at this moment.
+    Busy,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -330,6 +344,39 @@ impl VipAllocator {
             .unwrap_or_default()
     }
 
+    /// Whether the store still gives `vip` to `domain`, as memory says. In
+    /// a pool that reclaims, another Envoy on the same store may have taken
+    /// it for another name; memory then follows the store and the caller
+    /// looks further. Without a store memory is the truth.
+    fn still_holds(&mut self, vip: u32, domain: &str) -> Result<bool, AllocError> {
+        let Some(store) = self.store.as_ref() else {
+            return Ok(true);
+        };
+        let owner = store.get(Ipv4Addr::from(vip)).map_err(AllocError::Store)?;
+        if owner.as_deref() == Some(domain) {
+            return Ok(true);
+        }
+        self.forget(vip);
+        if let Some(owner) = owner {
+            self.remember(vip, owner);
+        }
+        Ok(false)
+    }
+
+    /// Drops `vip` from memory (the store holds it for no name, or for
+    /// another one).
+    fn forget(&mut self, vip: u32) {
+        if let Some(old) = self.by_vip.remove(&vip) {
+            if let Some(vips) = self.by_domain.get_mut(&old) {
+                vips.retain(|v| *v != vip);
+                if vips.is_empty() {
+                    self.by_domain.remove(&old);
+                }
+            }
+        }
+        self.pools.clear();
+    }
+
     fn remember(&mut self, vip: u32, domain: String) {
         if let std::collections::hash_map::Entry::Vacant(e) = self.last_used.entry(vip) {
             e.insert(Instant::now());
@@ -392,17 +439,30 @@ impl VipAllocator {
 
     /// [`VipAllocator::domain_of`] at a given time (a connection counts as
     /// a use of the VIP).
+    ///
+    /// With a store, the store answers: another Envoy on it may have
+    /// reclaimed the VIP for another name since this process learnt it.
+    /// A store that cannot be read gives `None` (the connection is refused
+    /// rather than given a name memory may hold wrongly).
     pub fn domain_of_at(&mut self, vip: Ipv4Addr, now: Instant) -> Option<String> {
-        if let Some(domain) = self.by_vip.get(&u32::from(vip)).cloned() {
-            // The kernel stamps connects itself; this keeps the process's
-            // own view current too.
-            self.last_used.insert(u32::from(vip), now);
-            self.learnt_only.remove(&u32::from(vip));
-            return Some(domain);
-        }
-        let domain = self.store.as_ref()?.get(vip).ok().flatten()?;
-        self.remember(u32::from(vip), domain.clone());
-        self.pools.clear();
+        let key = u32::from(vip);
+        let domain = match self.store.as_ref() {
+            None => self.by_vip.get(&key).cloned()?,
+            Some(store) => {
+                let stored = store.get(vip).ok().flatten();
+                if stored.as_ref() != self.by_vip.get(&key) {
+                    self.forget(key);
+                    if let Some(domain) = &stored {
+                        self.remember(key, domain.clone());
+                    }
+                }
+                stored?
+            }
+        };
+        // The kernel stamps connects itself; this keeps the process's own
+        // view current too.
+        self.last_used.insert(key, now);
+        self.learnt_only.remove(&key);
         Some(domain)
     }
 
@@ -441,12 +501,17 @@ impl VipAllocator {
         pool: &Pool,
         now: Instant,
     ) -> Result<Allocated, AllocError> {
-        if let Some(vip) = self.by_domain.get(domain).and_then(|vips| {
+        while let Some(vip) = self.by_domain.get(domain).and_then(|vips| {
             vips.iter()
                 .copied()
                 .find(|v| pool.contains(Ipv4Addr::from(*v)))
         }) {
+            // Stamped before it is checked: a reclaim that starts after the
+            // check sees this use and backs off (see `reclaim_in_store`).
             self.used(vip, now);
+            if pool.reclaim_idle_after().is_some() && !self.still_holds(vip, domain)? {
+                continue;
+            }
             return Ok(Allocated {
                 vip: Ipv4Addr::from(vip),
                 new: false,
@@ -503,6 +568,7 @@ impl VipAllocator {
                     self.remember(candidate, owner);
                     state.used += 1;
                 }
+                Claim::Busy => {}
                 Claim::Won => {
                     found = Some(candidate);
                     break;
@@ -571,12 +637,15 @@ impl VipAllocator {
         let Some(vip) = vip else {
             return Err(AllocError::Exhausted);
         };
-        if let Some(store) = self.store.as_mut() {
-            store
-                .insert(Ipv4Addr::from(vip), domain)
-                .map_err(AllocError::Store)?;
-        }
         let previous = self.by_vip.get(&vip).cloned();
+        if self.store.is_some() {
+            let Some(previous) = previous.clone() else {
+                return Err(AllocError::Exhausted);
+            };
+            if !self.reclaim_in_store(vip, &previous, domain, now, idle)? {
+                return Err(AllocError::Exhausted);
+            }
+        }
         self.remember(vip, domain.to_owned());
         self.used(vip, now);
         Ok(Allocated {
@@ -584,6 +653,56 @@ impl VipAllocator {
             new: true,
             reclaimed_from: previous,
         })
+    }
+
+    /// Hands `vip` from `previous` to `domain` in the store, so that no
+    /// two processes on it ever give one VIP to two names. Under the
+    /// store's reclaim lock (one reclaim at a time): the store must still
+    /// give `vip` to `previous` (another reclaim may have moved it); the
+    /// VIP is marked as being reclaimed (no name holds it); its use stamp
+    /// is read afresh, and if anyone used it meanwhile it goes back to
+    /// `previous`; only then does `domain` get it. An Envoy answering
+    /// from memory stamps the use before it checks the store, so either
+    /// this sees its stamp or it sees the mark or the new name.
+    /// Returns false when the VIP is not reclaimed after all.
+    fn reclaim_in_store(
+        &mut self,
+        vip: u32,
+        previous: &str,
+        domain: &str,
+        now: Instant,
+        idle: Duration,
+    ) -> Result<bool, AllocError> {
+        let Some(store) = self.store.as_mut() else {
+            return Ok(true);
+        };
+        let addr = Ipv4Addr::from(vip);
+        let _lock = store.lock_reclaims().map_err(AllocError::Store)?;
+        if store.get(addr).map_err(AllocError::Store)?.as_deref() != Some(previous) {
+            drop(_lock);
+            // Memory was behind: follow the store and let the client retry.
+            let _ = self.still_holds(vip, previous);
+            return Ok(false);
+        }
+        store.mark_reclaiming(addr).map_err(AllocError::Store)?;
+        let fresh = store.last_use_ns(addr);
+        let back_off = self.idle_for(vip, now, fresh) < idle;
+        let Some(store) = self.store.as_mut() else {
+            return Ok(false);
+        };
+        let (owner, outcome) = if back_off {
+            (previous, Ok(false))
+        } else {
+            (domain, Ok(true))
+        };
+        if let Err(e) = store.insert(addr, owner) {
+            if !back_off {
+                // Leave no VIP marked: give it back to its previous name.
+                let _ = store.insert(addr, previous);
+            }
+            return Err(AllocError::Store(e));
+        }
+        outcome
     }
 
     /// Claims `candidate` for `domain` in the store (always won without
@@ -597,12 +716,10 @@ impl VipAllocator {
         if store.insert_new(vip, domain)? {
             return Ok(Claim::Won);
         }
-        match store.get(vip)? {
-            Some(owner) => Ok(Claim::Owned(owner)),
-            None => Err(format!(
-                "VIP {vip} was claimed and released concurrently; try again"
-            )),
-        }
+        Ok(match store.get(vip)? {
+            Some(owner) => Claim::Owned(owner),
+            None => Claim::Busy,
+        })
     }
 }
 
@@ -623,11 +740,23 @@ pub(crate) mod tests {
                 .lock()
                 .unwrap()
                 .iter()
+                .filter(|(_, v)| !v.is_empty())
                 .map(|(k, v)| (*k, v.clone()))
                 .collect())
         }
         fn get(&self, vip: Ipv4Addr) -> Result<Option<String>, String> {
-            Ok(self.0.lock().unwrap().get(&vip).cloned())
+            // An empty name marks a VIP being reclaimed.
+            Ok(self
+                .0
+                .lock()
+                .unwrap()
+                .get(&vip)
+                .filter(|v| !v.is_empty())
+                .cloned())
+        }
+        fn mark_reclaiming(&mut self, vip: Ipv4Addr) -> Result<(), String> {
+            self.0.lock().unwrap().insert(vip, String::new());
+            Ok(())
         }
         fn insert(&mut self, vip: Ipv4Addr, domain: &str) -> Result<(), String> {
             self.0.lock().unwrap().insert(vip, domain.to_owned());
@@ -652,6 +781,10 @@ pub(crate) mod tests {
     struct StampedStore {
         vips: MemStore,
         uses: Arc<Mutex<std::collections::HashMap<Ipv4Addr, u64>>>,
+        /// Reclaim locks taken.
+        locks: Arc<std::sync::atomic::AtomicUsize>,
+        /// Simulates another Envoy answering the VIP just as it is marked.
+        use_while_marking: Arc<std::sync::atomic::AtomicBool>,
     }
 
     impl VipStore for StampedStore {
@@ -666,6 +799,19 @@ pub(crate) mod tests {
         }
         fn insert_new(&mut self, vip: Ipv4Addr, domain: &str) -> Result<bool, String> {
             self.vips.insert_new(vip, domain)
+        }
+        fn mark_reclaiming(&mut self, vip: Ipv4Addr) -> Result<(), String> {
+            if self
+                .use_while_marking
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                self.uses.lock().unwrap().insert(vip, monotonic_ns());
+            }
+            self.vips.mark_reclaiming(vip)
+        }
+        fn lock_reclaims(&self) -> Result<ReclaimGuard, String> {
+            self.locks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(Box::new(()))
         }
         fn last_use_ns(&self, vip: Ipv4Addr) -> Option<u64> {
             self.uses.lock().unwrap().get(&vip).copied()
@@ -729,6 +875,99 @@ pub(crate) mod tests {
         let mut fourth = VipAllocator::new();
         fourth.attach_store(Some(Box::new(plain))).unwrap();
         assert_eq!(fourth.allocate("c.com", &p), Err(AllocError::Exhausted));
+    }
+
+    /// Two Envoys (allocators) on one store that have both learnt a full
+    /// /30 whose VIPs were last used `idle` seconds ago.
+    fn two_envoys_on_a_full_idle_pool(
+        idle: [u64; 2],
+    ) -> (
+        StampedStore,
+        Pool,
+        VipAllocator,
+        VipAllocator,
+        [Ipv4Addr; 2],
+    ) {
+        let ago = |secs: u64| monotonic_ns().saturating_sub(secs * 1_000_000_000);
+        let p = pool([10, 10, 0, 0], 30).with_reclaim_idle_after(Some(Duration::from_secs(2)));
+        let store = StampedStore::default();
+        let mut first = VipAllocator::new();
+        first.attach_store(Some(Box::new(store.clone()))).unwrap();
+        let vips = [
+            first.allocate("a.com", &p).unwrap().vip,
+            first.allocate("b.com", &p).unwrap().vip,
+        ];
+        for (vip, secs) in vips.iter().zip(idle) {
+            store.uses.lock().unwrap().insert(*vip, ago(secs));
+        }
+        let mut one = VipAllocator::new();
+        one.attach_store(Some(Box::new(store.clone()))).unwrap();
+        let mut two = VipAllocator::new();
+        two.attach_store(Some(Box::new(store.clone()))).unwrap();
+        (store, p, one, two, vips)
+    }
+
+    #[test]
+    fn a_vip_reclaimed_by_another_envoy_is_never_given_its_old_name_again() {
+        let (store, p, mut one, mut two, [a, _]) = two_envoys_on_a_full_idle_pool([9, 5]);
+        let mut three = VipAllocator::new();
+        three.attach_store(Some(Box::new(store.clone()))).unwrap();
+        // Envoy one reclaims a.com's VIP (the idlest) for c.com.
+        let c = one.allocate("c.com", &p).unwrap();
+        assert_eq!((c.vip, c.reclaimed_from.as_deref()), (a, Some("a.com")));
+        // Envoy two still remembers a.com there. An answer for a.com never
+        // hands out c.com's VIP: whatever it gets is what the store says
+        // a.com holds.
+        match two.allocate("a.com", &p) {
+            Ok(got) => {
+                assert_ne!(got.vip, a, "c.com's VIP answered for a.com");
+                assert_eq!(store.get(got.vip).unwrap().as_deref(), Some("a.com"));
+            }
+            Err(e) => assert_eq!(e, AllocError::Exhausted),
+        }
+        // Envoy three also remembers a.com there. A connection to the VIP
+        // gets the store's name, not the remembered one.
+        assert_eq!(three.domain_of(a).as_deref(), Some("c.com"));
+        assert_eq!(store.get(a).unwrap().as_deref(), Some("c.com"));
+        assert!(store.locks.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    }
+
+    #[test]
+    fn a_use_during_a_reclaim_keeps_the_vip_for_its_name() {
+        let (store, p, mut one, _, [a, b]) = two_envoys_on_a_full_idle_pool([9, 5]);
+        // Another Envoy answers a.com just as the VIP is marked: the fresh
+        // stamp after the mark makes the reclaim back off.
+        store
+            .use_while_marking
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(one.allocate("c.com", &p), Err(AllocError::Exhausted));
+        assert_eq!(
+            store.entries().unwrap(),
+            [(a, "a.com".to_owned()), (b, "b.com".to_owned())],
+            "the VIP went back to its name, unmarked"
+        );
+        assert_eq!(one.domain_of(a).as_deref(), Some("a.com"));
+    }
+
+    #[test]
+    fn a_reclaim_from_stale_memory_never_overwrites_another_reclaim() {
+        let ago = |secs: u64| monotonic_ns().saturating_sub(secs * 1_000_000_000);
+        let (store, p, mut one, mut two, [a, b]) = two_envoys_on_a_full_idle_pool([9, 5]);
+        assert_eq!(one.allocate("c.com", &p).unwrap().vip, a);
+        // Envoy two has not seen that reclaim, and c.com's stamp was lost
+        // (stamps may be): by its memory a.com's VIP is the idlest.
+        store.uses.lock().unwrap().insert(a, ago(9));
+        let _ = two.use_snapshot(Instant::now(), true);
+        let d = two.allocate("d.com", &p);
+        assert_ne!(d.as_ref().map(|d| d.vip), Ok(a), "{d:?}");
+        assert_eq!(
+            store.get(a).unwrap().as_deref(),
+            Some("c.com"),
+            "the first reclaim stands"
+        );
+        // Envoy two now follows the store.
+        assert_eq!(two.domain_of(a).as_deref(), Some("c.com"));
+        assert_eq!(store.get(b).unwrap().as_deref(), Some("b.com"));
     }
 
     fn ip(s: &str) -> Ipv4Addr {
@@ -938,6 +1177,9 @@ pub(crate) mod tests {
             Err("map full".into())
         }
         fn insert_new(&mut self, _: Ipv4Addr, _: &str) -> Result<bool, String> {
+            Err("map full".into())
+        }
+        fn mark_reclaiming(&mut self, _: Ipv4Addr) -> Result<(), String> {
             Err("map full".into())
         }
     }

@@ -37,31 +37,48 @@ pub trait MapOpener: Send + Sync {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PinnedMaps;
 
-struct PinnedVips(VipTable, Option<gateway_common::pinned::VipUseTable>);
+struct PinnedVips {
+    table: VipTable,
+    uses: Option<gateway_common::pinned::VipUseTable>,
+    pins: PinDir,
+}
 
 impl VipStore for PinnedVips {
     fn entries(&self) -> Result<Vec<(Ipv4Addr, String)>, String> {
-        self.0.entries().map_err(|e| format!("{e:#}"))
+        self.table.entries().map_err(|e| format!("{e:#}"))
     }
 
     fn get(&self, vip: Ipv4Addr) -> Result<Option<String>, String> {
-        self.0.get(vip).map_err(|e| format!("{e:#}"))
+        self.table.get(vip).map_err(|e| format!("{e:#}"))
     }
 
     fn insert(&mut self, vip: Ipv4Addr, domain: &str) -> Result<(), String> {
-        self.0.insert(vip, domain).map_err(|e| format!("{e:#}"))
+        self.table.insert(vip, domain).map_err(|e| format!("{e:#}"))
     }
 
     fn insert_new(&mut self, vip: Ipv4Addr, domain: &str) -> Result<bool, String> {
-        self.0.insert_new(vip, domain).map_err(|e| format!("{e:#}"))
+        self.table
+            .insert_new(vip, domain)
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    fn mark_reclaiming(&mut self, vip: Ipv4Addr) -> Result<(), String> {
+        self.table
+            .mark_reclaiming(vip)
+            .map_err(|e| format!("{e:#}"))
+    }
+
+    fn lock_reclaims(&self) -> Result<crate::allocator::ReclaimGuard, String> {
+        let lock = self.pins.lock_reclaims().map_err(|e| format!("{e:#}"))?;
+        Ok(Box::new(lock))
     }
 
     fn last_use_ns(&self, vip: Ipv4Addr) -> Option<u64> {
-        self.1.as_ref()?.last_use_ns(vip).ok().flatten()
+        self.uses.as_ref()?.last_use_ns(vip).ok().flatten()
     }
 
     fn all_last_uses(&self) -> Option<std::collections::HashMap<u32, u64>> {
-        self.1.as_ref()?.entries().ok().map(|all| {
+        self.uses.as_ref()?.entries().ok().map(|all| {
             all.into_iter()
                 .map(|(vip, ns)| (u32::from(vip), ns))
                 .collect()
@@ -69,7 +86,7 @@ impl VipStore for PinnedVips {
     }
 
     fn stamp_use(&mut self, vip: Ipv4Addr, ns: u64) {
-        if let Some(table) = self.1.as_mut() {
+        if let Some(table) = self.uses.as_mut() {
             // A lost stamp only makes the VIP look idler by a second.
             let _ = table.stamp(vip, ns);
         }
@@ -97,7 +114,7 @@ impl MapOpener for PinnedMaps {
             .has(gateway_common::MAP_VIP_USE)
             .then(|| pins.vip_use().ok())
             .flatten();
-        Ok(Some(Box::new(PinnedVips(table, uses))))
+        Ok(Some(Box::new(PinnedVips { table, uses, pins })))
     }
 
     fn open_orig_dst(&self, dir: &Path) -> Result<Option<Box<dyn OrigDstSource>>, String> {

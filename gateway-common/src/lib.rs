@@ -51,6 +51,11 @@ pub const MAP_LOADER: &str = "GW_LOADER";
 /// restarts, like the VIP table.
 pub const MAP_VIP_USE: &str = "GW_VIP_USE";
 
+/// Directory in the pin directory that Envoys `flock` while one of them
+/// reclaims a VIP (the pin directory itself is the loader's lock). The
+/// loader creates it with the maps; it outlives loaders like the VIP map.
+pub const RECLAIM_LOCK_DIR: &str = "reclaim_lock";
+
 /// Every map the gateway pins, in the order `gateway status` shows them.
 pub const ALL_MAPS: [&str; 7] = [
     MAP_CONFIG,
@@ -323,6 +328,10 @@ pub struct OrigDstEntry {
 pub const ORIG_DST_CLOSE_GRACE_NS: u64 = 500_000_000;
 
 /// One entry of the VIP table: the domain a VIP stands for.
+///
+/// A record with `domain_len` 0 is a VIP being reclaimed: no name holds it
+/// for that moment (see [`VIP_RECLAIMING_LEN`]); readers treat it as
+/// unallocated, and writers that claim free VIPs cannot take it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -332,6 +341,13 @@ pub struct VipRecord {
     /// Lower-case domain without trailing dot, ASCII.
     pub domain: [u8; MAX_DOMAIN_LEN + 1],
 }
+
+/// `VipRecord::domain_len` of a VIP in the middle of being reclaimed for
+/// another name. A reclaiming Envoy writes it first, then checks that no
+/// one used the VIP meanwhile, then writes the new name; an Envoy that
+/// answers from memory checks the record after stamping its use, so the
+/// two can never both hand the VIP out.
+pub const VIP_RECLAIMING_LEN: u32 = 0;
 
 /// What the loader tells `gateway status` about itself.
 #[repr(C)]

@@ -306,6 +306,10 @@ impl PinDir {
                 .with_context(|| format!("chmod {mode:o} {}", path.display()))
         };
         share(&self.path, 0o750)?;
+        let lock = self.path.join(crate::RECLAIM_LOCK_DIR);
+        if lock.exists() {
+            share(&lock, 0o750)?;
+        }
         for name in [MAP_VIPS, MAP_ORIG_DST, crate::MAP_VIP_USE] {
             let path = self.map_path(name);
             if path.exists() {
@@ -313,6 +317,50 @@ impl PinDir {
             }
         }
         Ok(())
+    }
+
+    /// Creates the directory Envoys lock while reclaiming (see
+    /// [`crate::RECLAIM_LOCK_DIR`]) if it is missing.
+    pub fn ensure_reclaim_lock(&self) -> Result<()> {
+        let dir = self.path.join(crate::RECLAIM_LOCK_DIR);
+        match fs::create_dir(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("creating {}", dir.display())),
+        }
+    }
+
+    /// Takes the pin directory's reclaim lock (an exclusive `flock` on
+    /// [`crate::RECLAIM_LOCK_DIR`]), which every Envoy holds while it
+    /// reclaims a VIP, so that two reclaims never interleave. Waits at most
+    /// [`RECLAIM_LOCK_WAIT`]: a holder keeps it only for a few map
+    /// operations, and the kernel releases it when the holder dies.
+    pub fn lock_reclaims(&self) -> Result<ReclaimLock> {
+        let path = self.path.join(crate::RECLAIM_LOCK_DIR);
+        let dir = fs::File::open(&path).with_context(|| {
+            format!(
+                "opening the reclaim lock {} (pins made by an older loader have none: \
+                 restart `gateway attach` or `gateway run` to create it)",
+                path.display()
+            )
+        })?;
+        let deadline = std::time::Instant::now() + RECLAIM_LOCK_WAIT;
+        loop {
+            match dir.try_lock() {
+                Ok(()) => return Ok(ReclaimLock { _dir: dir }),
+                Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(fs::TryLockError::WouldBlock) => bail!(
+                    "another process held the reclaim lock {} for over {:?}",
+                    path.display(),
+                    RECLAIM_LOCK_WAIT
+                ),
+                Err(fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("locking {}", path.display()))
+                }
+            }
+        }
     }
 
     /// Removes every pin of the gateway in this directory, then the
@@ -325,6 +373,11 @@ impl PinDir {
                 fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
                 removed.push(path);
             }
+        }
+        let lock = self.path.join(crate::RECLAIM_LOCK_DIR);
+        if lock.exists() {
+            fs::remove_dir(&lock).with_context(|| format!("removing {}", lock.display()))?;
+            removed.push(lock);
         }
         if self.path.exists()
             && fs::read_dir(&self.path)
@@ -441,6 +494,15 @@ impl OrigDstTable {
     }
 }
 
+/// The longest [`PinDir::lock_reclaims`] waits for another holder.
+pub const RECLAIM_LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The held reclaim lock of a pin directory; released when dropped (or when
+/// the process dies).
+pub struct ReclaimLock {
+    _dir: fs::File,
+}
+
 /// VIP → last use (CLOCK_MONOTONIC ns), stamped by the kernel at each
 /// connect and by the module at each answer.
 pub struct VipUseTable {
@@ -483,10 +545,11 @@ pub struct VipTable {
 }
 
 impl VipTable {
-    /// The domain `vip` stands for, if allocated.
+    /// The domain `vip` stands for, if allocated (`None` too while it is
+    /// being reclaimed).
     pub fn get(&self, vip: Ipv4Addr) -> Result<Option<String>> {
         match self.map.get(&vip.octets(), 0) {
-            Ok(value) => Ok(Some(record_domain(&from_bytes(&value))?)),
+            Ok(value) => record_domain(&from_bytes(&value)),
             Err(aya::maps::MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(e).context("looking up a VIP"),
         }
@@ -520,6 +583,24 @@ impl VipTable {
         }
     }
 
+    /// Marks an allocated `vip` as being reclaimed (see
+    /// [`crate::VIP_RECLAIMING_LEN`]): from now on no name holds it, and
+    /// [`VipTable::insert_new`] cannot take it.
+    pub fn mark_reclaiming(&mut self, vip: Ipv4Addr) -> Result<()> {
+        const BPF_EXIST: u64 = 2;
+        let record = VipRecord {
+            domain_len: crate::VIP_RECLAIMING_LEN,
+            domain: [0; MAX_DOMAIN_LEN + 1],
+        };
+        self.map
+            .insert(
+                vip.octets(),
+                to_bytes::<_, VIP_RECORD_SIZE>(&record),
+                BPF_EXIST,
+            )
+            .with_context(|| format!("marking VIP {vip} as being reclaimed"))
+    }
+
     /// Forgets `vip`.
     pub fn remove(&mut self, vip: Ipv4Addr) -> Result<()> {
         self.map
@@ -532,9 +613,14 @@ impl VipTable {
         let mut out = self
             .map
             .iter()
-            .map(|item| {
-                let (k, v) = item.context("iterating the VIP table")?;
-                Ok((Ipv4Addr::from(k), record_domain(&from_bytes(&v))?))
+            .filter_map(|item| {
+                let (k, v) = match item.context("iterating the VIP table") {
+                    Ok(kv) => kv,
+                    Err(e) => return Some(Err(e)),
+                };
+                record_domain(&from_bytes(&v))
+                    .transpose()
+                    .map(|domain| domain.map(|d| (Ipv4Addr::from(k), d)))
             })
             .collect::<Result<Vec<_>>>()?;
         out.sort();
@@ -547,6 +633,9 @@ fn vip_record(domain: &str) -> Result<VipRecord> {
     if bytes.len() > MAX_DOMAIN_LEN {
         bail!("domain {domain:?} is longer than {MAX_DOMAIN_LEN} bytes");
     }
+    if bytes.is_empty() {
+        bail!("an empty domain cannot hold a VIP (it marks a VIP being reclaimed)");
+    }
     let mut record = VipRecord {
         domain_len: bytes.len() as u32,
         domain: [0; MAX_DOMAIN_LEN + 1],
@@ -555,13 +644,19 @@ fn vip_record(domain: &str) -> Result<VipRecord> {
     Ok(record)
 }
 
-fn record_domain(record: &VipRecord) -> Result<String> {
+/// The domain of a record; `None` for a VIP being reclaimed.
+fn record_domain(record: &VipRecord) -> Result<Option<String>> {
+    if record.domain_len == crate::VIP_RECLAIMING_LEN {
+        return Ok(None);
+    }
     let len = record.domain_len as usize;
     let bytes = record
         .domain
         .get(..len)
         .context("VIP record has a domain length beyond its buffer")?;
-    String::from_utf8(bytes.to_vec()).context("VIP record holds a domain that is not UTF-8")
+    String::from_utf8(bytes.to_vec())
+        .map(Some)
+        .context("VIP record holds a domain that is not UTF-8")
 }
 
 #[cfg(test)]

@@ -415,6 +415,7 @@ impl Discovered {
         pin_dir
             .set_config(&config)
             .context("writing the kernel configuration")?;
+        pin_dir.ensure_reclaim_lock()?;
         if let Some(gid) = maps_group {
             pin_dir.share_with_group(gid)?;
         }

@@ -527,3 +527,87 @@ fn pinned_vip_map_persists_vips_and_redirected_connections_find_their_domain() {
     );
     assert_eq!(pins.vips().unwrap().entries().unwrap().len(), 2);
 }
+
+#[test]
+fn two_envoys_on_one_pin_directory_never_give_one_vip_two_names() {
+    if !prerequisites_met(&envoy_prerequisites()) {
+        return;
+    }
+    enter_private_netns().unwrap();
+    let first_ports = Ports::pick().unwrap();
+    let _resolver = StubResolver::start(first_ports.resolver, &[]).unwrap();
+    let up1 = ConnectUpstream::start("cluster_1", first_ports.upstream_1).unwrap();
+    let _up2 = ConnectUpstream::start("cluster_2", first_ports.upstream_2).unwrap();
+    // A /30 (two VIPs), a 1 s TTL and reclaiming after 2 s idle.
+    let cgroup = TestCgroup::new().unwrap();
+    // The loader sends the gated cgroup's connections to the second Envoy.
+    let mut second_ports = Ports::pick().unwrap();
+    second_ports.resolver = first_ports.resolver;
+    second_ports.upstream_1 = first_ports.upstream_1;
+    second_ports.upstream_2 = first_ports.upstream_2;
+    let loader = Loader::attach(
+        &cgroup,
+        &["10.10.0.0/30"],
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, first_ports.dns),
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, second_ports.tcp),
+    )
+    .expect("gateway attach");
+    let mut config = seed_dns_gateway_config("10.10.0.0", 30, loader.pin_dir());
+    config["ttl"] = json!(1);
+    config["reclaim_idle_after"] = json!(2);
+    let first = Envoy::start(
+        &seed_bootstrap(&first_ports, &config, &json!({})),
+        first_ports.admin,
+    )
+    .unwrap();
+    let second = Envoy::start(
+        &seed_bootstrap(&second_ports, &config, &json!({"on_miss": "close"})),
+        second_ports.admin,
+    )
+    .unwrap();
+    assert_eq!(a_of(first_ports.dns, "a.s3.aws.com"), ["10.10.0.1"]);
+    assert_eq!(a_of(first_ports.dns, "b.s3.aws.com"), ["10.10.0.2"]);
+    // The second Envoy learns a.s3.aws.com's VIP and keeps it in memory.
+    assert_eq!(a_of(second_ports.dns, "a.s3.aws.com"), ["10.10.0.1"]);
+    std::thread::sleep(Duration::from_millis(2500));
+    // b is used again; the first Envoy reclaims a's VIP for c.
+    assert_eq!(a_of(first_ports.dns, "b.s3.aws.com"), ["10.10.0.2"]);
+    assert_eq!(
+        a_of(first_ports.dns, "c.s3.aws.com"),
+        ["10.10.0.1"],
+        "{}",
+        first.log()
+    );
+    // The second Envoy must not answer a with c's VIP from its memory
+    // (nothing is idle now: SERVFAIL, no address).
+    assert_eq!(
+        a_of(second_ports.dns, "a.s3.aws.com"),
+        Vec::<String>::new(),
+        "{}",
+        second.log()
+    );
+    let pins = PinDir::new(loader.pin_dir());
+    assert_eq!(
+        pins.vips().unwrap().entries().unwrap(),
+        [
+            (Ipv4Addr::new(10, 10, 0, 1), "c.s3.aws.com".to_owned()),
+            (Ipv4Addr::new(10, 10, 0, 2), "b.s3.aws.com".to_owned()),
+        ]
+    );
+    // A connection to the VIP through the second Envoy tunnels to c, with
+    // c's name: never to a, which the second Envoy once knew there.
+    let reply = connect_in_cgroup(&cgroup, "10.10.0.1", 443);
+    assert!(
+        reply.starts_with("cluster_1\n"),
+        "{reply:?}\n{}",
+        second.log()
+    );
+    let requests = up1.requests().unwrap();
+    assert!(
+        requests
+            .last()
+            .is_some_and(|r| r.authority.starts_with("c.s3.aws.com:")),
+        "{requests:?}"
+    );
+    drop(first);
+}
