@@ -28,8 +28,16 @@
 //! closed (`on_miss: "close"`, what `gateway run` uses). Before declaring a
 //! miss the pinned map is reopened once, in case a restarted loader
 //! recreated it. A panic while handling the connection closes it.
+//!
+//! With `connect_response_timeout_ms`, a connection whose upstream is not
+//! ready that long after it was accepted is closed and counted (in total
+//! and per cluster named in `clusters`). tcp_proxy marks the upstream
+//! ready only once the proxy answered the CONNECT, so this bounds a proxy
+//! that accepts the TCP connection and never answers; Envoy 1.40's
+//! tcp_proxy has no timeout of its own for that.
 
 use std::{
+    collections::HashMap,
     net::{SocketAddr, SocketAddrV4},
     sync::Arc,
 };
@@ -40,8 +48,8 @@ pub use gateway_common::contract::{
 
 use crate::{
     api::{
-        log, CounterKind, Counters, LogLevel, NetworkFilter, NetworkFilterConfig,
-        NetworkFilterHandle, NetworkStatus,
+        log, CounterId, CounterKind, CounterRegistry, Counters, LogLevel, NetworkFilter,
+        NetworkFilterConfig, NetworkFilterHandle, NetworkStatus, Timer,
     },
     config::{CacheLookupSettings, DestinationSource, OnMiss},
     state::GatewayState,
@@ -64,6 +72,9 @@ pub enum CacheCounter {
     UnknownVip,
     /// Connections closed because handling them panicked.
     Panics,
+    /// Connections closed because their tunnel was not established within
+    /// `connect_response_timeout_ms`.
+    ConnectResponseTimeout,
 }
 
 impl CounterKind for CacheCounter {
@@ -74,6 +85,7 @@ impl CounterKind for CacheCounter {
         Self::NotRedirected,
         Self::UnknownVip,
         Self::Panics,
+        Self::ConnectResponseTimeout,
     ];
 
     fn name(self) -> &'static str {
@@ -84,6 +96,7 @@ impl CounterKind for CacheCounter {
             Self::NotRedirected => "cache_lookup.not_redirected",
             Self::UnknownVip => "cache_lookup.unknown_vip",
             Self::Panics => "cache_lookup.panics",
+            Self::ConnectResponseTimeout => "cache_lookup.connect_response_timeout",
         }
     }
 
@@ -96,6 +109,30 @@ struct Shared {
     settings: CacheLookupSettings,
     state: Arc<GatewayState>,
     counters: Counters<CacheCounter>,
+    /// `cache_lookup.connect_response_timeout.<cluster>`, per configured
+    /// cluster.
+    timeouts_by_cluster: HashMap<String, CounterId>,
+}
+
+/// The event id of the tunnel deadline timer.
+const TUNNEL_DEADLINE: u64 = 1;
+
+/// Defines the per-cluster timeout counters of `clusters`.
+pub fn define_cluster_counters(
+    clusters: &[String],
+    registry: &mut dyn CounterRegistry,
+) -> HashMap<String, CounterId> {
+    clusters
+        .iter()
+        .filter_map(|cluster| {
+            let name = format!("{}.{cluster}", CacheCounter::ConnectResponseTimeout.name());
+            let id = registry.define_counter(&name);
+            if id.is_none() {
+                log(LogLevel::Warn, &format!("could not define counter {name}"));
+            }
+            Some((cluster.clone(), id?))
+        })
+        .collect()
 }
 
 /// A loaded `cache_lookup` config, shared by all connections.
@@ -110,11 +147,23 @@ impl CacheLookupConfig {
         state: Arc<GatewayState>,
         counters: Counters<CacheCounter>,
     ) -> Self {
+        Self::with_cluster_counters(settings, state, counters, HashMap::new())
+    }
+
+    /// Builds the config with per-cluster timeout counters (see
+    /// [`define_cluster_counters`]).
+    pub fn with_cluster_counters(
+        settings: CacheLookupSettings,
+        state: Arc<GatewayState>,
+        counters: Counters<CacheCounter>,
+        timeouts_by_cluster: HashMap<String, CounterId>,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 settings,
                 state,
                 counters,
+                timeouts_by_cluster,
             }),
         }
     }
@@ -124,6 +173,8 @@ impl NetworkFilterConfig for CacheLookupConfig {
     fn new_filter(&self) -> Box<dyn NetworkFilter> {
         Box::new(CacheLookupFilter {
             shared: self.shared.clone(),
+            deadline: None,
+            route: None,
         })
     }
 }
@@ -131,6 +182,12 @@ impl NetworkFilterConfig for CacheLookupConfig {
 /// The filter of one connection.
 pub struct CacheLookupFilter {
     shared: Arc<Shared>,
+    /// Armed until it fires or the connection goes; whether the tunnel is
+    /// up is asked only then (tcp_proxy tells no one when it comes up).
+    deadline: Option<Timer>,
+    /// The connection's domain and cluster, for the timeout's log and
+    /// counters.
+    route: Option<(String, Option<String>)>,
 }
 
 fn ipv4(addr: Option<SocketAddr>) -> Option<SocketAddrV4> {
@@ -215,7 +272,7 @@ impl CacheLookupFilter {
         }
     }
 
-    fn lookup(&self, handle: &mut dyn NetworkFilterHandle) -> NetworkStatus {
+    fn lookup(&mut self, handle: &mut dyn NetworkFilterHandle) -> NetworkStatus {
         let Some(destination) = self.destination(handle) else {
             let what = format!(
                 "no original destination for the connection from {:?} (the gateway did not redirect it)",
@@ -259,7 +316,50 @@ impl CacheLookupFilter {
             LogLevel::Debug,
             &format!("cache_lookup: VIP {vip} -> {domain}"),
         );
+        if let Some(timeout) = self.shared.settings.connect_response_timeout {
+            self.deadline = handle.start_timer(timeout, TUNNEL_DEADLINE);
+            if self.deadline.is_none() {
+                log(
+                    LogLevel::Warn,
+                    "cache_lookup: Envoy offers no scheduler; connect_response_timeout is not enforced",
+                );
+            }
+        }
+        let cluster = rule.and_then(|r| r.metadata.get("cluster").cloned());
+        self.route = Some((domain, cluster));
         NetworkStatus::Continue
+    }
+
+    /// The tunnel deadline passed: close the connection unless tcp_proxy
+    /// has its upstream ready.
+    fn deadline_passed(&mut self, handle: &mut dyn NetworkFilterHandle) {
+        self.deadline = None;
+        if handle.has_upstream_host() {
+            return;
+        }
+        self.count(handle, CacheCounter::ConnectResponseTimeout);
+        let (domain, cluster) = self
+            .route
+            .as_ref()
+            .map(|(d, c)| (d.as_str(), c.as_deref()))
+            .unwrap_or(("?", None));
+        if let Some(id) = cluster.and_then(|c| self.shared.timeouts_by_cluster.get(c)) {
+            handle.increment_counter(*id, 1);
+        }
+        let timeout = self
+            .shared
+            .settings
+            .connect_response_timeout
+            .unwrap_or_default();
+        log(
+            LogLevel::Info,
+            &format!(
+                "cache_lookup: the tunnel to {domain} (cluster {}) was not established within {timeout:?} \
+                 (the proxy did not connect or did not answer the CONNECT); closing the client's connection",
+                cluster.unwrap_or("?")
+            ),
+        );
+        handle.close();
     }
 }
 
@@ -275,5 +375,11 @@ impl NetworkFilter for CacheLookupFilter {
             handle.close();
             NetworkStatus::StopIteration
         })
+    }
+
+    fn on_scheduled(&mut self, handle: &mut dyn NetworkFilterHandle, event: u64) {
+        if event == TUNNEL_DEADLINE {
+            self.deadline_passed(handle);
+        }
     }
 }

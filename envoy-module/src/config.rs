@@ -81,6 +81,9 @@ pub enum DestinationSource {
     Either,
 }
 
+/// Longest `connect_response_timeout_ms` of `cache_lookup` (one hour).
+pub const MAX_CONNECT_RESPONSE_TIMEOUT_MS: u64 = 3_600_000;
+
 /// Settings of the `cache_lookup` network filter.
 #[derive(Clone, Debug)]
 pub struct CacheLookupSettings {
@@ -96,6 +99,12 @@ pub struct CacheLookupSettings {
     /// Also select the tcp_proxy cluster from the `cluster` metadata through
     /// the typed filter state `envoy.tcp_proxy.cluster`.
     pub set_tcp_proxy_cluster: bool,
+    /// Close a connection whose upstream is not ready this long after it
+    /// was accepted: the TCP connect to the proxy and its answer to the
+    /// CONNECT together (Envoy 1.40's tcp_proxy has no such timeout).
+    pub connect_response_timeout: Option<std::time::Duration>,
+    /// Clusters that get a timeout counter of their own.
+    pub clusters: Vec<String>,
 }
 
 impl Default for CacheLookupSettings {
@@ -106,6 +115,8 @@ impl Default for CacheLookupSettings {
             require_pinned_maps: false,
             pin_dir: None,
             set_tcp_proxy_cluster: false,
+            connect_response_timeout: None,
+            clusters: Vec::new(),
         }
     }
 }
@@ -349,6 +360,8 @@ pub fn parse_cache_lookup(bytes: &[u8]) -> Result<CacheLookupSettings, String> {
             "require_pinned_maps",
             "pin_dir",
             "set_tcp_proxy_cluster",
+            "connect_response_timeout_ms",
+            "clusters",
         ],
     )?;
     let mut settings = CacheLookupSettings::default();
@@ -383,6 +396,29 @@ pub fn parse_cache_lookup(bytes: &[u8]) -> Result<CacheLookupSettings, String> {
     }
     if let Some(value) = map.get("set_tcp_proxy_cluster") {
         settings.set_tcp_proxy_cluster = boolean(value, "set_tcp_proxy_cluster")?;
+    }
+    if let Some(value) = map.get("connect_response_timeout_ms") {
+        let ms = integer(
+            value,
+            "connect_response_timeout_ms",
+            1,
+            MAX_CONNECT_RESPONSE_TIMEOUT_MS,
+        )?;
+        settings.connect_response_timeout = Some(std::time::Duration::from_millis(ms));
+    }
+    if let Some(value) = map.get("clusters") {
+        let list = value
+            .as_array()
+            .ok_or("clusters: expected a list of cluster names")?;
+        for item in list {
+            let name = string(item, "clusters")?;
+            if name.is_empty() || name.len() > 200 {
+                return Err(format!(
+                    "clusters: {name:?} is not a cluster name (1 to 200 bytes)"
+                ));
+            }
+            settings.clusters.push(name.to_owned());
+        }
     }
     Ok(settings)
 }
@@ -533,6 +569,18 @@ mod tests {
             (s.on_miss, s.pin_dir, s.set_tcp_proxy_cluster),
             (OnMiss::Close, Some(PathBuf::from("/x")), true)
         );
+        let t = parse_cache_lookup(
+            br#"{"connect_response_timeout_ms":10000,"clusters":["cluster_1","cluster_2"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (t.connect_response_timeout, t.clusters),
+            (
+                Some(std::time::Duration::from_secs(10)),
+                vec!["cluster_1".to_owned(), "cluster_2".to_owned()]
+            )
+        );
+        assert_eq!(d.connect_response_timeout, None);
         for (json, field) in [
             (r#"{"on_miss":"drop"}"#, "on_miss"),
             (r#"{"pin_dir":3}"#, "pin_dir"),
@@ -544,6 +592,21 @@ mod tests {
             (r#"{"destination_from":"peer"}"#, "destination_from"),
             (r#"{"require_pinned_maps":1}"#, "require_pinned_maps"),
             (r#"{"pin_dir":""}"#, "pin_dir"),
+            (
+                r#"{"connect_response_timeout_ms":0}"#,
+                "connect_response_timeout_ms",
+            ),
+            (
+                r#"{"connect_response_timeout_ms":3600001}"#,
+                "connect_response_timeout_ms",
+            ),
+            (
+                r#"{"connect_response_timeout_ms":"10s"}"#,
+                "connect_response_timeout_ms",
+            ),
+            (r#"{"clusters":"cluster_1"}"#, "clusters"),
+            (r#"{"clusters":[""]}"#, "clusters"),
+            (r#"{"clusters":[1]}"#, "clusters"),
         ] {
             let e = parse_cache_lookup(json.as_bytes()).unwrap_err();
             assert!(e.starts_with(&format!("{field}:")), "{json} -> {e}");

@@ -16,7 +16,7 @@ use hickory_proto::{
 use crate::{
     api::{
         CounterId, CounterRegistry, Counters, NetworkFilterConfig, NetworkFilterHandle,
-        NetworkStatus, UdpFilterHandle, UdpListenerFilterConfig, UdpStatus,
+        NetworkStatus, Timer, UdpFilterHandle, UdpListenerFilterConfig, UdpStatus,
     },
     cache_lookup::CacheLookupConfig,
     config::{parse_cache_lookup, parse_dns_gateway},
@@ -78,6 +78,10 @@ struct FakeNet {
     /// What reached the client: the module's own writes and released
     /// write buffers, in order.
     to_client: Vec<u8>,
+    /// Whether tcp_proxy has its upstream (the tunnel is up).
+    upstream_ready: bool,
+    /// Timers armed: (delay, event).
+    timers: Vec<(std::time::Duration, u64)>,
 }
 
 impl FakeNet {
@@ -92,6 +96,8 @@ impl FakeNet {
             read: Vec::new(),
             write: Vec::new(),
             to_client: Vec::new(),
+            upstream_ready: false,
+            timers: Vec::new(),
         }
     }
 }
@@ -138,6 +144,13 @@ impl NetworkFilterHandle for FakeNet {
     fn write_to_client(&mut self, data: &[u8]) -> bool {
         self.to_client.extend_from_slice(data);
         true
+    }
+    fn has_upstream_host(&self) -> bool {
+        self.upstream_ready
+    }
+    fn start_timer(&mut self, delay: std::time::Duration, event: u64) -> Option<Timer> {
+        self.timers.push((delay, event));
+        Some(Timer::new(()))
     }
 }
 
@@ -398,12 +411,59 @@ fn a_panic_drops_the_query_and_is_counted() {
 
 fn cache_lookup(gw: &Gateway, config: &str) -> (CacheLookupConfig, FakeRegistry) {
     let mut registry = FakeRegistry::default();
-    let config = CacheLookupConfig::new(
-        parse_cache_lookup(config.as_bytes()).unwrap(),
-        gw.state.clone(),
-        Counters::define(&mut registry),
-    );
+    let settings = parse_cache_lookup(config.as_bytes()).unwrap();
+    let counters = Counters::define(&mut registry);
+    let by_cluster =
+        crate::cache_lookup::define_cluster_counters(&settings.clusters, &mut registry);
+    let config =
+        CacheLookupConfig::with_cluster_counters(settings, gw.state.clone(), counters, by_cluster);
     (config, registry)
+}
+
+#[test]
+fn a_tunnel_not_up_by_the_connect_response_timeout_is_closed_and_counted_per_cluster() {
+    let gw = gateway();
+    let mut h = FakeUdp::default();
+    ask(&gw, &mut h, "one.s3.aws.com.", RecordType::A);
+    ask(&gw, &mut h, "example.com.", RecordType::A);
+    let (config, registry) = cache_lookup(
+        &gw,
+        r#"{"connect_response_timeout_ms":1500,"clusters":["cluster_1","cluster_2"]}"#,
+    );
+    // (VIP, tunnel up when the deadline passes, closed, cluster counted)
+    for (vip, up, closed, cluster) in [
+        ("10.10.0.1:443", false, true, "cluster_1"),
+        ("10.10.0.2:443", false, true, "cluster_2"),
+        ("10.10.0.1:443", true, false, "cluster_1"),
+    ] {
+        let mut conn = FakeNet::new(vip, "127.0.0.1:40000");
+        let mut filter = config.new_filter();
+        assert_eq!(filter.on_new_connection(&mut conn), NetworkStatus::Continue);
+        assert_eq!(
+            conn.timers,
+            [(std::time::Duration::from_millis(1500), 1)],
+            "{vip}"
+        );
+        conn.upstream_ready = up;
+        filter.on_scheduled(&mut conn, 1);
+        assert_eq!(conn.closed, closed, "{vip} up={up}");
+        let timeouts = |name: &str| counter(&registry, &conn.counters, name);
+        assert_eq!(
+            timeouts("cache_lookup.connect_response_timeout"),
+            u64::from(closed)
+        );
+        assert_eq!(
+            timeouts(&format!("cache_lookup.connect_response_timeout.{cluster}")),
+            u64::from(closed)
+        );
+    }
+    // Unknown events do nothing; without the setting no timer is armed.
+    let mut conn = FakeNet::new("10.10.0.1:443", "127.0.0.1:40000");
+    let (plain, _) = cache_lookup(&gw, "{}");
+    let mut filter = plain.new_filter();
+    filter.on_new_connection(&mut conn);
+    filter.on_scheduled(&mut conn, 7);
+    assert!(conn.timers.is_empty() && !conn.closed);
 }
 
 #[test]

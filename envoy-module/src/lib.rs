@@ -150,11 +150,13 @@ pub fn new_network_filter_config(
             .has_orig_dst_map()
             .map_err(|e| format!("{CACHE_LOOKUP}: pin_dir: {e}"))?;
     }
-    Ok(Box::new(cache_lookup::CacheLookupConfig::new(
-        settings,
-        state,
-        Counters::define(registry),
-    )))
+    let counters = Counters::define(registry);
+    let by_cluster = cache_lookup::define_cluster_counters(&settings.clusters, registry);
+    Ok(Box::new(
+        cache_lookup::CacheLookupConfig::with_cluster_counters(
+            settings, state, counters, by_cluster,
+        ),
+    ))
 }
 
 #[cfg(test)]

@@ -173,11 +173,15 @@ pub struct Tunnel {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     /// Seconds a tunnelled connection may go without traffic either way
-    /// before both sides are closed. It also bounds an upstream that
-    /// accepts the connection but never answers the CONNECT (Envoy 1.40
-    /// runs this timer from the start of the connection).
+    /// before both sides are closed.
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: u64,
+    /// Seconds from accepting a client's connection to the upstream proxy's
+    /// answer to the CONNECT (the TCP connect included); past it the
+    /// client's connection is closed (`cache_lookup` enforces it: Envoy
+    /// 1.40's tcp_proxy has no such timer).
+    #[serde(default = "default_connect_response_timeout")]
+    pub connect_response_timeout: u64,
     /// Seconds to establish the TCP connection to an upstream proxy; a
     /// failure closes the client's connection at once.
     #[serde(default = "default_connect_timeout")]
@@ -192,12 +196,17 @@ fn default_connect_timeout() -> u64 {
     10
 }
 
+fn default_connect_response_timeout() -> u64 {
+    10
+}
+
 impl Default for Tunnel {
     fn default() -> Self {
         Self {
             headers: BTreeMap::new(),
             idle_timeout: default_idle_timeout(),
             connect_timeout: default_connect_timeout(),
+            connect_response_timeout: default_connect_response_timeout(),
         }
     }
 }
@@ -431,6 +440,13 @@ pub fn validate(file: GatewayFile) -> Result<Config> {
             file.tunnel.connect_timeout
         );
     }
+    if !(file.tunnel.connect_timeout..=3600).contains(&file.tunnel.connect_response_timeout) {
+        bail!(
+            "tunnel.connect_response_timeout: {} must be between tunnel.connect_timeout ({}) and 3600 seconds",
+            file.tunnel.connect_response_timeout,
+            file.tunnel.connect_timeout
+        );
+    }
     for (header, key) in &file.tunnel.headers {
         field(
             &format!("tunnel.headers.{header}"),
@@ -592,6 +608,20 @@ mod tests {
             (
                 with("connect_timeout = 10", "connect_timeout = 9999"),
                 "tunnel.connect_timeout",
+            ),
+            (
+                with(
+                    "connect_response_timeout = 10",
+                    "connect_response_timeout = 5",
+                ),
+                "tunnel.connect_response_timeout",
+            ),
+            (
+                with(
+                    "connect_response_timeout = 10",
+                    "connect_response_timeout = 3601",
+                ),
+                "tunnel.connect_response_timeout",
             ),
             (
                 with("outage = \"pass\"", "outage = \"maybe\""),

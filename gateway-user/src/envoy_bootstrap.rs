@@ -120,13 +120,17 @@ pub fn dns_gateway_config(config: &Config) -> Value {
 
 /// The `cache_lookup` filter configuration: only an original destination
 /// the kernel recorded (and the module consumes) gives a connection a
-/// domain; any other connection to the TCP listener is closed.
+/// domain; any other connection to the TCP listener is closed, and so is
+/// one whose tunnel is not up within `tunnel.connect_response_timeout`
+/// (counted per cluster).
 pub fn cache_lookup_config(config: &Config) -> Value {
     json!({
         "pin_dir": config.file.pin_dir.display().to_string(),
         "destination_from": "pinned_map",
         "on_miss": "close",
         "require_pinned_maps": true,
+        "connect_response_timeout_ms": config.file.tunnel.connect_response_timeout * 1000,
+        "clusters": config.file.clusters.iter().map(|c| c.name.clone()).collect::<Vec<_>>(),
     })
 }
 

@@ -428,7 +428,12 @@ fn an_upstream_that_fails_or_never_answers_closes_the_client_in_bounded_time() -
     let config = test_config()?
         .replacen("127.0.0.1:18001", "127.0.0.1:18004", 1)
         .replacen("127.0.0.1:18002", "127.0.0.1:18003", 1)
-        .replacen("idle_timeout = 3600", "idle_timeout = 3", 1);
+        .replacen("connect_timeout = 10", "connect_timeout = 1", 1)
+        .replacen(
+            "connect_response_timeout = 10",
+            "connect_response_timeout = 2",
+            1,
+        );
     let Some(scenario) = start_isolated(config, &[], &TOOLS)? else {
         return Ok(());
     };
@@ -456,10 +461,11 @@ fn an_upstream_that_fails_or_never_answers_closes_the_client_in_bounded_time() -
     let (took, err) = timed("bucket.aws.com")?;
     assert!(took < Duration::from_secs(3), "took {took:?}: {err}");
     assert!(!err.is_empty(), "curl must fail");
-    // CONNECT never answered: closed after the idle timeout, not 30 s.
+    // CONNECT never answered: closed after the CONNECT response timeout
+    // (2 s), not the idle timeout (an hour) or curl's 30 s.
     let (took, err) = timed("example.com")?;
     assert!(
-        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(6),
         "took {took:?}: {err}"
     );
     // Counted per cluster.
@@ -475,7 +481,60 @@ fn an_upstream_that_fails_or_never_answers_closes_the_client_in_bounded_time() -
         stat("cluster.cluster_1.upstream_cx_connect_fail") >= 1,
         "{stats}"
     );
-    assert!(stat("tcp.egress.idle_timeout") >= 1, "{stats}");
+    for counter in [
+        "dynamicmodulescustom.cache_lookup.connect_response_timeout",
+        "dynamicmodulescustom.cache_lookup.connect_response_timeout.cluster_2",
+    ] {
+        assert_eq!(stat(counter), 1, "{counter}\n{stats}");
+    }
+    assert_eq!(
+        stat("dynamicmodulescustom.cache_lookup.connect_response_timeout.cluster_1"),
+        0,
+        "a refused connect is no CONNECT timeout"
+    );
+
+    Ok(())
+}
+
+#[test]
+fn a_tunnel_that_is_up_outlives_the_connect_response_timeout() -> Result<()> {
+    let config = test_config()?
+        .replacen("connect_timeout = 10", "connect_timeout = 1", 1)
+        .replacen(
+            "connect_response_timeout = 10",
+            "connect_response_timeout = 1",
+            1,
+        );
+    let Some(scenario) = start_isolated(config, &[], &TOOLS)? else {
+        return Ok(());
+    };
+    // The client connects, stays silent for longer than the timeout (a
+    // pooled connection does), then sends a request: the tunnel was up, so
+    // the deadline left it alone.
+    let out = scenario.exec(
+        "python3",
+        &[
+            "-c",
+            "import socket, time\n\
+             s = socket.create_connection(('one.s3.aws.com', 80), timeout=10)\n\
+             time.sleep(2.5)\n\
+             s.sendall(b'GET / HTTP/1.0\\r\\nHost: one.s3.aws.com\\r\\n\\r\\n')\n\
+             data = b''\n\
+             while True:\n    chunk = s.recv(4096)\n    if not chunk: break\n    data += chunk\n\
+             print(data.decode(errors='replace'))",
+        ],
+    )?;
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        reply.contains("cluster_1"),
+        "reply {reply:?}, stderr {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stats = scenario.admin_get("/stats")?;
+    assert!(
+        stats.contains("dynamicmodulescustom.cache_lookup.connect_response_timeout: 0"),
+        "{stats}"
+    );
     Ok(())
 }
 

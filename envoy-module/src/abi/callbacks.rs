@@ -103,6 +103,10 @@ callback_table! {
     network_filter_drain_write_buffer: fn(EnvoyPtr, usize);
     network_filter_append_write_buffer: fn(EnvoyPtr, ModuleBuffer);
     network_filter_write: fn(EnvoyPtr, ModuleBuffer, bool);
+    network_filter_has_upstream_host: fn(EnvoyPtr) -> bool;
+    network_filter_scheduler_new: fn(EnvoyPtr) -> EnvoyPtr;
+    network_filter_scheduler_commit: fn(EnvoyPtr, u64);
+    network_filter_scheduler_delete: fn(EnvoyPtr);
 }
 
 static CALLBACKS: OnceLock<Callbacks> = OnceLock::new();

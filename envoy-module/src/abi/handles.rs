@@ -10,7 +10,7 @@ use super::{
     callbacks::{callbacks, copy_envoy_buffer},
     types::{EnvoyBuffer, EnvoyPtr, ModuleBuffer, CLOSE_FLUSH_WRITE, METRICS_SUCCESS},
 };
-use crate::api::{CounterId, CounterRegistry, NetworkFilterHandle, UdpFilterHandle};
+use crate::api::{CounterId, CounterRegistry, NetworkFilterHandle, Timer, UdpFilterHandle};
 
 type AddressFn = unsafe extern "C" fn(EnvoyPtr, *mut EnvoyBuffer, *mut u32) -> bool;
 
@@ -329,5 +329,18 @@ impl NetworkFilterHandle for NetworkHandle {
             // from this filter's config.
             unsafe { increment(self.ptr, id.0, value) };
         }
+    }
+
+    fn has_upstream_host(&self) -> bool {
+        let Some(has) = callbacks().network_filter_has_upstream_host else {
+            return false;
+        };
+        // SAFETY: `ptr` is the filter of the running hook.
+        unsafe { has(self.ptr) }
+    }
+
+    fn start_timer(&mut self, delay: std::time::Duration, event: u64) -> Option<Timer> {
+        // SAFETY: `ptr` is the filter of the running hook.
+        unsafe { super::timers::arm(self.ptr, delay, event) }.map(Timer::new)
     }
 }

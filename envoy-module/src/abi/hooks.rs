@@ -298,6 +298,24 @@ pub extern "C" fn envoy_dynamic_module_on_network_filter_write(
     })
 }
 
+/// A timer of the filter fired (see `abi::timers`).
+#[no_mangle]
+pub extern "C" fn envoy_dynamic_module_on_network_filter_scheduled(
+    filter_envoy: EnvoyPtr,
+    filter: ModulePtr,
+    event: u64,
+) {
+    with_network_filter(
+        "on_network_filter_scheduled",
+        filter_envoy,
+        filter,
+        |f, h| {
+            f.on_scheduled(h, event);
+            NetworkStatus::Continue
+        },
+    );
+}
+
 /// A connection event (close, connected); nothing to do.
 #[no_mangle]
 pub extern "C" fn envoy_dynamic_module_on_network_filter_event(

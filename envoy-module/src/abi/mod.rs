@@ -7,10 +7,13 @@
 //!   [`crate::api`] on top of those callbacks.
 //! - [`hooks`]: the `extern "C"` entry points Envoy calls; each one catches
 //!   panics and maps them to a safe status.
+//! - [`timers`]: one thread that fires network filter timers through
+//!   Envoy's per-connection schedulers.
 
 pub mod callbacks;
 pub mod handles;
 pub mod hooks;
+pub mod timers;
 pub mod types;
 
 use types::ModuleBuffer;

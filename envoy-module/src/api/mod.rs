@@ -8,7 +8,7 @@
 
 mod log;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 pub use log::{log, quiet_outside_envoy, LogLevel};
 
@@ -28,6 +28,17 @@ pub fn catch_panic<T>(step: impl FnOnce() -> T) -> Option<T> {
 /// Identifies a counter defined at config creation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CounterId(pub usize);
+
+/// A timer armed with [`NetworkFilterHandle::start_timer`]: cancelled when
+/// dropped, so a filter that holds it never gets an event after it is gone.
+pub struct Timer(#[allow(dead_code)] Box<dyn Send>);
+
+impl Timer {
+    /// Wraps whatever keeps the timer armed (dropping it cancels).
+    pub fn new(inner: impl Send + 'static) -> Self {
+        Self(Box::new(inner))
+    }
+}
 
 /// What happens to a datagram after a UDP listener filter saw it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -125,6 +136,18 @@ pub trait NetworkFilterHandle {
     fn write_to_client(&mut self, _data: &[u8]) -> bool {
         false
     }
+    /// Whether the connection's upstream is ready: tcp_proxy sets its host
+    /// once the upstream is connected, which for a CONNECT tunnel means
+    /// once the proxy answered 200 (or once it failed).
+    fn has_upstream_host(&self) -> bool {
+        false
+    }
+    /// Calls the filter's `on_scheduled(event)` on its worker after
+    /// `delay`, unless the returned timer is dropped first; `None` when
+    /// Envoy offers no scheduler.
+    fn start_timer(&mut self, _delay: Duration, _event: u64) -> Option<Timer> {
+        None
+    }
 }
 
 /// A UDP listener filter: one instance per worker, shared by all datagrams
@@ -162,6 +185,9 @@ pub trait NetworkFilter: Send {
     ) -> NetworkStatus {
         NetworkStatus::Continue
     }
+    /// Called on the connection's worker when a timer of
+    /// [`NetworkFilterHandle::start_timer`] fires.
+    fn on_scheduled(&mut self, _handle: &mut dyn NetworkFilterHandle, _event: u64) {}
 }
 
 /// A filter config that creates network filters; shared by workers.
