@@ -114,6 +114,32 @@ struct Shared {
     timeouts_by_cluster: HashMap<String, CounterId>,
 }
 
+/// A port in decimal without a heap allocation.
+struct PortText {
+    digits: [u8; 5],
+    start: usize,
+}
+
+impl PortText {
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.digits[self.start..]).unwrap_or("0")
+    }
+}
+
+fn itoa_u16(mut port: u16) -> PortText {
+    let mut digits = [b'0'; 5];
+    let mut start = 5;
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (port % 10) as u8;
+        port /= 10;
+        if port == 0 {
+            break;
+        }
+    }
+    PortText { digits, start }
+}
+
 /// The event id of the tunnel deadline timer.
 const TUNNEL_DEADLINE: u64 = 1;
 
@@ -128,7 +154,7 @@ pub fn define_cluster_counters(
             let name = format!("{}.{cluster}", CacheCounter::ConnectResponseTimeout.name());
             let id = registry.define_counter(&name);
             if id.is_none() {
-                log(LogLevel::Warn, &format!("could not define counter {name}"));
+                crate::log_fmt!(LogLevel::Warn, "could not define counter {name}");
             }
             Some((cluster.clone(), id?))
         })
@@ -254,16 +280,16 @@ impl CacheLookupFilter {
         self.count(handle, reason);
         match self.shared.settings.on_miss {
             OnMiss::Continue => {
-                log(
+                crate::log_fmt!(
                     LogLevel::Info,
-                    &format!("cache_lookup: {what}; continuing without filter state"),
+                    "cache_lookup: {what}; continuing without filter state"
                 );
                 NetworkStatus::Continue
             }
             OnMiss::Close => {
-                log(
+                crate::log_fmt!(
                     LogLevel::Info,
-                    &format!("cache_lookup: {what}; closing it (on_miss: close)"),
+                    "cache_lookup: {what}; closing it (on_miss: close)"
                 );
                 self.count(handle, CacheCounter::Closed);
                 handle.close();
@@ -290,15 +316,20 @@ impl CacheLookupFilter {
         };
         self.count(handle, CacheCounter::LookupHit);
         let patterns = self.shared.state.patterns();
-        let rule = patterns.best_match(&domain);
+        let matched = patterns.best_match_state(&domain);
+        let rule = matched.map(|(rule, _)| rule);
         if rule.is_none() {
-            log(LogLevel::Info, &format!("cache_lookup: {domain} (VIP {vip}) matches no configured pattern now: no metadata"));
+            crate::log_fmt!(
+                LogLevel::Info,
+                "cache_lookup: {domain} (VIP {vip}) matches no configured pattern now: no metadata"
+            );
         }
         let mut ok = handle.set_filter_state_bytes(DOMAIN_KEY, &domain);
-        ok &= handle.set_filter_state_bytes(PORT_KEY, &destination.port().to_string());
-        if let Some(rule) = rule {
-            for (key, value) in &rule.metadata {
-                ok &= handle.set_filter_state_bytes(&format!("{METADATA_KEY_PREFIX}{key}"), value);
+        let port = itoa_u16(destination.port());
+        ok &= handle.set_filter_state_bytes(PORT_KEY, port.as_str());
+        if let Some((rule, state)) = matched {
+            for (key, value) in state {
+                ok &= handle.set_filter_state_bytes(key, value);
             }
             if self.shared.settings.set_tcp_proxy_cluster {
                 if let Some(cluster) = rule.metadata.get("cluster") {
@@ -307,15 +338,12 @@ impl CacheLookupFilter {
             }
         }
         if !ok {
-            log(
+            crate::log_fmt!(
                 LogLevel::Warn,
-                &format!("cache_lookup: Envoy refused some filter state for {domain}"),
+                "cache_lookup: Envoy refused some filter state for {domain}"
             );
         }
-        log(
-            LogLevel::Debug,
-            &format!("cache_lookup: VIP {vip} -> {domain}"),
-        );
+        crate::log_fmt!(LogLevel::Debug, "cache_lookup: VIP {vip} -> {domain}");
         if let Some(timeout) = self.shared.settings.connect_response_timeout {
             self.deadline = handle.start_timer(timeout, TUNNEL_DEADLINE);
             if self.deadline.is_none() {
@@ -351,14 +379,9 @@ impl CacheLookupFilter {
             .settings
             .connect_response_timeout
             .unwrap_or_default();
-        log(
-            LogLevel::Info,
-            &format!(
-                "cache_lookup: the tunnel to {domain} (cluster {}) was not established within {timeout:?} \
+        crate::log_fmt!(LogLevel::Info, "cache_lookup: the tunnel to {domain} (cluster {}) was not established within {timeout:?} \
                  (the proxy did not connect or did not answer the CONNECT); closing the client's connection",
-                cluster.unwrap_or("?")
-            ),
-        );
+                cluster.unwrap_or("?"));
         handle.close();
     }
 }
@@ -380,6 +403,18 @@ impl NetworkFilter for CacheLookupFilter {
     fn on_scheduled(&mut self, handle: &mut dyn NetworkFilterHandle, event: u64) {
         if event == TUNNEL_DEADLINE {
             self.deadline_passed(handle);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::itoa_u16;
+
+    #[test]
+    fn ports_print_in_decimal() {
+        for port in [0u16, 7, 10, 443, 8080, 65535] {
+            assert_eq!(itoa_u16(port).as_str(), port.to_string());
         }
     }
 }

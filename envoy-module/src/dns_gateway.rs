@@ -149,16 +149,14 @@ impl DnsGatewayConfig {
             settings.require_pinned_maps,
         )?;
         state.set_vip6_prefix(settings.vip6_prefix);
-        log(
+        crate::log_fmt!(
             LogLevel::Info,
-            &format!(
-                "dns_gateway: {} domain patterns, VIPs from {}/{} (at most {}), TTL {} s; {summary}",
-                settings.patterns.rules().len(),
-                settings.pool.network(),
-                settings.pool.prefix_len(),
-                settings.pool.max_entries(),
-                settings.ttl
-            ),
+            "dns_gateway: {} domain patterns, VIPs from {}/{} (at most {}), TTL {} s; {summary}",
+            settings.patterns.rules().len(),
+            settings.pool.network(),
+            settings.pool.prefix_len(),
+            settings.pool.max_entries(),
+            settings.ttl
         );
         Ok(Self {
             shared: Arc::new(Shared {
@@ -235,9 +233,9 @@ impl Shared {
             }
             Inspection::Malformed(why) => {
                 count(DnsCounter::Malformed);
-                log(
+                crate::log_fmt!(
                     LogLevel::Debug,
-                    &format!("dns_gateway: dropping a malformed datagram: {why}"),
+                    "dns_gateway: dropping a malformed datagram: {why}"
                 );
                 return Outcome::Drop;
             }
@@ -248,10 +246,7 @@ impl Shared {
                     DnsCounter::Formerr
                 };
                 count(counter);
-                log(
-                    LogLevel::Debug,
-                    &format!("dns_gateway: answering {rcode} to {why}"),
-                );
+                crate::log_fmt!(LogLevel::Debug, "dns_gateway: answering {rcode} to {why}");
                 return Outcome::Reply(reply);
             }
             Inspection::Query(query) => query,
@@ -281,22 +276,16 @@ impl Shared {
                     Ok(allocated) => {
                         if let Some(previous) = &allocated.reclaimed_from {
                             count(DnsCounter::Reclaimed);
-                            log(
-                                LogLevel::Info,
-                                &format!(
-                                    "dns_gateway: pool full; VIP {} reclaimed from idle {previous} for {name}",
-                                    allocated.vip
-                                ),
-                            );
+                            crate::log_fmt!(LogLevel::Info, "dns_gateway: pool full; VIP {} reclaimed from idle {previous} for {name}",
+                                    allocated.vip);
                         }
                         if allocated.new {
                             count(DnsCounter::Allocations);
-                            log(
+                            crate::log_fmt!(
                                 LogLevel::Debug,
-                                &format!(
-                                    "dns_gateway: {name} -> {} (new, pattern {})",
-                                    allocated.vip, rule.pattern
-                                ),
+                                "dns_gateway: {name} -> {} (new, pattern {})",
+                                allocated.vip,
+                                rule.pattern
                             );
                         }
                         count(DnsCounter::Answered);
@@ -311,36 +300,31 @@ impl Shared {
                     }
                     Err(AllocError::Store(e)) => {
                         count(DnsCounter::StoreErrors);
-                        log(
-                            LogLevel::Warn,
-                            &format!("dns_gateway: cannot record a VIP for {name} in the shared VIP map: {e}; SERVFAIL"),
-                        );
+                        crate::log_fmt!(LogLevel::Warn, "dns_gateway: cannot record a VIP for {name} in the shared VIP map: {e}; SERVFAIL");
                         dns::error_answer(&query, ResponseCode::ServFail)
                     }
                     Err(AllocError::RateLimited) => {
                         count(DnsCounter::RateLimited);
-                        log(
+                        crate::log_fmt!(
                             LogLevel::Debug,
-                            &format!("dns_gateway: new-VIP rate cap reached: SERVFAIL for {name}"),
+                            "dns_gateway: new-VIP rate cap reached: SERVFAIL for {name}"
                         );
                         dns::error_answer(&query, ResponseCode::ServFail)
                     }
                     Err(AllocError::Exhausted) => {
                         count(DnsCounter::Exhausted);
                         let pass = settings.pass_on_exhausted;
-                        log(
+                        crate::log_fmt!(
                             LogLevel::Warn,
-                            &format!(
-                                "dns_gateway: VIP pool {}/{} exhausted ({} VIPs): {} for {name}",
-                                settings.pool.network(),
-                                settings.pool.prefix_len(),
-                                settings.pool.max_entries(),
-                                if pass {
-                                    "passing the query on"
-                                } else {
-                                    "SERVFAIL"
-                                },
-                            ),
+                            "dns_gateway: VIP pool {}/{} exhausted ({} VIPs): {} for {name}",
+                            settings.pool.network(),
+                            settings.pool.prefix_len(),
+                            settings.pool.max_entries(),
+                            if pass {
+                                "passing the query on"
+                            } else {
+                                "SERVFAIL"
+                            }
                         );
                         if pass {
                             return Outcome::PassOn;
@@ -362,9 +346,9 @@ impl Shared {
             Ok(bytes) => Outcome::Reply(bytes),
             Err(e) => {
                 count(DnsCounter::SendErrors);
-                log(
+                crate::log_fmt!(
                     LogLevel::Error,
-                    &format!("dns_gateway: answer for {name}: {e}; passing the query on"),
+                    "dns_gateway: answer for {name}: {e}; passing the query on"
                 );
                 Outcome::PassOn
             }
@@ -402,12 +386,10 @@ impl UdpListenerFilter for DnsGatewayFilter {
                     .map(|peer| (peer, handle.send_datagram(&bytes, peer)));
                 if !matches!(sent, Some((_, true))) {
                     self.count(handle, DnsCounter::SendErrors);
-                    log(
+                    crate::log_fmt!(
                         LogLevel::Warn,
-                        &format!(
-                            "dns_gateway: could not send the answer (peer {:?})",
-                            sent.map(|s| s.0)
-                        ),
+                        "dns_gateway: could not send the answer (peer {:?})",
+                        sent.map(|s| s.0)
                     );
                 }
                 UdpStatus::StopIteration

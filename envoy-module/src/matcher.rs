@@ -78,6 +78,9 @@ pub struct DomainRule {
 #[derive(Clone, Debug, Default)]
 pub struct PatternSet {
     rules: Vec<DomainRule>,
+    /// Per rule: (filter-state key, value) of each metadata entry, built
+    /// once so that a connection formats no key.
+    state: Vec<Vec<(String, String)>>,
     exact: HashMap<String, usize>,
     wildcard: HashMap<String, usize>,
     catch_all: Option<usize>,
@@ -104,6 +107,20 @@ impl PatternSet {
                 ));
             }
         }
+        set.state = rules
+            .iter()
+            .map(|rule| {
+                rule.metadata
+                    .iter()
+                    .map(|(k, v)| {
+                        (
+                            format!("{}{k}", gateway_common::contract::METADATA_KEY_PREFIX),
+                            v.clone(),
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
         set.rules = rules;
         Ok(set)
     }
@@ -115,18 +132,29 @@ impl PatternSet {
 
     /// The most specific rule matching the normalised `name`.
     pub fn best_match(&self, name: &str) -> Option<&DomainRule> {
+        self.best_index(name).and_then(|i| self.rules.get(i))
+    }
+
+    /// The most specific rule matching `name` with its metadata as
+    /// (filter-state key, value) pairs.
+    pub fn best_match_state(&self, name: &str) -> Option<(&DomainRule, &[(String, String)])> {
+        let i = self.best_index(name)?;
+        Some((self.rules.get(i)?, self.state.get(i)?.as_slice()))
+    }
+
+    fn best_index(&self, name: &str) -> Option<usize> {
         if let Some(&i) = self.exact.get(name) {
-            return self.rules.get(i);
+            return Some(i);
         }
         // Proper suffixes from the longest (most specific) to the shortest.
         let mut rest = name;
         while let Some(dot) = rest.find('.') {
             rest = &rest[dot + 1..];
             if let Some(&i) = self.wildcard.get(rest) {
-                return self.rules.get(i);
+                return Some(i);
             }
         }
-        self.catch_all.and_then(|i| self.rules.get(i))
+        self.catch_all
     }
 }
 

@@ -25,8 +25,20 @@ pub trait OrigDstSource: Send {
     fn take(&mut self, client: SocketAddr) -> Result<Option<SocketAddr>, String>;
 }
 
+/// Reads the VIP table without the allocator (a connection's lookup).
+pub trait VipLookup {
+    /// The domain of `vip`, if allocated.
+    fn get(&self, vip: Ipv4Addr) -> Result<Option<String>, String>;
+}
+
 /// Opens the persistent maps of a pin directory.
 pub trait MapOpener: Send + Sync {
+    /// A read-only view of the VIP map for lookups, `Ok(None)` when it is
+    /// not pinned (or the opener offers none: lookups then go through the
+    /// allocator).
+    fn open_vip_lookup(&self, _dir: &Path) -> Result<Option<Box<dyn VipLookup>>, String> {
+        Ok(None)
+    }
     /// The VIP map, `Ok(None)` when it is not pinned.
     fn open_vips(&self, dir: &Path) -> Result<Option<Box<dyn VipStore>>, String>;
     /// The original-destination map, `Ok(None)` when it is not pinned.
@@ -93,6 +105,12 @@ impl VipStore for PinnedVips {
     }
 }
 
+impl VipLookup for VipTable {
+    fn get(&self, vip: Ipv4Addr) -> Result<Option<String>, String> {
+        VipTable::get(self, vip).map_err(|e| format!("{e:#}"))
+    }
+}
+
 struct PinnedOrigDst(OrigDstTable);
 
 impl OrigDstSource for PinnedOrigDst {
@@ -102,6 +120,15 @@ impl OrigDstSource for PinnedOrigDst {
 }
 
 impl MapOpener for PinnedMaps {
+    fn open_vip_lookup(&self, dir: &Path) -> Result<Option<Box<dyn VipLookup>>, String> {
+        let pins = PinDir::new(dir);
+        if !pins.has(MAP_VIPS) {
+            return Ok(None);
+        }
+        let table = pins.vips().map_err(|e| format!("{e:#}"))?;
+        Ok(Some(Box::new(table)))
+    }
+
     fn open_vips(&self, dir: &Path) -> Result<Option<Box<dyn VipStore>>, String> {
         let pins = PinDir::new(dir);
         if !pins.has(MAP_VIPS) {

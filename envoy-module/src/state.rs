@@ -22,7 +22,7 @@ use std::{
 
 use crate::{
     allocator::{AllocError, Allocated, Pool, VipAllocator},
-    api::{log, LogLevel},
+    api::LogLevel,
     matcher::PatternSet,
     pinned::{MapOpener, OrigDstSource, PinnedMaps},
 };
@@ -45,11 +45,25 @@ fn write<T>(lock: &RwLock<T>, value: T) {
         .unwrap_or_else(|poisoned| poisoned.into_inner()) = value;
 }
 
+/// One worker thread's own handles on a gateway's pinned maps: a
+/// connection's lookups take no process-wide lock, and each thread
+/// reopens its handles when the gateway's generation moves on.
 #[derive(Default)]
-struct OrigDstSlot {
-    source: Option<Box<dyn OrigDstSource>>,
-    opened_at: Option<Instant>,
+struct ThreadMaps {
+    orig_dst_generation: u64,
+    orig_dst: Option<Box<dyn OrigDstSource>>,
+    vips_generation: u64,
+    vips: Option<Box<dyn crate::pinned::VipLookup>>,
 }
+
+thread_local! {
+    /// This thread's handles, by gateway (see [`GatewayState::id`]).
+    static THREAD_MAPS: std::cell::RefCell<HashMap<u64, ThreadMaps>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+/// Source of [`GatewayState`] ids.
+static NEXT_STATE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// Shortest time between two reopenings of the original-destination map
 /// on a miss: a flood of connections that are not to a VIP must not turn
@@ -62,7 +76,14 @@ pub struct GatewayState {
     allocator: Mutex<VipAllocator>,
     patterns: RwLock<Arc<PatternSet>>,
     opener: Arc<dyn MapOpener>,
-    orig_dst: Mutex<OrigDstSlot>,
+    /// Identifies this state's handles in [`THREAD_MAPS`].
+    id: u64,
+    /// Bumped to make every thread reopen its original-destination handle.
+    orig_dst_generation: std::sync::atomic::AtomicU64,
+    /// When the original-destination map was last reopened on a miss.
+    orig_dst_reopened_at: Mutex<Option<Instant>>,
+    /// Bumped when the VIP map is (re)opened by `register`.
+    vips_generation: std::sync::atomic::AtomicU64,
     reopen_interval: Duration,
     /// The IPv6 VIP range the `dns_gateway` of this pin directory answers
     /// AAAA from, for `cache_lookup` to map IPv6 VIPs back.
@@ -82,7 +103,10 @@ impl GatewayState {
             patterns: RwLock::new(Arc::new(PatternSet::default())),
             opener,
             vip6_prefix: RwLock::new(None),
-            orig_dst: Mutex::new(OrigDstSlot::default()),
+            id: NEXT_STATE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            orig_dst_generation: std::sync::atomic::AtomicU64::new(1),
+            orig_dst_reopened_at: Mutex::new(None),
+            vips_generation: std::sync::atomic::AtomicU64::new(1),
             reopen_interval: REOPEN_INTERVAL,
         }
     }
@@ -135,10 +159,7 @@ impl GatewayState {
                         pin_dir.display()
                     ));
                 }
-                log(
-                    LogLevel::Warn,
-                    &format!("dns_gateway: cannot open the pinned VIP map in {}: {e}; VIPs stay in this process", pin_dir.display()),
-                );
+                crate::log_fmt!(LogLevel::Warn, "dns_gateway: cannot open the pinned VIP map in {}: {e}; VIPs stay in this process", pin_dir.display());
                 None
             }
         };
@@ -150,6 +171,8 @@ impl GatewayState {
         }
         write(&self.patterns, patterns);
         let persistent = store.is_some();
+        self.vips_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         let mut allocator = lock(&self.allocator);
         Ok(match allocator.attach_store(store) {
             Ok(loaded) if persistent => format!(
@@ -188,9 +211,31 @@ impl GatewayState {
         allocator.allocate(domain, pool)
     }
 
-    /// The domain `vip` stands for.
+    /// The domain `vip` stands for. With a pinned VIP map the map answers
+    /// through this thread's own handle, without the allocator's lock (it
+    /// is the truth: another Envoy may have reclaimed the VIP); otherwise
+    /// the in-process table does.
     pub fn domain_of(&self, vip: Ipv4Addr) -> Option<String> {
-        lock(&self.allocator).domain_of(vip)
+        let generation = self
+            .vips_generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        let from_map = THREAD_MAPS.with(|cell| {
+            let mut maps = cell.borrow_mut();
+            let mine = maps.entry(self.id).or_default();
+            if mine.vips_generation != generation {
+                mine.vips_generation = generation;
+                mine.vips = self.opener.open_vip_lookup(&self.pin_dir).ok().flatten();
+            }
+            mine.vips.as_ref().map(|table| table.get(vip))
+        });
+        match from_map {
+            Some(Ok(domain)) => domain,
+            Some(Err(e)) => {
+                crate::log_fmt!(LogLevel::Warn, "cache_lookup: reading VIP {vip}: {e}");
+                None
+            }
+            None => lock(&self.allocator).domain_of(vip),
+        }
     }
 
     /// Every (VIP, domain) pair known in this process.
@@ -237,29 +282,36 @@ impl GatewayState {
         client: SocketAddr,
         reopen: bool,
     ) -> Option<SocketAddr> {
-        let mut slot = lock(&self.orig_dst);
-        let may_reopen = slot.opened_at.is_none()
-            || (reopen
-                && slot
-                    .opened_at
-                    .is_some_and(|at| at.elapsed() >= self.reopen_interval));
-        if may_reopen {
-            slot.opened_at = Some(Instant::now());
-            slot.source = match self.opener.open_orig_dst(&self.pin_dir) {
-                Ok(source) => source,
-                Err(e) => {
-                    log(LogLevel::Debug, &format!("cache_lookup: {e}"));
-                    None
-                }
-            };
+        use std::sync::atomic::Ordering;
+        if reopen {
+            let mut at = lock(&self.orig_dst_reopened_at);
+            if at.is_none_or(|at| at.elapsed() >= self.reopen_interval) {
+                *at = Some(Instant::now());
+                self.orig_dst_generation.fetch_add(1, Ordering::Release);
+            }
         }
-        let source = slot.source.as_mut()?;
-        match source.take(client) {
+        let generation = self.orig_dst_generation.load(Ordering::Acquire);
+        let taken = THREAD_MAPS.with(|cell| {
+            let mut maps = cell.borrow_mut();
+            let mine = maps.entry(self.id).or_default();
+            if mine.orig_dst_generation != generation {
+                mine.orig_dst_generation = generation;
+                mine.orig_dst = match self.opener.open_orig_dst(&self.pin_dir) {
+                    Ok(source) => source,
+                    Err(e) => {
+                        crate::log_fmt!(LogLevel::Debug, "cache_lookup: {e}");
+                        None
+                    }
+                };
+            }
+            mine.orig_dst.as_mut().map(|source| source.take(client))
+        })?;
+        match taken {
             Ok(found) => found,
             Err(e) => {
-                log(
+                crate::log_fmt!(
                     LogLevel::Warn,
-                    &format!("cache_lookup: original destination of {client}: {e}"),
+                    "cache_lookup: original destination of {client}: {e}"
                 );
                 None
             }

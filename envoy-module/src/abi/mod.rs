@@ -35,6 +35,13 @@ pub fn monotonic_ns() -> u64 {
         .saturating_add(ts.tv_nsec as u64)
 }
 
+/// Whether Envoy logs `level`; `None` when Envoy is not there.
+pub fn log_enabled(level: u32) -> Option<bool> {
+    let enabled = callbacks::callbacks().log_enabled?;
+    // SAFETY: the callback takes a plain value.
+    Some(unsafe { enabled(level) })
+}
+
 /// Logs through Envoy's `log` callback; false when Envoy is not there (or
 /// the level is disabled and the message was dropped on purpose: true).
 pub fn log(level: u32, message: &str) -> bool {

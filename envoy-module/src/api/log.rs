@@ -29,6 +29,26 @@ pub fn quiet_outside_envoy() {
     STDERR_FALLBACK.store(false, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Whether a message at `level` would be logged: Envoy's `-l` level, or
+/// the stderr fallback outside Envoy. Hot paths check it before they
+/// format anything (see [`crate::log_fmt`]).
+pub fn log_enabled(level: LogLevel) -> bool {
+    abi::log_enabled(level as u32)
+        .unwrap_or_else(|| STDERR_FALLBACK.load(std::sync::atomic::Ordering::Relaxed))
+}
+
+/// Logs a `format!` message at a level, formatting it only when that level
+/// is logged: with logging off, a query or connection costs no string.
+#[macro_export]
+macro_rules! log_fmt {
+    ($level:expr, $($arg:tt)+) => {{
+        let level = $level;
+        if $crate::api::log_enabled(level) {
+            $crate::api::log(level, &format!($($arg)+));
+        }
+    }};
+}
+
 /// Logs `message` at `level` through Envoy; outside Envoy (unit tests) the
 /// message goes to stderr.
 pub fn log(level: LogLevel, message: &str) {

@@ -10,7 +10,7 @@ mod log;
 
 use std::{net::SocketAddr, time::Duration};
 
-pub use log::{log, quiet_outside_envoy, LogLevel};
+pub use log::{log, log_enabled, quiet_outside_envoy, LogLevel};
 
 /// Runs one filter step, turning a panic into `None` so the filter can
 /// fail closed (drop, close) and count it. The payload is leaked, not
