@@ -155,6 +155,11 @@ pub trait VipStore: Send {
     fn lock_reclaims(&self) -> Result<ReclaimGuard, String> {
         Ok(Box::new(()))
     }
+    /// Gives VIPs left marked by a reclaim cut short back to their names;
+    /// called holding the reclaim lock. Returns how many.
+    fn repair_marked(&mut self) -> Result<usize, String> {
+        Ok(0)
+    }
     /// When `vip` was last used by anyone (a connect the kernel saw, or an
     /// answer any Envoy gave), CLOCK_MONOTONIC nanoseconds; `None` when the
     /// store keeps no such stamps or has none for it.
@@ -402,6 +407,21 @@ impl VipAllocator {
         let Some(store) = self.store.as_mut() else {
             return Ok(0);
         };
+        // A reclaim cut short (its Envoy died between mark and write) is
+        // undone first, under the reclaim lock.
+        if let Ok(_lock) = store.lock_reclaims() {
+            match store.repair_marked() {
+                Ok(0) => {}
+                Ok(n) => crate::log_fmt!(
+                    crate::api::LogLevel::Warn,
+                    "VIP table: {n} VIPs were left marked by a reclaim cut short; given back to their names"
+                ),
+                Err(e) => crate::log_fmt!(
+                    crate::api::LogLevel::Warn,
+                    "VIP table: repairing marked VIPs: {e}"
+                ),
+            }
+        }
         let stored = store.entries()?;
         let count = stored.len();
         let mut in_store = std::collections::HashSet::with_capacity(count);
@@ -417,10 +437,25 @@ impl VipAllocator {
             .map(|(vip, domain)| (*vip, domain.clone()))
             .collect();
         let mut first_error = None;
+        let mut lost = Vec::new();
         for (vip, domain) in &missing {
-            if let Err(e) = store.insert(Ipv4Addr::from(*vip), domain) {
-                first_error.get_or_insert(e);
+            // Only where the store has nothing: never over a VIP another
+            // process holds (or is reclaiming) meanwhile.
+            match store.insert_new(Ipv4Addr::from(*vip), domain) {
+                Ok(true) => {}
+                Ok(false) => {
+                    lost.push(*vip);
+                    if let Ok(Some(owner)) = store.get(Ipv4Addr::from(*vip)) {
+                        loaded.push((*vip, owner));
+                    }
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
             }
+        }
+        for vip in lost {
+            self.forget(vip);
         }
         for (vip, domain) in loaded {
             self.remember(vip, domain);
@@ -508,8 +543,10 @@ impl VipAllocator {
         }) {
             // Stamped before it is checked: a reclaim that starts after the
             // check sees this use and backs off (see `reclaim_in_store`).
+            // Checked whatever this pool's own policy: another Envoy on the
+            // same store may reclaim.
             self.used(vip, now);
-            if pool.reclaim_idle_after().is_some() && !self.still_holds(vip, domain)? {
+            if !self.still_holds(vip, domain)? {
                 continue;
             }
             return Ok(Allocated {
@@ -557,7 +594,12 @@ impl VipAllocator {
                     self.remember(candidate, owner);
                     state.used += 1;
                     self.pools.insert(pool.key(), state);
+                    // Stamp, then check again (the owner was read before
+                    // the stamp): the same order as any answer from memory.
                     self.used(candidate, now);
+                    if !self.still_holds(candidate, domain)? {
+                        return self.allocate_at(domain, pool, now);
+                    }
                     return Ok(Allocated {
                         vip: Ipv4Addr::from(candidate),
                         new: false,
@@ -685,8 +727,13 @@ impl VipAllocator {
             return Ok(false);
         }
         store.mark_reclaiming(addr).map_err(AllocError::Store)?;
+        // No stamp at all (lost, or a store without stamps) counts as a use
+        // now: only a VIP seen idle is given away.
         let fresh = store.last_use_ns(addr);
-        let back_off = self.idle_for(vip, now, fresh) < idle;
+        if fresh.is_none() {
+            store.stamp_use(addr, monotonic_ns());
+        }
+        let back_off = fresh.is_none() || self.idle_for(vip, now, fresh) < idle;
         let Some(store) = self.store.as_mut() else {
             return Ok(false);
         };
@@ -785,6 +832,8 @@ pub(crate) mod tests {
         locks: Arc<std::sync::atomic::AtomicUsize>,
         /// Simulates another Envoy answering the VIP just as it is marked.
         use_while_marking: Arc<std::sync::atomic::AtomicBool>,
+        /// The names of marked VIPs (the pinned record keeps them).
+        marked_was: Arc<Mutex<BTreeMap<Ipv4Addr, String>>>,
     }
 
     impl VipStore for StampedStore {
@@ -807,7 +856,22 @@ pub(crate) mod tests {
             {
                 self.uses.lock().unwrap().insert(vip, monotonic_ns());
             }
+            if let Some(name) = self.vips.get(vip)? {
+                self.marked_was.lock().unwrap().insert(vip, name);
+            }
             self.vips.mark_reclaiming(vip)
+        }
+        fn repair_marked(&mut self) -> Result<usize, String> {
+            let marked: Vec<_> = std::mem::take(&mut *self.marked_was.lock().unwrap())
+                .into_iter()
+                .filter(|(vip, _)| {
+                    self.vips.0.lock().unwrap().get(vip).map(String::as_str) == Some("")
+                })
+                .collect();
+            for (vip, name) in &marked {
+                self.vips.insert(*vip, name)?;
+            }
+            Ok(marked.len())
         }
         fn lock_reclaims(&self) -> Result<ReclaimGuard, String> {
             self.locks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -915,10 +979,11 @@ pub(crate) mod tests {
         // Envoy one reclaims a.com's VIP (the idlest) for c.com.
         let c = one.allocate("c.com", &p).unwrap();
         assert_eq!((c.vip, c.reclaimed_from.as_deref()), (a, Some("a.com")));
-        // Envoy two still remembers a.com there. An answer for a.com never
-        // hands out c.com's VIP: whatever it gets is what the store says
-        // a.com holds.
-        match two.allocate("a.com", &p) {
+        // Envoy two still remembers a.com there, and its own pool does not
+        // even reclaim. An answer for a.com never hands out c.com's VIP:
+        // whatever it gets is what the store says a.com holds.
+        let no_reclaim = p.with_reclaim_idle_after(None);
+        match two.allocate("a.com", &no_reclaim) {
             Ok(got) => {
                 assert_ne!(got.vip, a, "c.com's VIP answered for a.com");
                 assert_eq!(store.get(got.vip).unwrap().as_deref(), Some("a.com"));
@@ -947,6 +1012,31 @@ pub(crate) mod tests {
             "the VIP went back to its name, unmarked"
         );
         assert_eq!(one.domain_of(a).as_deref(), Some("a.com"));
+    }
+
+    #[test]
+    fn a_vip_without_a_use_stamp_is_not_given_away_and_a_cut_short_reclaim_is_undone() {
+        let (store, p, mut one, _, [a, b]) = two_envoys_on_a_full_idle_pool([9, 5]);
+        // By the last snapshot a.com's VIP is the idlest; then its stamp
+        // is gone (evicted, lost): not known to be idle any more.
+        let _ = one.use_snapshot(Instant::now(), true);
+        store.uses.lock().unwrap().remove(&a);
+        // (Ten seconds on, so that this process's own memory finds it idle.)
+        let later = Instant::now() + Duration::from_secs(10);
+        assert_eq!(
+            one.allocate_at("c.com", &p, later),
+            Err(AllocError::Exhausted)
+        );
+        assert_eq!(store.get(a).unwrap().as_deref(), Some("a.com"));
+        assert!(store.last_use_ns(a).is_some(), "stamped now instead");
+        // An Envoy died between mark and write: the next one to attach
+        // gives the VIP back to its name.
+        store.vips.0.lock().unwrap().insert(b, String::new());
+        store.marked_was.lock().unwrap().insert(b, "b.com".into());
+        let mut three = VipAllocator::new();
+        three.attach_store(Some(Box::new(store.clone()))).unwrap();
+        assert_eq!(store.get(b).unwrap().as_deref(), Some("b.com"));
+        assert_eq!(three.domain_of(b).as_deref(), Some("b.com"));
     }
 
     #[test]

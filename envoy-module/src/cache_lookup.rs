@@ -346,11 +346,15 @@ impl CacheLookupFilter {
         crate::log_fmt!(LogLevel::Debug, "cache_lookup: VIP {vip} -> {domain}");
         if let Some(timeout) = self.shared.settings.connect_response_timeout {
             self.deadline = handle.start_timer(timeout, TUNNEL_DEADLINE);
+            static WARNED: std::sync::Once = std::sync::Once::new();
             if self.deadline.is_none() {
-                log(
-                    LogLevel::Warn,
-                    "cache_lookup: Envoy offers no scheduler; connect_response_timeout is not enforced",
-                );
+                WARNED.call_once(|| {
+                    log(
+                        LogLevel::Warn,
+                        "cache_lookup: this Envoy offers no scheduler (or no upstream state): \
+                         connect_response_timeout is not enforced",
+                    )
+                });
             }
         }
         let cluster = rule.and_then(|r| r.metadata.get("cluster").cloned());

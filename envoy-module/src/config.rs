@@ -27,7 +27,7 @@ pub const DEFAULT_TTL: u32 = 300;
 
 /// Shortest `reclaim_idle_after`, seconds (it must also be at least twice
 /// the TTL).
-pub const MIN_RECLAIM_IDLE_SECS: u64 = 1;
+pub const MIN_RECLAIM_IDLE_SECS: u64 = 2;
 
 /// Settings of the `dns_gateway` UDP listener filter.
 #[derive(Clone, Debug)]

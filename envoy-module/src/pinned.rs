@@ -80,6 +80,13 @@ impl VipStore for PinnedVips {
             .map_err(|e| format!("{e:#}"))
     }
 
+    fn repair_marked(&mut self) -> Result<usize, String> {
+        self.table
+            .repair_marked()
+            .map(|repaired| repaired.len())
+            .map_err(|e| format!("{e:#}"))
+    }
+
     fn lock_reclaims(&self) -> Result<crate::allocator::ReclaimGuard, String> {
         let lock = self.pins.lock_reclaims().map_err(|e| format!("{e:#}"))?;
         Ok(Box::new(lock))

@@ -329,9 +329,11 @@ pub const ORIG_DST_CLOSE_GRACE_NS: u64 = 500_000_000;
 
 /// One entry of the VIP table: the domain a VIP stands for.
 ///
-/// A record with `domain_len` 0 is a VIP being reclaimed: no name holds it
-/// for that moment (see [`VIP_RECLAIMING_LEN`]); readers treat it as
-/// unallocated, and writers that claim free VIPs cannot take it.
+/// A record whose `domain_len` has [`VIP_RECLAIMING_FLAG`] set is a VIP
+/// being reclaimed: no name holds it for that moment; readers treat it as
+/// unallocated, writers that claim free VIPs cannot take it, and the
+/// previous name stays in `domain` so that a reclaim cut short (its Envoy
+/// died) can be undone.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
@@ -342,12 +344,12 @@ pub struct VipRecord {
     pub domain: [u8; MAX_DOMAIN_LEN + 1],
 }
 
-/// `VipRecord::domain_len` of a VIP in the middle of being reclaimed for
-/// another name. A reclaiming Envoy writes it first, then checks that no
-/// one used the VIP meanwhile, then writes the new name; an Envoy that
-/// answers from memory checks the record after stamping its use, so the
-/// two can never both hand the VIP out.
-pub const VIP_RECLAIMING_LEN: u32 = 0;
+/// Bit of `VipRecord::domain_len` marking a VIP in the middle of being
+/// reclaimed for another name. A reclaiming Envoy sets it first (under
+/// the reclaim lock), then checks that no one used the VIP meanwhile, then
+/// writes the new name; an Envoy that answers from memory checks the
+/// record after stamping its use, so the two never both hand the VIP out.
+pub const VIP_RECLAIMING_FLAG: u32 = 0x8000_0000;
 
 /// What the loader tells `gateway status` about itself.
 #[repr(C)]

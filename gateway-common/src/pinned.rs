@@ -332,9 +332,11 @@ impl PinDir {
 
     /// Takes the pin directory's reclaim lock (an exclusive `flock` on
     /// [`crate::RECLAIM_LOCK_DIR`]), which every Envoy holds while it
-    /// reclaims a VIP, so that two reclaims never interleave. Waits at most
-    /// [`RECLAIM_LOCK_WAIT`]: a holder keeps it only for a few map
-    /// operations, and the kernel releases it when the holder dies.
+    /// reclaims a VIP, so that two reclaims never interleave. It does not
+    /// wait: the caller holds its process's allocator, and a holder that
+    /// is stopped must not stall every worker of every other Envoy; a busy
+    /// lock means "nothing reclaimable right now". The kernel releases it
+    /// when the holder dies.
     pub fn lock_reclaims(&self) -> Result<ReclaimLock> {
         let path = self.path.join(crate::RECLAIM_LOCK_DIR);
         let dir = fs::File::open(&path).with_context(|| {
@@ -344,21 +346,16 @@ impl PinDir {
                 path.display()
             )
         })?;
-        let deadline = std::time::Instant::now() + RECLAIM_LOCK_WAIT;
-        loop {
-            match dir.try_lock() {
-                Ok(()) => return Ok(ReclaimLock { _dir: dir }),
-                Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                Err(fs::TryLockError::WouldBlock) => bail!(
-                    "another process held the reclaim lock {} for over {:?}",
-                    path.display(),
-                    RECLAIM_LOCK_WAIT
-                ),
-                Err(fs::TryLockError::Error(e)) => {
-                    return Err(e).with_context(|| format!("locking {}", path.display()))
-                }
+        match dir.try_lock() {
+            Ok(()) => Ok(ReclaimLock { _dir: dir }),
+            Err(fs::TryLockError::WouldBlock) => {
+                bail!(
+                    "another Envoy is reclaiming a VIP ({} is locked)",
+                    path.display()
+                )
+            }
+            Err(fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("locking {}", path.display()))
             }
         }
     }
@@ -494,9 +491,6 @@ impl OrigDstTable {
     }
 }
 
-/// The longest [`PinDir::lock_reclaims`] waits for another holder.
-pub const RECLAIM_LOCK_WAIT: std::time::Duration = std::time::Duration::from_millis(200);
-
 /// The held reclaim lock of a pin directory; released when dropped (or when
 /// the process dies).
 pub struct ReclaimLock {
@@ -584,14 +578,16 @@ impl VipTable {
     }
 
     /// Marks an allocated `vip` as being reclaimed (see
-    /// [`crate::VIP_RECLAIMING_LEN`]): from now on no name holds it, and
-    /// [`VipTable::insert_new`] cannot take it.
+    /// [`crate::VIP_RECLAIMING_FLAG`]): from now on no name holds it, and
+    /// [`VipTable::insert_new`] cannot take it; its name stays in the
+    /// record for [`VipTable::repair_marked`].
     pub fn mark_reclaiming(&mut self, vip: Ipv4Addr) -> Result<()> {
         const BPF_EXIST: u64 = 2;
-        let record = VipRecord {
-            domain_len: crate::VIP_RECLAIMING_LEN,
-            domain: [0; MAX_DOMAIN_LEN + 1],
+        let mut record: VipRecord = match self.map.get(&vip.octets(), 0) {
+            Ok(value) => from_bytes(&value),
+            Err(e) => return Err(e).with_context(|| format!("reading VIP {vip} to mark it")),
         };
+        record.domain_len |= crate::VIP_RECLAIMING_FLAG;
         self.map
             .insert(
                 vip.octets(),
@@ -599,6 +595,33 @@ impl VipTable {
                 BPF_EXIST,
             )
             .with_context(|| format!("marking VIP {vip} as being reclaimed"))
+    }
+
+    /// Gives every VIP left marked as being reclaimed back to its previous
+    /// name (a reclaim whose Envoy died between mark and write). Call it
+    /// holding the reclaim lock: then no reclaim is in progress. Returns
+    /// the VIPs repaired.
+    pub fn repair_marked(&mut self) -> Result<Vec<(Ipv4Addr, String)>> {
+        let marked = self
+            .map
+            .iter()
+            .filter_map(|item| {
+                let (k, v) = item.ok()?;
+                let mut record: VipRecord = from_bytes(&v);
+                if record.domain_len & crate::VIP_RECLAIMING_FLAG == 0 {
+                    return None;
+                }
+                record.domain_len &= !crate::VIP_RECLAIMING_FLAG;
+                Some((Ipv4Addr::from(k), record_domain(&record)))
+            })
+            .collect::<Vec<_>>();
+        let mut repaired = Vec::new();
+        for (vip, name) in marked {
+            let name = name?.with_context(|| format!("VIP {vip} is marked with no name"))?;
+            self.insert(vip, &name)?;
+            repaired.push((vip, name));
+        }
+        Ok(repaired)
     }
 
     /// Forgets `vip`.
@@ -646,7 +669,7 @@ fn vip_record(domain: &str) -> Result<VipRecord> {
 
 /// The domain of a record; `None` for a VIP being reclaimed.
 fn record_domain(record: &VipRecord) -> Result<Option<String>> {
-    if record.domain_len == crate::VIP_RECLAIMING_LEN {
+    if record.domain_len & crate::VIP_RECLAIMING_FLAG != 0 {
         return Ok(None);
     }
     let len = record.domain_len as usize;
@@ -662,6 +685,24 @@ fn record_domain(record: &VipRecord) -> Result<Option<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reclaim_lock_is_exclusive_and_released_on_drop() {
+        let dir = std::env::temp_dir().join(format!("gw-lock-test-{}", std::process::id()));
+        let pins = PinDir::new(&dir);
+        fs::create_dir_all(&dir).expect("temp dir");
+        assert!(pins.lock_reclaims().is_err(), "no lock directory yet");
+        pins.ensure_reclaim_lock().expect("lock directory");
+        let held = pins.lock_reclaims().expect("first holder");
+        let busy = pins
+            .lock_reclaims()
+            .err()
+            .expect("a second holder must fail");
+        assert!(format!("{busy:#}").contains("another Envoy"), "{busy:#}");
+        drop(held);
+        assert!(pins.lock_reclaims().is_ok(), "released on drop");
+        let _ = fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn socket_addresses_of_both_families_round_trip_through_the_kernel_layout() {

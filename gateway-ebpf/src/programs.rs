@@ -426,13 +426,18 @@ fn on_tcp_connect(
     dest: &Destination,
 ) -> i32 {
     if is_vip(cfg, dest) {
-        if cfg.has(CONFIG_FLAG_REFUSE_UNKNOWN_VIPS) && !vip_allocated(dest) {
+        let allocated = vip_allocated(dest);
+        if cfg.has(CONFIG_FLAG_REFUSE_UNKNOWN_VIPS) && !allocated {
             count(Counter::UnknownVipRefused);
             return DENY;
         }
-        // SAFETY: bpf_ktime_get_ns has no preconditions.
-        let now = unsafe { bpf_ktime_get_ns() };
-        let _ = GW_VIP_USE.insert(&dest.addr.ip6[3], &now, 0);
+        // Only allocated VIPs are stamped: connects to free addresses of the
+        // range must not evict the stamps that reclaiming goes by.
+        if allocated {
+            // SAFETY: bpf_ktime_get_ns has no preconditions.
+            let now = unsafe { bpf_ktime_get_ns() };
+            let _ = GW_VIP_USE.insert(&dest.addr.ip6[3], &now, 0);
+        }
         if let Some(target) = target_for(cfg, dest, &cfg.tcp_target) {
             if !listener_up(ctx, IPPROTO_TCP, &target) {
                 // Redirected all the same: the connect fails at once with

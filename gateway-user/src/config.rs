@@ -193,7 +193,7 @@ fn default_idle_timeout() -> u64 {
 }
 
 fn default_connect_timeout() -> u64 {
-    10
+    5
 }
 
 fn default_connect_response_timeout() -> u64 {
@@ -440,9 +440,12 @@ pub fn validate(file: GatewayFile) -> Result<Config> {
             file.tunnel.connect_timeout
         );
     }
-    if !(file.tunnel.connect_timeout..=3600).contains(&file.tunnel.connect_response_timeout) {
+    // Longer than the TCP connect timeout, so that a proxy that cannot be
+    // reached is counted as such (upstream_cx_connect_timeout), not as a
+    // CONNECT left unanswered.
+    if !(file.tunnel.connect_timeout + 1..=3600).contains(&file.tunnel.connect_response_timeout) {
         bail!(
-            "tunnel.connect_response_timeout: {} must be between tunnel.connect_timeout ({}) and 3600 seconds",
+            "tunnel.connect_response_timeout: {} must be longer than tunnel.connect_timeout ({}) and at most 3600 seconds",
             file.tunnel.connect_response_timeout,
             file.tunnel.connect_timeout
         );
@@ -606,7 +609,7 @@ mod tests {
                 "tunnel.idle_timeout",
             ),
             (
-                with("connect_timeout = 10", "connect_timeout = 9999"),
+                with("connect_timeout = 5", "connect_timeout = 9999"),
                 "tunnel.connect_timeout",
             ),
             (

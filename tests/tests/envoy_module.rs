@@ -569,7 +569,7 @@ fn two_envoys_on_one_pin_directory_never_give_one_vip_two_names() {
     assert_eq!(a_of(first_ports.dns, "b.s3.aws.com"), ["10.10.0.2"]);
     // The second Envoy learns a.s3.aws.com's VIP and keeps it in memory.
     assert_eq!(a_of(second_ports.dns, "a.s3.aws.com"), ["10.10.0.1"]);
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(3200));
     // b is used again; the first Envoy reclaims a's VIP for c.
     assert_eq!(a_of(first_ports.dns, "b.s3.aws.com"), ["10.10.0.2"]);
     assert_eq!(

@@ -275,7 +275,7 @@ fn a_full_range_reclaims_the_idlest_vip_when_configured() -> Result<()> {
     assert_eq!(dig(&scenario, "b.s3.aws.com")?, "10.10.0.2");
     // Full, and nothing idle for 2 s yet: SERVFAIL (dig +short prints nothing).
     assert_eq!(dig(&scenario, "c.s3.aws.com")?, "");
-    std::thread::sleep(Duration::from_millis(2500));
+    std::thread::sleep(Duration::from_millis(3200));
     // b.s3.aws.com is used again just before: a.s3.aws.com is the idlest.
     assert_eq!(dig(&scenario, "b.s3.aws.com")?, "10.10.0.2");
     assert_eq!(dig(&scenario, "c.s3.aws.com")?, "10.10.0.1");
@@ -428,7 +428,7 @@ fn an_upstream_that_fails_or_never_answers_closes_the_client_in_bounded_time() -
     let config = test_config()?
         .replacen("127.0.0.1:18001", "127.0.0.1:18004", 1)
         .replacen("127.0.0.1:18002", "127.0.0.1:18003", 1)
-        .replacen("connect_timeout = 10", "connect_timeout = 1", 1)
+        .replacen("connect_timeout = 5", "connect_timeout = 1", 1)
         .replacen(
             "connect_response_timeout = 10",
             "connect_response_timeout = 2",
@@ -499,10 +499,10 @@ fn an_upstream_that_fails_or_never_answers_closes_the_client_in_bounded_time() -
 #[test]
 fn a_tunnel_that_is_up_outlives_the_connect_response_timeout() -> Result<()> {
     let config = test_config()?
-        .replacen("connect_timeout = 10", "connect_timeout = 1", 1)
+        .replacen("connect_timeout = 5", "connect_timeout = 1", 1)
         .replacen(
             "connect_response_timeout = 10",
-            "connect_response_timeout = 1",
+            "connect_response_timeout = 2",
             1,
         );
     let Some(scenario) = start_isolated(config, &[], &TOOLS)? else {

@@ -29,7 +29,6 @@ unsafe impl Send for Scheduler {}
 struct Wheel {
     pending: BTreeMap<(Instant, u64), (EnvoyPtr, u64)>,
     next_id: u64,
-    thread_started: bool,
 }
 
 // SAFETY: the raw scheduler pointers are only used under the mutex, for
@@ -76,46 +75,64 @@ impl Drop for ArmedTimer {
 }
 
 /// Arms a timer that calls the filter's `on_scheduled(event)` after
-/// `delay`; `None` when Envoy offers no scheduler.
+/// `delay`; `None` when Envoy offers no scheduler (or no way to tell
+/// whether the upstream is ready, which is what the timers are for), when
+/// the timer thread cannot run, or for a delay beyond the clock.
 ///
 /// # Safety
 /// `filter_envoy` must be the network filter of the running hook.
 pub unsafe fn arm(filter_envoy: EnvoyPtr, delay: Duration, event: u64) -> Option<ArmedTimer> {
     let table = callbacks();
-    let (Some(new), Some(_), Some(_)) = (
+    let (Some(new), Some(_), Some(_), Some(_)) = (
         table.network_filter_scheduler_new,
         table.network_filter_scheduler_commit,
         table.network_filter_scheduler_delete,
+        table.network_filter_has_upstream_host,
     ) else {
         return None;
     };
+    let deadline = Instant::now().checked_add(delay)?;
+    let timers = timers();
+    if !thread_running(timers) {
+        return None;
+    }
     // SAFETY: `filter_envoy` is the running hook's filter (caller).
     let scheduler = unsafe { new(filter_envoy) };
     if scheduler.is_null() {
         return None;
     }
-    let timers = timers();
     let mut wheel = lock(timers);
     wheel.next_id += 1;
-    let key = (Instant::now() + delay, wheel.next_id);
+    let key = (deadline, wheel.next_id);
     wheel.pending.insert(key, (scheduler, event));
-    if !wheel.thread_started {
-        let spawned = std::thread::Builder::new()
-            .name("gw-timers".into())
-            .spawn(run);
-        match spawned {
-            Ok(_) => wheel.thread_started = true,
-            Err(e) => log(
-                LogLevel::Error,
-                &format!("cannot start the timer thread ({e}): timeouts will not fire"),
-            ),
-        }
-    }
+    // The thread sleeps until the earliest deadline: wake it only when
+    // this one is earlier.
+    let earliest = wheel.pending.first_key_value().map(|(k, _)| *k) == Some(key);
     drop(wheel);
-    timers.wake.notify_one();
+    if earliest {
+        timers.wake.notify_one();
+    }
     Some(ArmedTimer {
         key,
         scheduler: Scheduler(scheduler),
+    })
+}
+
+/// Starts the timer thread once; false (logged once) if it cannot run.
+fn thread_running(timers: &'static Timers) -> bool {
+    static STARTED: OnceLock<bool> = OnceLock::new();
+    *STARTED.get_or_init(|| {
+        let spawned = std::thread::Builder::new()
+            .name("gw-timers".into())
+            .spawn(run);
+        if let Err(e) = &spawned {
+            log(
+                LogLevel::Error,
+                &format!("cannot start the timer thread ({e}): connection timeouts are off"),
+            );
+        }
+        let _ = timers;
+        spawned.is_ok()
     })
 }
 
