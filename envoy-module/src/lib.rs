@@ -82,6 +82,7 @@ pub mod dns_tcp;
 pub mod fuzzing;
 pub mod matcher;
 pub mod pinned;
+pub mod reflector;
 pub mod state;
 
 use api::{CounterRegistry, Counters, NetworkFilterConfig, UdpListenerFilterConfig};
@@ -103,9 +104,13 @@ pub fn new_udp_listener_filter_config(
     config: &[u8],
     registry: &mut dyn CounterRegistry,
 ) -> Result<Box<dyn UdpListenerFilterConfig>, String> {
+    if name == reflector::DNS_REFLECTOR {
+        return Ok(Box::new(reflector::ReflectorConfig));
+    }
     if name != DNS_GATEWAY {
         return Err(format!(
-            "filter_name: unknown UDP listener filter {name:?} (this module has {DNS_GATEWAY:?})"
+            "filter_name: unknown UDP listener filter {name:?} (this module has {DNS_GATEWAY:?} and {:?})",
+            reflector::DNS_REFLECTOR
         ));
     }
     let settings = config::parse_dns_gateway(config).map_err(|e| format!("{DNS_GATEWAY}: {e}"))?;

@@ -31,8 +31,10 @@ enum Command {
     /// The seed's scenario end to end on the built-in configuration, inside
     /// a private network namespace (root; installs what is missing).
     Demo,
-    /// Measure the capture (eBPF redirect vs iptables DNAT vs direct) side
-    /// by side, as ratios (root).
+    /// Measure side by side, as ratios: capture (eBPF redirect vs
+    /// iptables/nftables DNAT vs direct), capture with many connections
+    /// held, the DNS answer path and the per-connection lookup in Envoy,
+    /// and the VIP table at scale (root; see docs/benchmarks.md).
     Bench(bench::BenchArgs),
     /// Internal: one benchmark client loop (run by `bench`).
     #[command(hide = true)]

@@ -30,6 +30,11 @@ const APT_PACKAGES: &[&str] = &[
     "musl-tools",
     "dnsmasq-base",
     "file",
+    // Benchmarks: the DNS load generator, nftables for its DNAT mode, and
+    // the chart's font.
+    "dnsperf",
+    "nftables",
+    "fonts-dejavu-core",
 ];
 
 /// Client runtimes the tests need, as (command, Debian package): the

@@ -47,6 +47,16 @@ pub fn test(args: &TestArgs) -> Result<()> {
             seconds: FUZZ_SMOKE_SECONDS,
             target: None,
         })?;
+        // A smoke run of the benchmark: every comparison still runs end to
+        // end (its figures mean nothing at this size).
+        crate::bench::bench(&crate::bench::BenchArgs {
+            suites: crate::bench::Suite::ALL.to_vec(),
+            rounds: 1,
+            seconds: 1.0,
+            ops: 200,
+            smoke: true,
+            out: Some(crate::util::repo_root().join("target/bench-smoke")),
+        })?;
     }
     Ok(())
 }

@@ -1,289 +1,233 @@
-//! `cargo xtask bench`: what the capture costs, measured side by side in
-//! one run and reported as ratios. Inside a private network namespace, a
-//! client process repeats a TCP connect + 1-byte exchange, or a UDP query
-//! + reply, against a local server, reached three ways:
+//! `cargo xtask bench`: the costs that matter, side by side in one run.
 //!
-//! * `direct`   — the client dials the server's address itself (baseline);
-//! * `ebpf`     — the client (in a gated cgroup) dials a VIP / a far DNS
-//!   server and the gateway's cgroup programs redirect it;
-//! * `iptables` — the client dials the same VIP / server and an iptables
-//!   DNAT rule in the namespace redirects it (the seed's mechanism).
+//! Everything runs inside a private network namespace the command makes
+//! itself, against its own servers (an epoll echo server and a UDP
+//! responder, see [`net`]). Each comparison interleaves its modes round by
+//! round (A, B, C, A, B, C, ...) so that drift of the machine hits every
+//! mode alike, and reports medians and ratios to its first mode:
 //!
-//! Rounds alternate between the modes so that machine noise hits all of
-//! them alike.
+//! * `capture` — short TCP connections and UDP query/reply: direct vs the
+//!   eBPF redirect vs iptables DNAT (vs nftables DNAT when `nft` exists);
+//! * `scale` — the same connect latency while 1,000 / 10,000 / 50,000
+//!   other connections are held through each mode, and the kernel memory
+//!   each mode holds per connection;
+//! * `dns` — queries per second (dnsperf) and p50/p99 latency at half that
+//!   rate for `dns_gateway`, Envoy's `dns_filter` with the same names in an
+//!   inline table, a canned-reply ceiling, and unmatched names relayed to
+//!   a fallback, all in one Envoy with one worker;
+//! * `lookup` — connections per second through tcp_proxy with
+//!   `cache_lookup` reading the shared map, the seed's setup (iptables
+//!   DNAT, `original_dst`, lookup by local address), and bare tcp_proxy;
+//! * `vips` — 65,536 allocations into the pinned VIP map, memory per entry
+//!   (module and kernel), lookup cost at 100 vs 65,536 entries.
+//!
+//! Output: Markdown tables on stdout and in `<out>/results.md`, the raw
+//! figures in `<out>/results.json`, a chart of the ratios in
+//! `<out>/chart.png`.
 
-use std::{
-    io::{Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream, UdpSocket},
-    process::Command,
-    thread,
-    time::{Duration, Instant},
-};
+mod capture;
+mod dns;
+mod env;
+mod lookup;
+pub mod net;
+mod report;
+mod scale;
+mod vips;
+
+use std::path::PathBuf;
 
 use anyhow::{bail, Context as _, Result};
-use tests::{Loader, TestCgroup};
+use serde_json::json;
 
 use crate::{
     setup,
-    util::{cargo, repo_root, run},
+    util::{cargo, output, repo_root, run},
 };
 
-const TCP_SERVER: &str = "127.0.0.1:15001";
-const UDP_SERVER: &str = "127.0.0.1:15053";
-const VIP_TARGET: &str = "10.10.0.7:443";
-const DNS_TARGET: &str = "203.0.113.53:53";
+/// One comparison of the benchmark.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Suite {
+    /// Direct vs eBPF redirect vs iptables (and nftables) DNAT.
+    Capture,
+    /// Capture cost with many connections held.
+    Scale,
+    /// DNS answer path in Envoy.
+    Dns,
+    /// Per-connection lookup cost in Envoy.
+    Lookup,
+    /// VIP table size.
+    Vips,
+}
+
+impl Suite {
+    /// Every comparison, in the order they run.
+    pub const ALL: [Suite; 5] = [
+        Suite::Capture,
+        Suite::Scale,
+        Suite::Dns,
+        Suite::Lookup,
+        Suite::Vips,
+    ];
+}
 
 /// Options of the bench command.
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Operations per round and mode.
-    #[arg(long, default_value_t = 2000)]
-    pub ops: u32,
-    /// Rounds (each runs every mode once).
+    /// Comparisons to run, comma-separated.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Suite::Capture, Suite::Scale, Suite::Dns, Suite::Lookup, Suite::Vips])]
+    pub suites: Vec<Suite>,
+    /// Rounds; each runs every mode of a comparison once.
     #[arg(long, default_value_t = 5)]
     pub rounds: u32,
+    /// Seconds per rate measurement (dnsperf, connections per second).
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Operations per latency measurement.
+    #[arg(long, default_value_t = 2000)]
+    pub ops: u32,
+    /// A few seconds per comparison with small sizes and debug builds:
+    /// checks that the benchmark works (CI), figures mean nothing.
+    #[arg(long)]
+    pub smoke: bool,
+    /// Where the results go (default: target/bench).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// Options of the hidden client subcommand.
 #[derive(clap::Args, Debug)]
 pub struct ClientArgs {
-    /// "tcp" or "udp".
-    #[arg(long)]
-    pub proto: String,
-    /// Where to send.
-    #[arg(long)]
-    pub target: SocketAddr,
-    /// How many operations.
-    #[arg(long)]
-    pub ops: u32,
+    /// What to run.
+    #[command(subcommand)]
+    pub workload: net::Workload,
 }
 
-/// The client loop, run as its own process (so it can be placed in a
-/// cgroup); prints the nanoseconds of every operation, one per line.
+/// Runs one client workload (a separate process, so that it can be put in
+/// the gated cgroup).
 pub fn client(args: &ClientArgs) -> Result<()> {
-    let mut times = Vec::with_capacity(args.ops as usize);
-    match args.proto.as_str() {
-        "tcp" => {
-            for _ in 0..args.ops {
-                let start = Instant::now();
-                let mut s = TcpStream::connect_timeout(&args.target, Duration::from_secs(2))
-                    .with_context(|| format!("connecting to {}", args.target))?;
-                s.set_read_timeout(Some(Duration::from_secs(2)))?;
-                s.write_all(b"x")?;
-                let mut b = [0u8; 1];
-                s.read_exact(&mut b)?;
-                times.push(start.elapsed().as_nanos());
+    net::run_workload(&args.workload)
+}
+
+/// Sizes of one run.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Rounds per comparison.
+    pub rounds: u32,
+    /// Seconds per rate measurement.
+    pub seconds: f64,
+    /// Operations per latency measurement.
+    pub ops: u32,
+    /// Held connections of the scale comparison.
+    pub scales: Vec<usize>,
+    /// Names allocated by the VIP table comparison.
+    pub vip_names: u32,
+    /// Whether binaries are the debug build (smoke) or release.
+    pub profile: &'static str,
+}
+
+impl Plan {
+    fn from_args(args: &BenchArgs) -> Self {
+        if args.smoke {
+            Self {
+                rounds: 1,
+                seconds: 1.0,
+                ops: 200,
+                scales: vec![1000],
+                vip_names: 2000,
+                profile: "debug",
+            }
+        } else {
+            Self {
+                rounds: args.rounds.max(1),
+                seconds: args.seconds.max(0.5),
+                ops: args.ops.max(10),
+                scales: vec![1000, 10_000, 50_000],
+                vip_names: 65_536,
+                profile: "release",
             }
         }
-        "udp" => {
-            let s = UdpSocket::bind("0.0.0.0:0")?;
-            s.set_read_timeout(Some(Duration::from_secs(2)))?;
-            let mut b = [0u8; 64];
-            for _ in 0..args.ops {
-                let start = Instant::now();
-                s.send_to(b"query", args.target)?;
-                s.recv_from(&mut b).context("no UDP reply")?;
-                times.push(start.elapsed().as_nanos());
-            }
-        }
-        other => bail!("unknown protocol {other}"),
     }
-    let lines: Vec<String> = times.iter().map(ToString::to_string).collect();
-    println!("{}", lines.join("\n"));
-    Ok(())
 }
 
-fn start_servers() -> Result<()> {
-    let tcp = TcpListener::bind(TCP_SERVER)?;
-    thread::spawn(move || {
-        for conn in tcp.incoming().flatten() {
-            let mut conn = conn;
-            let mut b = [0u8; 1];
-            if conn.read_exact(&mut b).is_ok() {
-                let _ = conn.write_all(&b);
-            }
-        }
-    });
-    let udp = UdpSocket::bind(UDP_SERVER)?;
-    thread::spawn(move || {
-        let mut b = [0u8; 512];
-        while let Ok((n, src)) = udp.recv_from(&mut b) {
-            let _ = udp.send_to(&b[..n], src);
-        }
-    });
-    Ok(())
-}
-
-fn ip(args: &[&str]) -> Result<()> {
-    run(Command::new("ip").args(args))
-}
-
-fn iptables(action: &str) -> Result<()> {
-    for rule in [
-        vec![
-            "-p",
-            "tcp",
-            "-d",
-            "10.10.0.0/24",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            TCP_SERVER,
-        ],
-        vec![
-            "-p",
-            "udp",
-            "--dport",
-            "53",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            UDP_SERVER,
-        ],
-    ] {
-        run(Command::new("iptables")
-            .args(["-t", "nat", action, "OUTPUT"])
-            .args(rule))?;
-    }
-    Ok(())
-}
-
-/// Runs one client process and returns the nanoseconds of each operation.
-fn measure(cgroup: Option<&TestCgroup>, proto: &str, target: &str, ops: u32) -> Result<Vec<f64>> {
-    let xtask = std::env::current_exe()?;
-    let xtask = xtask.to_string_lossy().into_owned();
-    let ops_text = ops.to_string();
-    let args = [
-        "bench-client",
-        "--proto",
-        proto,
-        "--target",
-        target,
-        "--ops",
-        &ops_text,
-    ];
-    let out = match cgroup {
-        Some(cg) => cg.run(&xtask, &args)?,
-        None => Command::new(&xtask).args(args).output()?,
-    };
-    if !out.status.success() {
-        bail!(
-            "bench client ({proto} to {target}) failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| l.trim().parse::<f64>().context("bench client output"))
-        .collect()
-}
-
-/// The `q` quantile (0..1) of `values`, sorted in place.
-fn quantile(values: &mut [f64], q: f64) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    let index = ((values.len() as f64 - 1.0) * q).round() as usize;
-    values.get(index).copied().unwrap_or(f64::NAN)
-}
-
-/// Runs the benchmark and prints the table (also written as JSON under
-/// target/bench/).
+/// Runs the benchmark: tables on stdout, results under `out`.
 pub fn bench(args: &BenchArgs) -> Result<()> {
     setup::setup()?;
-    run(cargo().args(["build", "--release", "-p", "gateway-user"]))?;
     if !nix::unistd::geteuid().is_root() {
-        bail!("the benchmark loads eBPF programs: run it as root");
+        bail!("the benchmark loads eBPF programs and makes a network namespace: run it as root");
     }
-    std::env::set_var("GATEWAY_BIN", repo_root().join("target/release/gateway"));
-    tests::enter_private_netns()?;
-    // Routes so that the iptables variant can route before its DNAT, and
-    // route_localnet so that a DNAT to 127.0.0.1 is not dropped as
-    // martian; all of it in this namespace only, which has nothing but lo.
-    ip(&[
-        "route",
-        "add",
-        "10.10.0.0/24",
-        "dev",
-        "lo",
-        "src",
-        "127.0.0.1",
-    ])?;
-    ip(&[
-        "route",
-        "add",
-        "203.0.113.0/24",
-        "dev",
-        "lo",
-        "src",
-        "127.0.0.1",
-    ])?;
-    run(Command::new("sysctl").args([
-        "-qw",
-        "net.ipv4.conf.all.route_localnet=1",
-        "net.ipv4.conf.lo.route_localnet=1",
-    ]))?;
-    start_servers()?;
-    let cgroup = TestCgroup::new()?;
-    let _loader = Loader::attach(
-        &cgroup,
-        &["10.10.0.0/24"],
-        UDP_SERVER.parse()?,
-        TCP_SERVER.parse()?,
+    let plan = Plan::from_args(args);
+    let mut build = cargo();
+    build.args(["build", "-p", "gateway-user", "-p", "envoy-module"]);
+    if plan.profile == "release" {
+        build.arg("--release");
+    }
+    run(&mut build)?;
+    let out_dir = args
+        .out
+        .clone()
+        .unwrap_or_else(|| repo_root().join("target/bench"));
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let env = env::Env::enter(&plan)?;
+    let mut tables = Vec::new();
+    for suite in &args.suites {
+        eprintln!("bench: {suite:?} ...");
+        let started = std::time::Instant::now();
+        let mut produced = match suite {
+            Suite::Capture => capture::run(&plan, &env)?,
+            Suite::Scale => scale::run(&plan, &env)?,
+            Suite::Dns => dns::run(&plan, &env)?,
+            Suite::Lookup => lookup::run(&plan, &env)?,
+            Suite::Vips => vips::run(&plan, &env)?,
+        };
+        eprintln!(
+            "bench: {suite:?} took {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+        for table in &produced {
+            println!("{}", table.markdown());
+        }
+        tables.append(&mut produced);
+    }
+    let machine = machine();
+    let markdown: String = tables.iter().map(|t| t.markdown() + "\n").collect();
+    std::fs::write(out_dir.join("results.md"), &markdown)?;
+    let results = json!({
+        "machine": machine,
+        "plan": {
+            "rounds": plan.rounds, "seconds": plan.seconds, "ops": plan.ops,
+            "scales": plan.scales, "vip_names": plan.vip_names, "profile": plan.profile,
+            "smoke": args.smoke,
+        },
+        "tables": tables.iter().map(|t| (t.id.clone(), t.json())).collect::<serde_json::Map<_, _>>(),
+    });
+    std::fs::write(
+        out_dir.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
     )?;
-
-    let cases = [
-        ("tcp", TCP_SERVER, VIP_TARGET),
-        ("udp", UDP_SERVER, DNS_TARGET),
-    ];
-    let mut results = serde_json::Map::new();
-    println!(
-        "{:<5} {:<9} {:>10} {:>10} {:>12} {:>12}",
-        "proto", "mode", "p50 µs", "p99 µs", "p50/direct", "p99/direct"
-    );
-    for (proto, server, far) in cases {
-        let (mut direct, mut ebpf, mut nat) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..args.rounds {
-            direct.extend(measure(None, proto, server, args.ops)?);
-            ebpf.extend(measure(Some(&cgroup), proto, far, args.ops)?);
-            iptables("-A")?;
-            let r = measure(None, proto, far, args.ops);
-            iptables("-D")?;
-            nat.extend(r?);
-        }
-        let base = (quantile(&mut direct, 0.5), quantile(&mut direct, 0.99));
-        let mut modes = serde_json::Map::new();
-        for (mode, values) in [
-            ("direct", &mut direct),
-            ("ebpf", &mut ebpf),
-            ("iptables", &mut nat),
-        ] {
-            let (p50, p99) = (quantile(values, 0.5), quantile(values, 0.99));
-            println!(
-                "{proto:<5} {mode:<9} {:>10.1} {:>10.1} {:>12.3} {:>12.3}",
-                p50 / 1000.0,
-                p99 / 1000.0,
-                p50 / base.0,
-                p99 / base.1
-            );
-            modes.insert(
-                mode.to_owned(),
-                serde_json::json!({
-                    "p50_ns": p50, "p99_ns": p99,
-                    "p50_over_direct": p50 / base.0, "p99_over_direct": p99 / base.1,
-                    "operations": values.len(),
-                }),
-            );
-        }
-        results.insert(proto.to_owned(), serde_json::Value::Object(modes));
-    }
-    let dir = repo_root().join("target/bench");
-    std::fs::create_dir_all(&dir)?;
-    let path = dir.join("capture.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&results)?)?;
-    println!(
-        "(per-operation latency over {} rounds × {} operations per mode, modes interleaved; written to {})",
-        args.rounds,
-        args.ops,
-        path.display()
+    report::chart(&tables, &out_dir.join("chart.png"))?;
+    eprintln!(
+        "bench: results in {} (results.md, results.json, chart.png)",
+        out_dir.display()
     );
     Ok(())
+}
+
+/// What the figures were measured on.
+fn machine() -> serde_json::Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_default();
+    json!({
+        "kernel": output(std::process::Command::new("uname").arg("-r")).unwrap_or_default().trim(),
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "iptables": output(std::process::Command::new("iptables").arg("-V")).unwrap_or_default().trim(),
+        "envoy": output(std::process::Command::new(crate::util::envoy_bin()).arg("--version")).unwrap_or_default().trim(),
+    })
 }
