@@ -166,8 +166,11 @@ pub trait VipStore: Send {
     fn last_use_ns(&self, _vip: Ipv4Addr) -> Option<u64> {
         None
     }
-    /// Records that `vip` was answered at `ns` (CLOCK_MONOTONIC).
-    fn stamp_use(&mut self, _vip: Ipv4Addr, _ns: u64) {}
+    /// Records that `vip` was answered at `ns` (CLOCK_MONOTONIC); true
+    /// when the shared table took it.
+    fn stamp_use(&mut self, _vip: Ipv4Addr, _ns: u64) -> bool {
+        false
+    }
     /// Every VIP's last use at once (one pass over the table instead of a
     /// lookup per VIP); `None` when the store keeps no stamps.
     fn all_last_uses(&self) -> Option<HashMap<u32, u64>> {
@@ -186,6 +189,15 @@ use crate::abi::monotonic_ns;
 
 /// How often one process stamps the same VIP's use in the shared table.
 const STAMP_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long an answer from memory stands on its last check against the
+/// store. A check made after this process's stamp saw its name: no
+/// reclaim can complete until that stamp is `reclaim_idle_after` old (at
+/// least [`crate::config::MIN_RECLAIM_IDLE_SECS`]), so answers within this
+/// shorter time need no map access at all.
+const VERIFIED_FOR: Duration = Duration::from_secs(1);
+
+const _: () = assert!(VERIFIED_FOR.as_secs() < crate::config::MIN_RECLAIM_IDLE_SECS);
 
 /// The outcome of a successful [`VipAllocator::allocate`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -273,6 +285,9 @@ pub struct VipAllocator {
     learnt_only: std::collections::HashSet<u32>,
     /// When this process last stamped each VIP's use in the store.
     stamped: HashMap<u32, Instant>,
+    /// When memory's name of each VIP was last stamped then confirmed by
+    /// the store (see [`VERIFIED_FOR`]).
+    verified: HashMap<u32, Instant>,
     /// The shared use stamps as last read for reclaiming, and when.
     use_snapshot: Option<(Instant, HashMap<u32, u64>)>,
     /// Rate limits on new allocations, per pool.
@@ -306,6 +321,39 @@ impl VipAllocator {
                 self.stamped.insert(vip, now);
             }
         }
+    }
+
+    /// Whether memory's `vip` → `domain` may be answered at `now`: with a
+    /// store, the use is stamped and then the store must still give `vip`
+    /// to `domain` (another Envoy may have reclaimed it), at most once per
+    /// [`VERIFIED_FOR`] per VIP. When the store gives it to another name,
+    /// memory follows and the answer is false.
+    fn answerable(&mut self, vip: u32, domain: &str, now: Instant) -> Result<bool, AllocError> {
+        self.last_used.insert(vip, now);
+        self.learnt_only.remove(&vip);
+        let Some(store) = self.store.as_mut() else {
+            return Ok(true);
+        };
+        if self
+            .verified
+            .get(&vip)
+            .is_some_and(|at| now.saturating_duration_since(*at) < VERIFIED_FOR)
+        {
+            return Ok(true);
+        }
+        // Stamped before it is checked: a reclaim that starts after the
+        // check sees this use and backs off (see `reclaim_in_store`).
+        let stamped = store.stamp_use(Ipv4Addr::from(vip), monotonic_ns());
+        if stamped {
+            self.stamped.insert(vip, now);
+        }
+        if !self.still_holds(vip, domain)? {
+            return Ok(false);
+        }
+        if stamped {
+            self.verified.insert(vip, now);
+        }
+        Ok(true)
     }
 
     /// How long `vip` has been idle at `now`: by the shared stamps (what
@@ -371,6 +419,7 @@ impl VipAllocator {
     /// Drops `vip` from memory (the store holds it for no name, or for
     /// another one).
     fn forget(&mut self, vip: u32) {
+        self.verified.remove(&vip);
         if let Some(old) = self.by_vip.remove(&vip) {
             if let Some(vips) = self.by_domain.get_mut(&old) {
                 vips.retain(|v| *v != vip);
@@ -541,12 +590,9 @@ impl VipAllocator {
                 .copied()
                 .find(|v| pool.contains(Ipv4Addr::from(*v)))
         }) {
-            // Stamped before it is checked: a reclaim that starts after the
-            // check sees this use and backs off (see `reclaim_in_store`).
             // Checked whatever this pool's own policy: another Envoy on the
             // same store may reclaim.
-            self.used(vip, now);
-            if !self.still_holds(vip, domain)? {
+            if !self.answerable(vip, domain, now)? {
                 continue;
             }
             return Ok(Allocated {
@@ -596,8 +642,7 @@ impl VipAllocator {
                     self.pools.insert(pool.key(), state);
                     // Stamp, then check again (the owner was read before
                     // the stamp): the same order as any answer from memory.
-                    self.used(candidate, now);
-                    if !self.still_holds(candidate, domain)? {
+                    if !self.answerable(candidate, domain, now)? {
                         return self.allocate_at(domain, pool, now);
                     }
                     return Ok(Allocated {
@@ -731,7 +776,7 @@ impl VipAllocator {
         // now: only a VIP seen idle is given away.
         let fresh = store.last_use_ns(addr);
         if fresh.is_none() {
-            store.stamp_use(addr, monotonic_ns());
+            let _ = store.stamp_use(addr, monotonic_ns());
         }
         let back_off = fresh.is_none() || self.idle_for(vip, now, fresh) < idle;
         let Some(store) = self.store.as_mut() else {
@@ -834,6 +879,8 @@ pub(crate) mod tests {
         use_while_marking: Arc<std::sync::atomic::AtomicBool>,
         /// The names of marked VIPs (the pinned record keeps them).
         marked_was: Arc<Mutex<BTreeMap<Ipv4Addr, String>>>,
+        /// Reads of single VIPs.
+        gets: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl VipStore for StampedStore {
@@ -841,6 +888,7 @@ pub(crate) mod tests {
             self.vips.entries()
         }
         fn get(&self, vip: Ipv4Addr) -> Result<Option<String>, String> {
+            self.gets.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.vips.get(vip)
         }
         fn insert(&mut self, vip: Ipv4Addr, domain: &str) -> Result<(), String> {
@@ -880,8 +928,9 @@ pub(crate) mod tests {
         fn last_use_ns(&self, vip: Ipv4Addr) -> Option<u64> {
             self.uses.lock().unwrap().get(&vip).copied()
         }
-        fn stamp_use(&mut self, vip: Ipv4Addr, ns: u64) {
+        fn stamp_use(&mut self, vip: Ipv4Addr, ns: u64) -> bool {
             self.uses.lock().unwrap().insert(vip, ns);
+            true
         }
         fn all_last_uses(&self) -> Option<std::collections::HashMap<u32, u64>> {
             Some(
@@ -995,6 +1044,48 @@ pub(crate) mod tests {
         assert_eq!(three.domain_of(a).as_deref(), Some("c.com"));
         assert_eq!(store.get(a).unwrap().as_deref(), Some("c.com"));
         assert!(store.locks.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    }
+
+    #[test]
+    fn answers_from_memory_check_the_store_at_most_once_a_second_per_vip() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let p = pool([10, 10, 0, 0], 24);
+        let store = StampedStore::default();
+        let mut a = VipAllocator::new();
+        a.attach_store(Some(Box::new(store.clone()))).unwrap();
+        let t0 = Instant::now();
+        let vip = a.allocate_at("a.com", &p, t0).unwrap().vip;
+        let reads = |s: &StampedStore| s.gets.load(SeqCst);
+        // The first answer from memory stamps and checks.
+        a.allocate_at("a.com", &p, t0).unwrap();
+        let after_first = reads(&store);
+        let stamp = store.last_use_ns(vip).unwrap();
+        // Within a second: no map access at all.
+        for ms in [1, 200, 999] {
+            let got = a.allocate_at("a.com", &p, t0 + Duration::from_millis(ms));
+            assert_eq!(got.unwrap().vip, vip);
+        }
+        assert_eq!(reads(&store), after_first, "answers within a second");
+        // After a second: stamped again, then checked again.
+        a.allocate_at("a.com", &p, t0 + Duration::from_millis(1001))
+            .unwrap();
+        assert_eq!(reads(&store), after_first + 1);
+        assert!(store.last_use_ns(vip).unwrap() >= stamp);
+        // A store whose stamps fail gives no grace: every answer checks.
+        let plain = MemStore::default();
+        let mut b = VipAllocator::new();
+        b.attach_store(Some(Box::new(plain.clone()))).unwrap();
+        b.allocate_at("b.com", &p, t0).unwrap();
+        plain
+            .0
+            .lock()
+            .unwrap()
+            .insert(ip("10.10.0.1"), "other.com".into());
+        assert_ne!(
+            b.allocate_at("b.com", &p, t0).map(|a| a.vip).ok(),
+            Some(ip("10.10.0.1")),
+            "without a stamp the check is made every time"
+        );
     }
 
     #[test]

@@ -212,6 +212,146 @@ impl DnsGatewayFilter {
 }
 
 impl Shared {
+    /// Counts (and logs) a successful allocation: a reclaimed or new VIP,
+    /// and the answer.
+    fn note_allocated(
+        &self,
+        allocated: &crate::allocator::Allocated,
+        name: &str,
+        rule: &crate::matcher::DomainRule,
+        count: &mut dyn FnMut(DnsCounter),
+    ) {
+        if let Some(previous) = &allocated.reclaimed_from {
+            count(DnsCounter::Reclaimed);
+            crate::log_fmt!(
+                LogLevel::Info,
+                "dns_gateway: pool full; VIP {} reclaimed from idle {previous} for {name}",
+                allocated.vip
+            );
+        }
+        if allocated.new {
+            count(DnsCounter::Allocations);
+            crate::log_fmt!(
+                LogLevel::Debug,
+                "dns_gateway: {name} -> {} (new, pattern {})",
+                allocated.vip,
+                rule.pattern
+            );
+        }
+        count(DnsCounter::Answered);
+    }
+
+    /// The answer when no VIP could be had: SERVFAIL, or `None` to pass
+    /// the query on (`on_exhausted: pass`).
+    fn allocation_failed(
+        &self,
+        query: &dns::Query,
+        name: &str,
+        error: AllocError,
+        count: &mut dyn FnMut(DnsCounter),
+    ) -> Option<Result<Vec<u8>, String>> {
+        let settings = &self.settings;
+        match error {
+            AllocError::Store(e) => {
+                count(DnsCounter::StoreErrors);
+                crate::log_fmt!(LogLevel::Warn, "dns_gateway: cannot record a VIP for {name} in the shared VIP map: {e}; SERVFAIL");
+            }
+            AllocError::RateLimited => {
+                count(DnsCounter::RateLimited);
+                crate::log_fmt!(
+                    LogLevel::Debug,
+                    "dns_gateway: new-VIP rate cap reached: SERVFAIL for {name}"
+                );
+            }
+            AllocError::Exhausted => {
+                count(DnsCounter::Exhausted);
+                let pass = settings.pass_on_exhausted;
+                crate::log_fmt!(
+                    LogLevel::Warn,
+                    "dns_gateway: VIP pool {}/{} exhausted ({} VIPs): {} for {name}",
+                    settings.pool.network(),
+                    settings.pool.prefix_len(),
+                    settings.pool.max_entries(),
+                    if pass {
+                        "passing the query on"
+                    } else {
+                        "SERVFAIL"
+                    }
+                );
+                if pass {
+                    return None;
+                }
+            }
+        }
+        Some(dns::error_answer(query, ResponseCode::ServFail))
+    }
+
+    /// The fast path (see [`crate::dns_fast`]): a plain A/AAAA query for a
+    /// matched name, answered from the wire. `None` before anything
+    /// happened when the general path must decide; once a VIP was asked
+    /// for, the outcome is final.
+    fn decide_fast(
+        &self,
+        message: &[u8],
+        udp: bool,
+        count: &mut dyn FnMut(DnsCounter),
+    ) -> Option<Outcome> {
+        let settings = &self.settings;
+        if settings.debug_panic_on_domain.is_some() {
+            return None;
+        }
+        let fast = crate::dns_fast::parse(message)?;
+        let rule = settings.patterns.best_match(&fast.name)?;
+        let aaaa = fast.qtype == u16::from(RecordType::AAAA);
+        if aaaa && settings.vip6_prefix.is_none() {
+            return None;
+        }
+        let name = fast.name.as_str();
+        let allocated =
+            match self
+                .state
+                .allocate(name, &settings.pool, settings.require_pinned_maps)
+            {
+                Ok(allocated) => allocated,
+                Err(e) => {
+                    let Inspection::Query(query) = dns::inspect(message) else {
+                        return Some(Outcome::Drop);
+                    };
+                    return Some(match self.allocation_failed(&query, name, e, count) {
+                        Some(Ok(bytes)) => Outcome::Reply(bytes),
+                        Some(Err(_)) => Outcome::Drop,
+                        None => Outcome::PassOn,
+                    });
+                }
+            };
+        self.note_allocated(&allocated, name, rule, count);
+        let answer = match settings.vip6_prefix {
+            Some(prefix) if aaaa => {
+                fast.aaaa_answer(ipv6_vip(prefix, allocated.vip), settings.ttl, udp)
+            }
+            _ => fast.a_answer(allocated.vip, settings.ttl, udp),
+        };
+        if let Some(bytes) = answer {
+            return Some(Outcome::Reply(bytes));
+        }
+        // Too big for the client's UDP size: the general path's TC answer.
+        let Inspection::Query(query) = dns::inspect(message) else {
+            return Some(Outcome::Drop);
+        };
+        let general = match settings.vip6_prefix {
+            Some(prefix) if aaaa => {
+                dns::aaaa_answer(&query, ipv6_vip(prefix, allocated.vip), settings.ttl)
+            }
+            _ => dns::a_answer(&query, allocated.vip, settings.ttl),
+        };
+        Some(
+            match general.and_then(|bytes| dns::fit_udp(&query, bytes)) {
+                Ok(bytes) => Outcome::Reply(bytes),
+                Err(_) => Outcome::Drop,
+            },
+        )
+    }
+
     /// What to do with one DNS message, for either transport: `udp`
     /// applies the client's UDP size to the answer (TC when it does not
     /// fit). `count` records what happened.
@@ -221,6 +361,9 @@ impl Shared {
         udp: bool,
         count: &mut dyn FnMut(DnsCounter),
     ) -> Outcome {
+        if let Some(outcome) = self.decide_fast(message, udp, count) {
+            return outcome;
+        }
         let settings = &self.settings;
         let query = match dns::inspect(message) {
             Inspection::Response => {
@@ -274,21 +417,7 @@ impl Shared {
                     .allocate(name, &settings.pool, settings.require_pinned_maps)
                 {
                     Ok(allocated) => {
-                        if let Some(previous) = &allocated.reclaimed_from {
-                            count(DnsCounter::Reclaimed);
-                            crate::log_fmt!(LogLevel::Info, "dns_gateway: pool full; VIP {} reclaimed from idle {previous} for {name}",
-                                    allocated.vip);
-                        }
-                        if allocated.new {
-                            count(DnsCounter::Allocations);
-                            crate::log_fmt!(
-                                LogLevel::Debug,
-                                "dns_gateway: {name} -> {} (new, pattern {})",
-                                allocated.vip,
-                                rule.pattern
-                            );
-                        }
-                        count(DnsCounter::Answered);
+                        self.note_allocated(&allocated, name, rule, count);
                         match settings.vip6_prefix {
                             Some(prefix) if query.qtype == RecordType::AAAA => dns::aaaa_answer(
                                 &query,
@@ -298,39 +427,10 @@ impl Shared {
                             _ => dns::a_answer(&query, allocated.vip, settings.ttl),
                         }
                     }
-                    Err(AllocError::Store(e)) => {
-                        count(DnsCounter::StoreErrors);
-                        crate::log_fmt!(LogLevel::Warn, "dns_gateway: cannot record a VIP for {name} in the shared VIP map: {e}; SERVFAIL");
-                        dns::error_answer(&query, ResponseCode::ServFail)
-                    }
-                    Err(AllocError::RateLimited) => {
-                        count(DnsCounter::RateLimited);
-                        crate::log_fmt!(
-                            LogLevel::Debug,
-                            "dns_gateway: new-VIP rate cap reached: SERVFAIL for {name}"
-                        );
-                        dns::error_answer(&query, ResponseCode::ServFail)
-                    }
-                    Err(AllocError::Exhausted) => {
-                        count(DnsCounter::Exhausted);
-                        let pass = settings.pass_on_exhausted;
-                        crate::log_fmt!(
-                            LogLevel::Warn,
-                            "dns_gateway: VIP pool {}/{} exhausted ({} VIPs): {} for {name}",
-                            settings.pool.network(),
-                            settings.pool.prefix_len(),
-                            settings.pool.max_entries(),
-                            if pass {
-                                "passing the query on"
-                            } else {
-                                "SERVFAIL"
-                            }
-                        );
-                        if pass {
-                            return Outcome::PassOn;
-                        }
-                        dns::error_answer(&query, ResponseCode::ServFail)
-                    }
+                    Err(e) => match self.allocation_failed(&query, name, e, count) {
+                        Some(answer) => answer,
+                        None => return Outcome::PassOn,
+                    },
                 }
             }
             false => {

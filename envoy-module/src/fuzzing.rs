@@ -65,10 +65,47 @@ fn check_reply(query: &[u8], outcome: Outcome, udp: bool) {
 }
 
 /// One datagram (or one TCP message when `udp` is false) through the DNS
-/// path.
+/// path; a query the fast path takes must also get the general path's
+/// exact answer.
 pub fn dns_message(udp: bool, message: &[u8]) {
     let outcome = shared().decide(message, udp, &mut |_| {});
     check_reply(message, outcome, udp);
+    same_answer_both_ways(message, udp);
+}
+
+/// The fast path's answer equals the general path's, byte for byte.
+fn same_answer_both_ways(message: &[u8], udp: bool) {
+    let Some(fast) = crate::dns_fast::parse(message) else {
+        return;
+    };
+    let crate::dns::Inspection::Query(general) = crate::dns::inspect(message) else {
+        panic!("the fast path took a message the general path does not see as a query");
+    };
+    assert_eq!(
+        Some(&fast.name),
+        general.name.as_ref(),
+        "the two paths read different names"
+    );
+    let vip = std::net::Ipv4Addr::new(10, 10, 0, 9);
+    let vip6: std::net::Ipv6Addr = "fd00:6a7e::a0a:9".parse().expect("literal");
+    let (fast_answer, general_answer) = if fast.qtype == 28 {
+        (
+            fast.aaaa_answer(vip6, 30, udp),
+            crate::dns::aaaa_answer(&general, vip6, 30),
+        )
+    } else {
+        (
+            fast.a_answer(vip, 30, udp),
+            crate::dns::a_answer(&general, vip, 30),
+        )
+    };
+    let general_answer = general_answer.expect("the general path answers a plain query");
+    if let Some(fast_answer) = fast_answer {
+        assert_eq!(
+            fast_answer, general_answer,
+            "the fast path answered differently"
+        );
+    }
 }
 
 /// A DNS-over-TCP byte stream: framed, then each message through the DNS

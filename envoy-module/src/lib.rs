@@ -76,6 +76,7 @@ pub mod api;
 pub mod cache_lookup;
 pub mod config;
 pub mod dns;
+pub mod dns_fast;
 pub mod dns_gateway;
 pub mod dns_tcp;
 #[doc(hidden)]

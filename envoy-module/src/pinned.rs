@@ -104,11 +104,12 @@ impl VipStore for PinnedVips {
         })
     }
 
-    fn stamp_use(&mut self, vip: Ipv4Addr, ns: u64) {
-        if let Some(table) = self.uses.as_mut() {
-            // A lost stamp only makes the VIP look idler by a second.
-            let _ = table.stamp(vip, ns);
-        }
+    fn stamp_use(&mut self, vip: Ipv4Addr, ns: u64) -> bool {
+        // A lost stamp makes the VIP look idler; the caller then checks the
+        // map on every answer instead of trusting a recent check.
+        self.uses
+            .as_mut()
+            .is_some_and(|table| table.stamp(vip, ns).is_ok())
     }
 }
 
