@@ -184,6 +184,13 @@ impl Drop for Dnat {
                         .args(rule)
                         .status();
                 }
+                // An empty nat table still hooks every packet and keeps
+                // connection tracking on for the other modes: remove it
+                // (iptables-nft; a legacy backend keeps it).
+                let _ = Command::new("nft")
+                    .args(["delete", "table", "ip", "nat"])
+                    .stderr(Stdio::null())
+                    .status();
             }
             Firewall::Nftables => {
                 let _ = Command::new("nft")
@@ -265,6 +272,7 @@ impl HeldMany {
         let budget = fd_budget();
         let mut held = Vec::new();
         let mut left = count;
+        let mut first_source = 10usize;
         while left > 0 {
             let n = left.min(budget);
             held.push(Held::start(
@@ -275,8 +283,11 @@ impl HeldMany {
                     target.to_owned(),
                     "--count".to_owned(),
                     n.to_string(),
+                    "--first-source".to_owned(),
+                    first_source.to_string(),
                 ],
             )?);
+            first_source += n.div_ceil(8000);
             left -= n;
         }
         Ok(Self(held))

@@ -192,6 +192,10 @@ pub enum Workload {
         /// How many connections.
         #[arg(long)]
         count: usize,
+        /// Sources are 127.0.<this + n>.1, a new one every 8,000
+        /// connections.
+        #[arg(long, default_value_t = 10)]
+        first_source: u8,
     },
     /// DNS A queries for `names` distinct names at a fixed rate; prints a
     /// JSON summary with latency quantiles.
@@ -224,7 +228,11 @@ pub fn run_workload(workload: &Workload) -> Result<()> {
             threads,
             seconds,
         } => rate(*target, *threads, *seconds),
-        Workload::Hold { target, count } => hold(*target, *count),
+        Workload::Hold {
+            target,
+            count,
+            first_source,
+        } => hold(*target, *count, *first_source),
         Workload::Dns {
             target,
             rate,
@@ -323,11 +331,42 @@ fn rate(target: SocketAddr, threads: usize, seconds: f64) -> Result<()> {
     Ok(())
 }
 
-fn hold(target: SocketAddr, count: usize) -> Result<()> {
+/// Connections per source address of a holder: one address's ephemeral
+/// ports toward one destination run out (and the kernel's search for a
+/// free one slows to milliseconds) long before 50,000.
+const PER_SOURCE: usize = 8000;
+
+/// A connection to `target` from `source` (port chosen at connect time,
+/// IP_BIND_ADDRESS_NO_PORT, so each source has its own port space).
+fn connect_from(source: std::net::Ipv4Addr, target: SocketAddr) -> Result<TcpStream> {
+    use nix::sys::socket::{
+        bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
+    };
+    let SocketAddr::V4(target) = target else {
+        bail!("holding connections to IPv4 targets only");
+    };
+    let fd = socket(
+        AddressFamily::Inet,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::IpBindAddressNoPort, &true)?;
+    bind(
+        fd.as_raw_fd(),
+        &SockaddrIn::from(std::net::SocketAddrV4::new(source, 0)),
+    )?;
+    connect(fd.as_raw_fd(), &SockaddrIn::from(target))?;
+    Ok(TcpStream::from(fd))
+}
+
+fn hold(target: SocketAddr, count: usize, first_source: u8) -> Result<()> {
     let mut held = Vec::with_capacity(count);
     for i in 0..count {
-        let s = TcpStream::connect_timeout(&target, Duration::from_secs(5))
-            .with_context(|| format!("holding connection {i} to {target}"))?;
+        let source =
+            std::net::Ipv4Addr::new(127, 0, first_source.wrapping_add((i / PER_SOURCE) as u8), 1);
+        let s = connect_from(source, target)
+            .with_context(|| format!("holding connection {i} to {target} from {source}"))?;
         held.push(s);
     }
     println!("ready");
