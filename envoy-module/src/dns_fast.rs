@@ -40,7 +40,7 @@ fn u16_at(bytes: &[u8], at: usize) -> Option<u16> {
 /// else (the general path then decides).
 pub fn parse(bytes: &[u8]) -> Option<FastQuery<'_>> {
     if bytes.len() < HEADER_LEN
-        || bytes[2] & 0xf8 != 0 // QR=0, opcode 0, AA and TC clear
+        || bytes[2] & 0xf8 != 0 // QR=0, opcode 0
         || u16_at(bytes, 4)? != 1
         || u16_at(bytes, 6)? != 0
         || u16_at(bytes, 8)? != 0
@@ -93,9 +93,20 @@ pub fn parse(bytes: &[u8]) -> Option<FastQuery<'_>> {
         let flags = u16_at(bytes, opt + 7)?;
         let rdlength = usize::from(u16_at(bytes, opt + 9)?);
         // Options (a cookie, say) are not echoed: the general path does
-        // not echo them either.
+        // not echo them either. They must be well formed as the general
+        // path reads them (it refuses a malformed one with FORMERR); a
+        // client subnet option, which it parses, is left to it.
         if ext_rcode != 0 || version != 0 || opt + 11 + rdlength != bytes.len() {
             return None;
+        }
+        let mut option = opt + 11;
+        while option < bytes.len() {
+            let code = u16_at(bytes, option)?;
+            let len = usize::from(u16_at(bytes, option + 2)?);
+            if code == 8 || option + 4 + len > bytes.len() {
+                return None;
+            }
+            option += 4 + len;
         }
         (
             Some(flags & 0x8000 != 0),
@@ -272,6 +283,30 @@ mod tests {
                     .collect(),
             ),
             ("truncated", plain[..plain.len() - 3].to_vec()),
+            ("an OPT option cut short", {
+                let mut q = query_bytes("one.s3.aws.com.", RecordType::A, true);
+                let n = q.len();
+                q.truncate(n - 3); // 12-byte option → 9 bytes left of it
+                let opt = 12 + 16 + 4;
+                q[opt + 10] -= 3;
+                q
+            }),
+            ("an OPT option of 3 bytes", {
+                let mut q = query_bytes("one.s3.aws.com.", RecordType::A, true);
+                let opt = 12 + 16 + 4;
+                q.truncate(opt + 11);
+                q.extend_from_slice(&[0, 10, 0]);
+                q[opt + 10] = 3;
+                q
+            }),
+            ("a client subnet option", {
+                let mut q = query_bytes("one.s3.aws.com.", RecordType::A, true);
+                let opt = 12 + 16 + 4;
+                q.truncate(opt + 11);
+                q.extend_from_slice(&[0, 8, 0, 4, 0, 3, 0, 0]);
+                q[opt + 10] = 8;
+                q
+            }),
             ("header only", plain[..12].to_vec()),
         ];
         for (what, bytes) in cases {

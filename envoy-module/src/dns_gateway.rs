@@ -315,11 +315,17 @@ impl Shared {
                 Ok(allocated) => allocated,
                 Err(e) => {
                     let Inspection::Query(query) = dns::inspect(message) else {
+                        // Never: the fast path takes only what the general
+                        // path reads as a query.
+                        count(DnsCounter::Malformed);
                         return Some(Outcome::Drop);
                     };
                     return Some(match self.allocation_failed(&query, name, e, count) {
                         Some(Ok(bytes)) => Outcome::Reply(bytes),
-                        Some(Err(_)) => Outcome::Drop,
+                        Some(Err(_)) => {
+                            count(DnsCounter::SendErrors);
+                            Outcome::PassOn
+                        }
                         None => Outcome::PassOn,
                     });
                 }
@@ -336,6 +342,7 @@ impl Shared {
         }
         // Too big for the client's UDP size: the general path's TC answer.
         let Inspection::Query(query) = dns::inspect(message) else {
+            count(DnsCounter::Malformed);
             return Some(Outcome::Drop);
         };
         let general = match settings.vip6_prefix {
@@ -347,7 +354,10 @@ impl Shared {
         Some(
             match general.and_then(|bytes| dns::fit_udp(&query, bytes)) {
                 Ok(bytes) => Outcome::Reply(bytes),
-                Err(_) => Outcome::Drop,
+                Err(_) => {
+                    count(DnsCounter::SendErrors);
+                    Outcome::PassOn
+                }
             },
         )
     }

@@ -26,7 +26,7 @@ pub trait OrigDstSource: Send {
 }
 
 /// Reads the VIP table without the allocator (a connection's lookup).
-pub trait VipLookup {
+pub trait VipLookup: Send + Sync {
     /// The domain of `vip`, if allocated.
     fn get(&self, vip: Ipv4Addr) -> Result<Option<String>, String>;
 }
@@ -106,10 +106,13 @@ impl VipStore for PinnedVips {
 
     fn stamp_use(&mut self, vip: Ipv4Addr, ns: u64) -> bool {
         // A lost stamp makes the VIP look idler; the caller then checks the
-        // map on every answer instead of trusting a recent check.
-        self.uses
-            .as_mut()
-            .is_some_and(|table| table.stamp(vip, ns).is_ok())
+        // map on every answer instead of trusting a recent check. A zero
+        // (the clock could not be read) would say "idle since boot".
+        ns != 0
+            && self
+                .uses
+                .as_mut()
+                .is_some_and(|table| table.stamp(vip, ns).is_ok())
     }
 }
 

@@ -52,8 +52,6 @@ fn write<T>(lock: &RwLock<T>, value: T) {
 struct ThreadMaps {
     orig_dst_generation: u64,
     orig_dst: Option<Box<dyn OrigDstSource>>,
-    vips_generation: u64,
-    vips: Option<Box<dyn crate::pinned::VipLookup>>,
 }
 
 thread_local! {
@@ -82,8 +80,11 @@ pub struct GatewayState {
     orig_dst_generation: std::sync::atomic::AtomicU64,
     /// When the original-destination map was last reopened on a miss.
     orig_dst_reopened_at: Mutex<Option<Instant>>,
-    /// Bumped when the VIP map is (re)opened by `register`.
-    vips_generation: std::sync::atomic::AtomicU64,
+    /// A read handle on the pinned VIP map the allocator's store is on,
+    /// opened with it by `register`: a connection's lookup reads it
+    /// without the allocator's lock. `None` while the table lives in this
+    /// process only.
+    vip_lookup: RwLock<Option<Arc<dyn crate::pinned::VipLookup>>>,
     reopen_interval: Duration,
     /// The IPv6 VIP range the `dns_gateway` of this pin directory answers
     /// AAAA from, for `cache_lookup` to map IPv6 VIPs back.
@@ -106,7 +107,7 @@ impl GatewayState {
             id: NEXT_STATE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             orig_dst_generation: std::sync::atomic::AtomicU64::new(1),
             orig_dst_reopened_at: Mutex::new(None),
-            vips_generation: std::sync::atomic::AtomicU64::new(1),
+            vip_lookup: RwLock::new(None),
             reopen_interval: REOPEN_INTERVAL,
         }
     }
@@ -171,10 +172,20 @@ impl GatewayState {
         }
         write(&self.patterns, patterns);
         let persistent = store.is_some();
-        self.vips_generation
-            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        let lookup = if persistent {
+            self.opener
+                .open_vip_lookup(pin_dir)
+                .ok()
+                .flatten()
+                .map(Arc::from)
+        } else {
+            None
+        };
         let mut allocator = lock(&self.allocator);
-        Ok(match allocator.attach_store(store) {
+        let attached = allocator.attach_store(store);
+        write(&self.vip_lookup, lookup);
+        drop(allocator);
+        Ok(match attached {
             Ok(loaded) if persistent => format!(
                 "VIP table persisted in {} ({loaded} VIPs loaded)",
                 pin_dir.display()
@@ -216,19 +227,8 @@ impl GatewayState {
     /// is the truth: another Envoy may have reclaimed the VIP); otherwise
     /// the in-process table does.
     pub fn domain_of(&self, vip: Ipv4Addr) -> Option<String> {
-        let generation = self
-            .vips_generation
-            .load(std::sync::atomic::Ordering::Acquire);
-        let from_map = THREAD_MAPS.with(|cell| {
-            let mut maps = cell.borrow_mut();
-            let mine = maps.entry(self.id).or_default();
-            if mine.vips_generation != generation {
-                mine.vips_generation = generation;
-                mine.vips = self.opener.open_vip_lookup(&self.pin_dir).ok().flatten();
-            }
-            mine.vips.as_ref().map(|table| table.get(vip))
-        });
-        match from_map {
+        let lookup = read(&self.vip_lookup);
+        match lookup.map(|table| table.get(vip)) {
             Some(Ok(domain)) => domain,
             Some(Err(e)) => {
                 crate::log_fmt!(LogLevel::Warn, "cache_lookup: reading VIP {vip}: {e}");

@@ -71,8 +71,9 @@ pub fn run(plan: &Plan, env: &Env) -> Result<Vec<Table>> {
         ("udp", env::UDP, env::DNS_TARGET),
     ] {
         let mut values: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
-        for _ in 0..plan.rounds {
-            for (i, mode) in modes.iter().enumerate() {
+        for round in 0..plan.rounds {
+            for i in super::rotated(modes.len(), round) {
+                let mode = &modes[i];
                 let got = in_mode(*mode, &gate, |cgroup, direct| {
                     env::latencies(cgroup, proto, if direct { server } else { far }, plan.ops)
                 })?;

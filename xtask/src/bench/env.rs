@@ -143,12 +143,19 @@ impl Dnat {
                 udp.into(),
             ]);
         }
+        let mut added = Self {
+            firewall,
+            rules: Vec::new(),
+        };
         match firewall {
             Firewall::Iptables => {
-                for rule in &rules {
+                for rule in rules {
                     run(Command::new("iptables")
                         .args(["-t", "nat", "-A", "OUTPUT"])
-                        .args(rule))?;
+                        .args(&rule))?;
+                    // Recorded as soon as it is in, so that a later failure
+                    // still removes it (on drop).
+                    added.rules.push(rule);
                 }
             }
             Firewall::Nftables => {
@@ -170,7 +177,7 @@ impl Dnat {
                 applied?;
             }
         }
-        Ok(Self { firewall, rules })
+        Ok(added)
     }
 }
 

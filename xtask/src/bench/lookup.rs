@@ -108,8 +108,8 @@ pub fn run(plan: &Plan, env: &Env) -> Result<Vec<Table>> {
             .chain([plan.seconds.to_string()])
             .collect()
     };
-    for _ in 0..plan.rounds {
-        for (i, _) in modes.iter().enumerate() {
+    for round in 0..plan.rounds {
+        for i in super::rotated(modes.len(), round) {
             let got = match i {
                 0 => env::client_json(None, &workload(&bare))?,
                 1 => env::client_json(Some(&gate.cgroup), &workload(vip))?,

@@ -212,6 +212,15 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+/// The indices `0..n` starting at `round % n`: each round runs the modes
+/// in another order, so that what one mode leaves behind (TIME_WAIT
+/// sockets, conntrack entries, warm caches) does not always land on the
+/// same neighbour.
+pub fn rotated(n: usize, round: u32) -> impl Iterator<Item = usize> {
+    let start = round as usize % n.max(1);
+    (0..n).map(move |k| (start + k) % n.max(1))
+}
+
 /// What the figures were measured on.
 fn machine() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

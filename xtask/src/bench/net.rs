@@ -104,8 +104,12 @@ fn echo_loop(listener: &TcpListener) -> Result<()> {
                         }
                         Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                         Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                        // Out of descriptors or similar: retry on the next event.
-                        Err(_) => break,
+                        // Out of descriptors or similar: the listener stays
+                        // readable, so pause instead of spinning.
+                        Err(_) => {
+                            thread::sleep(Duration::from_millis(10));
+                            break;
+                        }
                     }
                 }
                 continue;

@@ -21,8 +21,9 @@ pub fn run(plan: &Plan, env: &Env) -> Result<Vec<Table>> {
         let mut latency: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
         let mut memory: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
         let mut tracked: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
-        for _ in 0..plan.rounds {
-            for (i, mode) in modes.iter().enumerate() {
+        for round in 0..plan.rounds {
+            for i in super::rotated(modes.len(), round) {
+                let mode = &modes[i];
                 let (lat, bytes, conntrack) = in_mode(*mode, &gate, |cgroup, direct| {
                     let target = if direct { env::ECHO } else { env::VIP_TARGET };
                     let before = env::slab_bytes()?;
