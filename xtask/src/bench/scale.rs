@@ -12,6 +12,19 @@ use super::{
     Plan,
 };
 
+/// Takes every recorded original destination, as the proxy does when it
+/// accepts a redirected connection. The benchmark's echo server is no
+/// proxy: without this, the held connections' records would stay in the
+/// table, and the loader's sweep of closed ones (every 200 ms, over the
+/// whole table) would be measured instead of the redirect.
+fn consume_original_destinations(gate: &Gate) -> Result<()> {
+    let mut table = gateway_common::pinned::PinDir::new(gate.pin_dir()).orig_dst()?;
+    for (client, _) in table.entries()? {
+        table.take(client)?;
+    }
+    Ok(())
+}
+
 /// The scale comparison: one table per number of held connections.
 pub fn run(plan: &Plan, env: &Env) -> Result<Vec<Table>> {
     let gate = Gate::attach(env::VIP_CIDR, env::UDP, env::ECHO)?;
@@ -24,11 +37,15 @@ pub fn run(plan: &Plan, env: &Env) -> Result<Vec<Table>> {
         for round in 0..plan.rounds {
             for i in super::rotated(modes.len(), round) {
                 let mode = &modes[i];
+                eprintln!("  scale: {held} held, {} ...", mode.name());
                 let (lat, bytes, conntrack) = in_mode(*mode, &gate, |cgroup, direct| {
                     let target = if direct { env::ECHO } else { env::VIP_TARGET };
                     let before = env::slab_bytes()?;
                     let tracked_before = env::conntrack_count();
                     let holder = HeldMany::open(cgroup, target, held)?;
+                    if cgroup.is_some() {
+                        consume_original_destinations(&gate)?;
+                    }
                     let after = env::slab_bytes()?;
                     let conntrack = env::conntrack_count().saturating_sub(tracked_before) as f64;
                     let lat = env::latencies(cgroup, "tcp", target, plan.ops)?;
