@@ -208,10 +208,22 @@ impl Drop for Dnat {
     }
 }
 
+/// This executable's path. When cargo rebuilt the binary while it runs
+/// (`cargo xtask test` builds the workspace, xtask included, before its
+/// benchmark smoke run), Linux names the running file "<path> (deleted)";
+/// the rebuilt binary at the same path serves as well.
+fn this_executable() -> Result<String> {
+    let exe = std::env::current_exe().context("finding this executable")?;
+    let exe = exe.to_string_lossy().into_owned();
+    Ok(match exe.strip_suffix(" (deleted)") {
+        Some(rebuilt) if Path::new(rebuilt).exists() => rebuilt.to_owned(),
+        _ => exe,
+    })
+}
+
 /// The `bench-client` command line of this executable.
 fn client_command(cgroup: Option<&TestCgroup>, args: &[String]) -> Result<Command> {
-    let exe = std::env::current_exe()?;
-    let exe = exe.to_string_lossy().into_owned();
+    let exe = this_executable()?;
     let mut all = vec!["bench-client".to_owned()];
     all.extend(args.iter().cloned());
     let refs: Vec<&str> = all.iter().map(String::as_str).collect();
