@@ -25,9 +25,7 @@ use crate::{
 /// Default TTL of answers (and of the negative-answer SOA), in seconds.
 pub const DEFAULT_TTL: u32 = 300;
 
-/// Shortest `reclaim_idle_after`, seconds (it must also be at least twice
-/// the TTL).
-pub const MIN_RECLAIM_IDLE_SECS: u64 = 2;
+pub use gateway_common::contract::MIN_RECLAIM_IDLE_SECS;
 
 /// Settings of the `dns_gateway` UDP listener filter.
 #[derive(Clone, Debug)]
@@ -280,7 +278,7 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
     };
     // Reclaiming a VIP a client may still cache would misroute it: the idle
     // time must be well beyond the answer TTL.
-    let reclaim_floor = (2 * u64::from(ttl)).max(MIN_RECLAIM_IDLE_SECS);
+    let reclaim_floor = gateway_common::contract::reclaim_idle_floor(ttl);
     let reclaim_idle_after = match map.get("reclaim_idle_after") {
         Some(value) => Some(Duration::from_secs(integer(
             value,

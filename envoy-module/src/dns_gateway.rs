@@ -301,7 +301,12 @@ impl Shared {
             return None;
         }
         let fast = crate::dns_fast::parse(message)?;
-        let rule = settings.patterns.best_match(&fast.name)?;
+        let Some(rule) = settings.patterns.best_match(&fast.name) else {
+            // What the general path would decide for a plain IN query of
+            // no configured name, without parsing it a second time.
+            count(DnsCounter::PassedOn);
+            return Some(Outcome::PassOn);
+        };
         let aaaa = fast.qtype == u16::from(RecordType::AAAA);
         if aaaa && settings.vip6_prefix.is_none() {
             return None;

@@ -6,7 +6,7 @@
 use crate::api::{UdpFilterHandle, UdpListenerFilter, UdpListenerFilterConfig, UdpStatus};
 
 /// Name of the filter.
-pub const DNS_REFLECTOR: &str = "dns_reflector";
+pub const DNS_REFLECTOR: &str = gateway_common::contract::DNS_REFLECTOR_FILTER;
 
 /// The (empty) config of `dns_reflector`.
 pub struct ReflectorConfig;

@@ -17,6 +17,10 @@ pub const CACHE_LOOKUP_FILTER: &str = "cache_lookup";
 /// matched names, hands the rest to the tcp_proxy behind it).
 pub const DNS_GATEWAY_TCP_FILTER: &str = "dns_gateway_tcp";
 
+/// Name of the module's canned-reply UDP listener filter (the benchmark's
+/// ceiling).
+pub const DNS_REFLECTOR_FILTER: &str = "dns_reflector";
+
 /// Prefix length of an IPv6 VIP range: the last 32 bits carry the IPv4
 /// VIP a name was given, so A and AAAA answers stand for the same domain.
 pub const VIP6_PREFIX_LEN: u8 = 96;
@@ -42,6 +46,18 @@ pub const MAX_TTL_SECS: u32 = 604_800;
 /// Longest `reclaim_idle_after`, seconds (30 days). It must also be at
 /// least twice the TTL: a client may cache an answer for the TTL.
 pub const MAX_RECLAIM_IDLE_SECS: u64 = 30 * 24 * 3600;
+
+/// Shortest `reclaim_idle_after`, seconds. Longer than the second for
+/// which an Envoy trusts its last check of a VIP against the shared map
+/// (see the module's allocator): no reclaim can complete within it.
+pub const MIN_RECLAIM_IDLE_SECS: u64 = 2;
+
+/// The shortest `reclaim_idle_after` allowed with answers of `ttl`
+/// seconds: twice the TTL (a client may cache an answer that long), and
+/// never below [`MIN_RECLAIM_IDLE_SECS`].
+pub fn reclaim_idle_floor(ttl: u32) -> u64 {
+    (2 * u64::from(ttl)).max(MIN_RECLAIM_IDLE_SECS)
+}
 
 /// Most Envoy worker threads `gateway run` starts.
 pub const MAX_CONCURRENCY: u32 = 128;

@@ -303,7 +303,7 @@ pub fn validate(file: GatewayFile) -> Result<Config> {
         );
     }
     if let Some(idle) = file.dns.reclaim_idle_after {
-        let floor = 2 * u64::from(file.dns.ttl);
+        let floor = gateway_common::contract::reclaim_idle_floor(file.dns.ttl);
         if idle < floor {
             bail!(
                 "dns.reclaim_idle_after: {idle} s is too short: clients may cache an answer for the TTL; use at least {floor} s"

@@ -329,6 +329,14 @@ impl Drop for Envoy {
     }
 }
 
+/// The value of counter or gauge `name` in the text of Envoy's `/stats`.
+pub fn stat_in(stats: &str, name: &str) -> Option<u64> {
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(": "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 /// `GET path` on the admin listener; the body.
 pub fn admin_get(port: u16, path: &str) -> Result<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).context("connecting to admin")?;

@@ -281,12 +281,12 @@ fn a_full_range_reclaims_the_idlest_vip_when_configured() -> Result<()> {
     assert_eq!(dig(&scenario, "c.s3.aws.com")?, "10.10.0.1");
     let stats = scenario.admin_get("/stats")?;
     for (counter, at_least) in [("reclaimed", 1), ("exhausted", 1)] {
-        let line = stats
-            .lines()
-            .find(|l| l.starts_with(&format!("dynamicmodulescustom.dns_gateway.{counter}:")))
-            .with_context(|| format!("no {counter} counter in /stats"))?;
-        let value: u64 = line.rsplit(' ').next().unwrap_or("0").trim().parse()?;
-        assert!(value >= at_least, "{line}");
+        let value = tests::envoy::stat_in(
+            &stats,
+            &format!("dynamicmodulescustom.dns_gateway.{counter}"),
+        )
+        .with_context(|| format!("no {counter} counter in /stats"))?;
+        assert!(value >= at_least, "{counter}: {value}");
     }
     // The shared map follows: the CLI sees the new owner.
     let status = tests::status_json(scenario.pin_dir())?;
@@ -470,13 +470,7 @@ fn an_upstream_that_fails_or_never_answers_closes_the_client_in_bounded_time() -
     );
     // Counted per cluster.
     let stats = scenario.admin_get("/stats")?;
-    let stat = |name: &str| {
-        stats
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0)
-    };
+    let stat = |name: &str| tests::envoy::stat_in(&stats, name).unwrap_or(0);
     assert!(
         stat("cluster.cluster_1.upstream_cx_connect_fail") >= 1,
         "{stats}"
@@ -531,8 +525,12 @@ fn a_tunnel_that_is_up_outlives_the_connect_response_timeout() -> Result<()> {
         String::from_utf8_lossy(&out.stderr)
     );
     let stats = scenario.admin_get("/stats")?;
-    assert!(
-        stats.contains("dynamicmodulescustom.cache_lookup.connect_response_timeout: 0"),
+    assert_eq!(
+        tests::envoy::stat_in(
+            &stats,
+            "dynamicmodulescustom.cache_lookup.connect_response_timeout"
+        ),
+        Some(0),
         "{stats}"
     );
     Ok(())

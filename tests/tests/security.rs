@@ -296,6 +296,13 @@ fn other_local_users_cannot_read_tokens_or_steer_the_gateway() -> Result<()> {
         !as_root.stdout.is_empty(),
         "the bootstrap should hold the token (as root)"
     );
+    assert!(
+        scenario
+            .pin_dir()
+            .join(gateway_common::RECLAIM_LOCK_DIR)
+            .is_dir(),
+        "the loader creates the reclaim lock"
+    );
     let attempts: Vec<(&str, Vec<String>)> = vec![
         (
             "grep the state directory",
@@ -342,6 +349,20 @@ fn other_local_users_cannot_read_tokens_or_steer_the_gateway() -> Result<()> {
         (
             "list the pin directory",
             vec!["ls".into(), scenario.pin_dir().display().to_string()],
+        ),
+        (
+            // Holding it would stall every Envoy's reclaiming.
+            "take the reclaim lock",
+            vec![
+                "flock".into(),
+                "-n".into(),
+                scenario
+                    .pin_dir()
+                    .join(gateway_common::RECLAIM_LOCK_DIR)
+                    .display()
+                    .to_string(),
+                "true".into(),
+            ],
         ),
         (
             "open a pinned map for writing",

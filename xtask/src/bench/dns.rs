@@ -15,6 +15,7 @@
 use std::process::Command;
 
 use anyhow::{bail, Context as _, Result};
+use gateway_common::contract::{DNS_GATEWAY_FILTER, DNS_REFLECTOR_FILTER};
 use serde_json::{json, Value};
 
 use super::{
@@ -135,10 +136,10 @@ pub fn run(plan: &Plan, env: &Env) -> Result<Vec<Table>> {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {
             "listeners": [
-                udp_listener("gateway", p_gateway, vec![module("dns_gateway", gateway.clone()), udp_proxy()]),
+                udp_listener("gateway", p_gateway, vec![module(DNS_GATEWAY_FILTER, gateway.clone()), udp_proxy()]),
                 udp_listener("dns_filter", p_filter, vec![dns_filter()]),
-                udp_listener("reflector", p_reflector, vec![module("dns_reflector", json!({}))]),
-                udp_listener("relay", p_relay, vec![module("dns_gateway", gateway), udp_proxy()]),
+                udp_listener("reflector", p_reflector, vec![module(DNS_REFLECTOR_FILTER, json!({}))]),
+                udp_listener("relay", p_relay, vec![module(DNS_GATEWAY_FILTER, gateway), udp_proxy()]),
             ],
             "clusters": [env::static_cluster("relay", env::UDP)],
         },

@@ -415,11 +415,7 @@ impl BenchEnvoy {
 
     /// A counter or gauge of `/stats`.
     pub fn stat(&self, name: &str) -> Option<u64> {
-        let stats = tests::envoy::admin_get(self.admin, "/stats").ok()?;
-        stats
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
-            .and_then(|v| v.trim().parse().ok())
+        tests::envoy::stat_in(&tests::envoy::admin_get(self.admin, "/stats").ok()?, name)
     }
 }
 
@@ -446,7 +442,7 @@ pub fn module_filter(kind: &str, name: &str, config: &Value) -> Value {
     serde_json::json!({
         "@type": format!("type.googleapis.com/envoy.extensions.filters.{kind}.dynamic_modules.v3.DynamicModule{}",
             if kind == "network" { "NetworkFilter" } else { "UdpListenerFilter" }),
-        "dynamic_module_config": {"name": "connectivity_envoy_module", "do_not_close": true},
+        "dynamic_module_config": {"name": gateway_common::contract::MODULE_NAME, "do_not_close": true},
         "filter_name": name,
         "filter_config": {"@type": "type.googleapis.com/google.protobuf.Struct", "value": config},
     })

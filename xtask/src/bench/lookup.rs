@@ -11,6 +11,7 @@
 //!   `original_dst`, and `cache_lookup` by the connection's local address.
 
 use anyhow::{bail, Result};
+use gateway_common::contract::{CACHE_LOOKUP_FILTER, DNS_GATEWAY_FILTER};
 use serde_json::{json, Value};
 
 use super::{
@@ -40,7 +41,7 @@ fn tcp_proxy() -> Value {
 }
 
 fn cache_lookup(config: Value) -> Value {
-    json!({"name": "envoy.filters.network.dynamic_modules", "typed_config": env::module_filter("network", "cache_lookup", &config)})
+    json!({"name": "envoy.filters.network.dynamic_modules", "typed_config": env::module_filter("network", CACHE_LOOKUP_FILTER, &config)})
 }
 
 /// The lookup comparison.
@@ -64,7 +65,7 @@ pub fn run(plan: &Plan, env: &Env) -> Result<Vec<Table>> {
                 {
                     "name": "dns",
                     "address": {"socket_address": {"address": "127.0.0.1", "port_value": p_dns, "protocol": "UDP"}},
-                    "listener_filters": [{"name": "envoy.filters.udp_listener.dynamic_modules", "typed_config": env::module_filter("udp", "dns_gateway", &gateway)}],
+                    "listener_filters": [{"name": "envoy.filters.udp_listener.dynamic_modules", "typed_config": env::module_filter("udp", DNS_GATEWAY_FILTER, &gateway)}],
                 },
                 tcp_listener("bare", p_bare, json!([]), vec![tcp_proxy()]),
                 tcp_listener("lookup", p_lookup, json!([]), vec![

@@ -19,22 +19,25 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 
-/// A listener on `addr` with SO_REUSEPORT, so that several processes can
-/// serve one address (each with its own descriptor limit).
-fn reuseport_listener(addr: SocketAddr) -> Result<TcpListener> {
-    use nix::sys::socket::{
-        bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockType,
-        SockaddrIn,
-    };
-    let SocketAddr::V4(v4) = addr else {
-        bail!("the echo server listens on IPv4 only");
-    };
-    let fd = socket(
+/// A fresh IPv4 TCP socket, for options std does not offer.
+fn tcp_socket() -> Result<std::os::fd::OwnedFd> {
+    use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+    Ok(socket(
         AddressFamily::Inet,
         SockType::Stream,
         SockFlag::SOCK_CLOEXEC,
         None,
-    )?;
+    )?)
+}
+
+/// A listener on `addr` with SO_REUSEPORT, so that several processes can
+/// serve one address (each with its own descriptor limit).
+fn reuseport_listener(addr: SocketAddr) -> Result<TcpListener> {
+    use nix::sys::socket::{bind, listen, setsockopt, sockopt, Backlog, SockaddrIn};
+    let SocketAddr::V4(v4) = addr else {
+        bail!("the echo server listens on IPv4 only");
+    };
+    let fd = tcp_socket()?;
     setsockopt(&fd, sockopt::ReusePort, &true)?;
     setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     bind(fd.as_raw_fd(), &SockaddrIn::from(v4)).with_context(|| format!("binding {addr}"))?;
@@ -343,18 +346,11 @@ const PER_SOURCE: usize = 8000;
 /// A connection to `target` from `source` (port chosen at connect time,
 /// IP_BIND_ADDRESS_NO_PORT, so each source has its own port space).
 fn connect_from(source: std::net::Ipv4Addr, target: SocketAddr) -> Result<TcpStream> {
-    use nix::sys::socket::{
-        bind, connect, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn,
-    };
+    use nix::sys::socket::{bind, connect, setsockopt, sockopt, SockaddrIn};
     let SocketAddr::V4(target) = target else {
         bail!("holding connections to IPv4 targets only");
     };
-    let fd = socket(
-        AddressFamily::Inet,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
+    let fd = tcp_socket()?;
     setsockopt(&fd, sockopt::IpBindAddressNoPort, &true)?;
     bind(
         fd.as_raw_fd(),
