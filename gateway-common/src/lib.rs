@@ -51,19 +51,36 @@ pub const MAP_LOADER: &str = "GW_LOADER";
 /// restarts, like the VIP table.
 pub const MAP_VIP_USE: &str = "GW_VIP_USE";
 
+/// Name of the gate table: cgroup v2 id → [`GateEntry`]. The programs
+/// are attached once, to a parent cgroup; a process is gated when its own
+/// cgroup or one of its ancestors below that parent is in this table, so
+/// workloads are gated and ungated at run time by a map update, without
+/// reattaching, restarting Envoy or touching VIPs. It outlives restarts.
+pub const MAP_GATED: &str = "GW_GATED";
+
+/// How many cgroups can be gated at once.
+pub const GATED_CGROUP_CAPACITY: u32 = 16_384;
+
+/// How many levels below the attach cgroup a gated cgroup may be (the
+/// attach cgroup itself is level 0): the programs look up that many
+/// ancestors of the calling process. Processes below a gated cgroup are
+/// gated however deep they are.
+pub const MAX_GATE_DEPTH: u32 = 16;
+
 /// Directory in the pin directory that Envoys `flock` while one of them
 /// reclaims a VIP (the pin directory itself is the loader's lock). The
 /// loader creates it with the maps; it outlives loaders like the VIP map.
 pub const RECLAIM_LOCK_DIR: &str = "reclaim_lock";
 
 /// Every map the gateway pins, in the order `gateway status` shows them.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 8] = [
     MAP_CONFIG,
     MAP_COUNTERS,
     MAP_SOCK_ORIG,
     MAP_ORIG_DST,
     MAP_VIPS,
     MAP_VIP_USE,
+    MAP_GATED,
     MAP_LOADER,
 ];
 
@@ -266,8 +283,11 @@ pub struct GatewayConfig {
     /// VIP is this prefix followed by the IPv4 VIP it stands for. Used
     /// when [`CONFIG_FLAG_VIP6`] is set.
     pub vip6_prefix: [u32; 3],
-    /// Explicit padding so the layout has no hidden bytes.
-    pub _pad: u32,
+    /// Level of the cgroup the programs are attached to (the cgroup v2
+    /// root is level 0): gated cgroups ([`MAP_GATED`]) are looked up among
+    /// the calling process's ancestors from this level down
+    /// [`MAX_GATE_DEPTH`] levels.
+    pub gate_base_level: u32,
 }
 
 impl GatewayConfig {
@@ -369,6 +389,53 @@ pub struct LoaderInfo {
     pub object_digest: u64,
 }
 
+/// Why a cgroup is in the gate table: the configuration's `gate` list
+/// (replaced on every start and reload), `gateway gate` (kept until
+/// `gateway ungate`), or `gateway gate-pods` (reconciled with the pods
+/// listed).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GateOrigin {
+    /// Listed in the configuration.
+    Config = 1,
+    /// Added by `gateway gate`.
+    Command = 2,
+    /// Added by `gateway gate-pods` for a selected Kubernetes pod.
+    Pod = 3,
+}
+
+impl GateOrigin {
+    /// The origin stored in a [`GateEntry`], if it is a known one.
+    pub const fn from_raw(raw: u32) -> Option<Self> {
+        match raw {
+            1 => Some(Self::Config),
+            2 => Some(Self::Command),
+            3 => Some(Self::Pod),
+            _ => None,
+        }
+    }
+
+    /// Name shown by `gateway status`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Config => "config",
+            Self::Command => "gate",
+            Self::Pod => "pod",
+        }
+    }
+}
+
+/// Value of the gate table ([`MAP_GATED`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
+pub struct GateEntry {
+    /// The cgroup's level (cgroup v2 root = 0).
+    pub level: u32,
+    /// A [`GateOrigin`].
+    pub origin: u32,
+}
+
 /// Decisions the kernel programs count, one slot each in [`MAP_COUNTERS`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -418,10 +485,13 @@ pub enum Counter {
     /// A connect to a VIP while no proxy listener was bound (it fails at
     /// once with ECONNREFUSED).
     TcpTargetDown = 19,
+    /// A connect or datagram of a process below the attach cgroup but in
+    /// no gated cgroup, left alone.
+    NotGatedPassed = 20,
 }
 
 /// Number of counter slots.
-pub const COUNTER_COUNT: u32 = 20;
+pub const COUNTER_COUNT: u32 = 21;
 
 impl Counter {
     /// Every counter, in slot order.
@@ -446,6 +516,7 @@ impl Counter {
         Counter::DnsOutagePassed,
         Counter::DnsOutageRefused,
         Counter::TcpTargetDown,
+        Counter::NotGatedPassed,
     ];
 
     /// Stable snake_case name used by `gateway status`.
@@ -471,6 +542,7 @@ impl Counter {
             Counter::DnsOutagePassed => "dns_outage_passed",
             Counter::DnsOutageRefused => "dns_outage_refused",
             Counter::TcpTargetDown => "tcp_target_down",
+            Counter::NotGatedPassed => "not_gated_passed",
         }
     }
 }

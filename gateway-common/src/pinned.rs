@@ -16,8 +16,9 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use bytemuck::Pod;
 
 use crate::{
-    Counter, GatewayConfig, LoaderInfo, OrigDstEntry, SockAddr6, SockAddrV4, VipRecord, MAP_CONFIG,
-    MAP_COUNTERS, MAP_LOADER, MAP_ORIG_DST, MAP_SOCK_ORIG, MAP_VIPS, MAX_DOMAIN_LEN,
+    Counter, GateEntry, GateOrigin, GatewayConfig, LoaderInfo, OrigDstEntry, SockAddr6, SockAddrV4,
+    VipRecord, MAP_CONFIG, MAP_COUNTERS, MAP_LOADER, MAP_ORIG_DST, MAP_SOCK_ORIG, MAP_VIPS,
+    MAX_DOMAIN_LEN,
 };
 
 const SOCKADDR_SIZE: usize = size_of::<SockAddr6>();
@@ -32,7 +33,7 @@ type VipRecordBytes = [u8; VIP_RECORD_SIZE];
 
 /// Key size, value size and capacity each pinned map must have; a pin
 /// with others was left by an incompatible build.
-const EXPECTED_LAYOUTS: [(&str, u32, u32, u32); 7] = [
+const EXPECTED_LAYOUTS: [(&str, u32, u32, u32); 8] = [
     (MAP_CONFIG, 4, CONFIG_SIZE as u32, 1),
     (MAP_COUNTERS, 4, 8, crate::COUNTER_COUNT),
     (
@@ -55,6 +56,7 @@ const EXPECTED_LAYOUTS: [(&str, u32, u32, u32); 7] = [
     ),
     (MAP_LOADER, 4, LOADER_INFO_SIZE as u32, 1),
     (crate::MAP_VIP_USE, 4, 8, crate::VIP_TABLE_CAPACITY),
+    (crate::MAP_GATED, 8, 8, crate::GATED_CGROUP_CAPACITY),
 ];
 
 fn to_bytes<T: Pod, const N: usize>(value: &T) -> [u8; N] {
@@ -77,6 +79,7 @@ const _: () = assert!(VIP_RECORD_SIZE == 260);
 const _: () = assert!(ORIG_DST_ENTRY_SIZE == 40);
 const _: () = assert!(CONFIG_SIZE == 120);
 const _: () = assert!(LOADER_INFO_SIZE == 280);
+const _: () = assert!(size_of::<GateEntry>() == 8);
 
 /// Converts a std socket address to the kernel's representation.
 pub fn sockaddr_from_std(addr: SocketAddrV4) -> SockAddrV4 {
@@ -276,6 +279,13 @@ impl PinDir {
         })
     }
 
+    /// The gate table (which cgroups below the attach cgroup are gated).
+    pub fn gated(&self) -> Result<GateTable> {
+        Ok(GateTable {
+            map: self.open_map(crate::MAP_GATED)?.try_into()?,
+        })
+    }
+
     /// The client address → original destination table.
     pub fn orig_dst(&self) -> Result<OrigDstTable> {
         Ok(OrigDstTable {
@@ -386,6 +396,59 @@ impl PinDir {
             removed.push(self.path.clone());
         }
         Ok(removed)
+    }
+}
+
+/// cgroup id → why it is gated (see [`crate::MAP_GATED`]).
+pub struct GateTable {
+    map: HashMap<MapData, u64, [u8; 8]>,
+}
+
+impl GateTable {
+    /// Gates a cgroup (replacing the origin of an existing entry).
+    pub fn gate(&mut self, id: u64, level: u32, origin: GateOrigin) -> Result<()> {
+        let entry = GateEntry {
+            level,
+            origin: origin as u32,
+        };
+        self.map
+            .insert(id, to_bytes::<_, 8>(&entry), 0)
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}; the gate table holds at most {} cgroups: ungate some first",
+                    crate::GATED_CGROUP_CAPACITY
+                )
+            })
+            .with_context(|| format!("gating cgroup id {id}"))
+    }
+
+    /// Ungates a cgroup; returns whether it was gated.
+    pub fn ungate(&mut self, id: u64) -> Result<bool> {
+        match self.map.remove(&id) {
+            Ok(()) => Ok(true),
+            Err(e) if is_missing(&e) => Ok(false),
+            Err(e) => Err(e).with_context(|| format!("ungating cgroup id {id}")),
+        }
+    }
+
+    /// The entry of one cgroup, if gated.
+    pub fn get(&self, id: u64) -> Result<Option<GateEntry>> {
+        match self.map.get(&id, 0) {
+            Ok(bytes) => Ok(Some(from_bytes(&bytes))),
+            Err(e) if is_missing(&e) => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading the gate of cgroup id {id}")),
+        }
+    }
+
+    /// Every gated cgroup: (id, entry).
+    pub fn entries(&self) -> Result<Vec<(u64, GateEntry)>> {
+        self.map
+            .iter()
+            .map(|item| {
+                let (id, bytes) = item.context("reading the gate table")?;
+                Ok((id, from_bytes(&bytes)))
+            })
+            .collect()
     }
 }
 
@@ -725,3 +788,38 @@ mod tests {
         );
     }
 }
+
+/// FNV-1a, 64 bits: a stable short digest (of a pin directory's path, of
+/// the eBPF object).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The state directory of the gateway pinned in `pin_dir`, below
+/// `state_dir`: the pin directory's last path component (readable) and a
+/// digest of its whole path (unique, so /a/gw and /b/gw never share a
+/// bootstrap). Written once here for the loader and for the tests, which
+/// find Envoy's admin socket in it.
+pub fn instance_dir(state_dir: &Path, pin_dir: &Path) -> PathBuf {
+    let last: String = pin_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "gateway".to_owned())
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let digest = fnv1a(pin_dir.as_os_str().as_encoded_bytes());
+    state_dir.join(format!("{last}-{digest:016x}"))
+}
+
+/// Envoy's admin socket in a gateway's state directory (see
+/// [`instance_dir`]).
+pub const ADMIN_SOCKET_NAME: &str = "admin.sock";

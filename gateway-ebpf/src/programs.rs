@@ -9,8 +9,8 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT2,
     },
     helpers::{
-        bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_lookup_tcp,
-        bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
     },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -19,10 +19,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use gateway_common::{
-    is_v4_mapped, Counter, GatewayConfig, LoaderInfo, OrigDstEntry, SockAddr6, SockAddrV4,
-    VipRecord, CONFIG_FLAG_DNS_OUTAGE_DROP, CONFIG_FLAG_DNS_TCP, CONFIG_FLAG_ENABLED,
+    is_v4_mapped, Counter, GateEntry, GatewayConfig, LoaderInfo, OrigDstEntry, SockAddr6,
+    SockAddrV4, VipRecord, CONFIG_FLAG_DNS_OUTAGE_DROP, CONFIG_FLAG_DNS_TCP, CONFIG_FLAG_ENABLED,
     CONFIG_FLAG_IPV6, CONFIG_FLAG_REFUSE_UNKNOWN_VIPS, CONNECTION_TABLE_CAPACITY, COUNTER_COUNT,
-    IPV6_LOOPBACK, VIP_TABLE_CAPACITY,
+    GATED_CGROUP_CAPACITY, IPV6_LOOPBACK, MAX_GATE_DEPTH, VIP_TABLE_CAPACITY,
 };
 
 const AF_INET: u32 = 2;
@@ -79,6 +79,13 @@ static GW_VIPS: HashMap<u32, VipRecord> = HashMap::pinned(VIP_TABLE_CAPACITY, BP
 /// by it. LRU so that it never refuses a stamp.
 #[map]
 static GW_VIP_USE: LruHashMap<u32, u64> = LruHashMap::pinned(VIP_TABLE_CAPACITY, 0);
+
+/// cgroup id → gated (see `gateway_common::MAP_GATED`): written by the
+/// loader, `gateway gate`/`ungate` and `gateway gate-pods`; the programs
+/// only read it. Not preallocated: most hosts gate a handful of cgroups.
+#[map]
+static GW_GATED: HashMap<u64, GateEntry> =
+    HashMap::pinned(GATED_CGROUP_CAPACITY, BPF_F_NO_PREALLOC);
 
 /// Who attached the programs where; written by the loader for `status`.
 #[map]
@@ -214,6 +221,33 @@ fn in_proxy_netns<C: EbpfContext>(ctx: &C, cfg: &GatewayConfig) -> bool {
         count(Counter::ForeignNetnsPassed);
         false
     }
+}
+
+/// Whether the calling process is gated: its cgroup, or one of its
+/// ancestors at most `MAX_GATE_DEPTH` levels below the attach cgroup, is
+/// in the gate table. The programs run for every process below the attach
+/// cgroup; the others (siblings of the gated workloads) are left alone.
+/// Decided by the process making the call, as the sock_addr hooks run in
+/// its context.
+#[inline(always)]
+fn in_gated_cgroup(cfg: &GatewayConfig) -> bool {
+    let base = cfg.gate_base_level;
+    let mut depth = 0;
+    while depth < MAX_GATE_DEPTH {
+        // SAFETY: the helper takes a level and returns 0 past the calling
+        // task's own level; cgroup sock_addr programs may call it.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id((base + depth) as i32) };
+        if id == 0 {
+            break;
+        }
+        // SAFETY: only the presence of the entry is used.
+        if unsafe { GW_GATED.get(&id) }.is_some() {
+            return true;
+        }
+        depth += 1;
+    }
+    count(Counter::NotGatedPassed);
+    false
 }
 
 #[inline(always)]
@@ -507,7 +541,7 @@ fn on_connect(ctx: &SockAddrContext, family: u32) -> i32 {
         count(Counter::OtherPassed);
         return ALLOW;
     }
-    if !in_proxy_netns(ctx, cfg) {
+    if !in_gated_cgroup(cfg) || !in_proxy_netns(ctx, cfg) {
         return ALLOW;
     }
     match dest.protocol {
@@ -541,7 +575,7 @@ fn on_sendmsg(ctx: &SockAddrContext, family: u32) -> i32 {
         count(Counter::UdpPassed);
         return ALLOW;
     }
-    if !in_proxy_netns(ctx, cfg) {
+    if !in_gated_cgroup(cfg) || !in_proxy_netns(ctx, cfg) {
         return ALLOW;
     }
     match on_dns_datagram(ctx, family, cfg, &dest) {

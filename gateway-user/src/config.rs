@@ -24,10 +24,17 @@ pub const DEFAULT_CONFIG: &str = include_str!("default-config.toml");
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayFile {
-    /// The cgroup v2 directory whose processes are gated: absolute, or
+    /// The cgroup v2 directory the programs are attached to: absolute, or
     /// relative to the cgroup v2 mount. Created by `gateway run` if
-    /// missing (and removed again when it stops).
+    /// missing (and removed again when it stops). Gated itself unless
+    /// `gate` says otherwise.
     pub cgroup: PathBuf,
+    /// The cgroups whose processes are redirected, at or below `cgroup`
+    /// (a relative path is taken below it). Absent: `cgroup` itself.
+    /// Empty: none at start (workloads are gated at run time with
+    /// `gateway gate` or `gateway gate-pods`). Applied again on reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<Vec<PathBuf>>,
     /// bpffs directory for the shared maps.
     #[serde(default = "default_pin_dir")]
     pub pin_dir: PathBuf,
@@ -235,6 +242,23 @@ pub struct Config {
     pub clusters: BTreeMap<String, SocketAddrV4>,
 }
 
+impl Config {
+    /// The cgroup the programs are attached to, resolved.
+    pub fn attach_cgroup(&self) -> Result<PathBuf> {
+        crate::cgroup::resolve(&self.file.cgroup)
+    }
+
+    /// The cgroups gated at start, resolved (relative ones below the
+    /// attach cgroup); the attach cgroup itself when `gate` is absent.
+    pub fn gated_cgroups(&self) -> Result<Vec<PathBuf>> {
+        let attach = self.attach_cgroup()?;
+        Ok(match &self.file.gate {
+            None => vec![attach],
+            Some(list) => list.iter().map(|p| attach.join(p)).collect(),
+        })
+    }
+}
+
 /// Reads and validates a configuration file, or the built-in default.
 pub fn load(path: Option<&Path>) -> Result<Config> {
     let (text, origin) = match path {
@@ -274,6 +298,15 @@ pub fn validate(file: GatewayFile) -> Result<Config> {
             .any(|c| c == std::path::Component::ParentDir)
     {
         bail!("cgroup: {:?} must name a cgroup directory (absolute, or relative to the cgroup v2 mount) without '..'", file.cgroup);
+    }
+    for (i, gated) in file.gate.iter().flatten().enumerate() {
+        if gated.as_os_str().is_empty()
+            || gated
+                .components()
+                .any(|c| c == std::path::Component::ParentDir)
+        {
+            bail!("gate[{i}]: {gated:?} must name a cgroup directory at or below `cgroup` (relative to it, or absolute) without '..'");
+        }
     }
     let vip_cidr = field("dns.vip_cidr", parse_cidr(&file.dns.vip_cidr))?;
     if vip_cidr.prefix_len > 30 {

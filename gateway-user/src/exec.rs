@@ -9,12 +9,17 @@ use crate::{cgroup, config, loader};
 
 /// Moves this process into the configured cgroup and replaces it with
 /// `command`; returns only on failure.
-pub fn exec(config_path: Option<&Path>, command: &[String]) -> Result<()> {
+pub fn exec(config_path: Option<&Path>, into: Option<&Path>, command: &[String]) -> Result<()> {
     let Some((program, args)) = command.split_first() else {
         bail!("no command given: gateway exec [--config FILE] -- <command> [args…]");
     };
     let config = config::load(config_path)?;
-    let cgroup = cgroup::resolve(&config.file.cgroup)?;
+    let cgroup = match into {
+        Some(path) => config.attach_cgroup()?.join(path),
+        None => config.gated_cgroups()?.into_iter().next().context(
+            "the configuration gates no cgroup at start (gate = []): name one with --cgroup",
+        )?,
+    };
     if !cgroup.is_dir() {
         bail!(
             "the gated cgroup {} does not exist: start the gateway first (`gateway run`)",

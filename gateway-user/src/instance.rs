@@ -21,34 +21,13 @@ pub struct Instance {
     dir: PathBuf,
 }
 
-/// FNV-1a, 64 bits: a stable short digest of the pin directory's path.
-pub(crate) fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
-        (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 impl Instance {
     /// The state directory of the gateway pinned in `pin_dir`: its last
     /// path component (readable) and a digest of the whole path (unique, so
     /// /a/gw and /b/gw never share a bootstrap).
     pub fn new(state_dir: &Path, pin_dir: &Path) -> Self {
-        let last: String = pin_dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "gateway".to_owned())
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                    c
-                } else {
-                    '_'
-                }
-            })
-            .collect();
-        let digest = fnv1a(pin_dir.as_os_str().as_encoded_bytes());
         Self {
-            dir: state_dir.join(format!("{last}-{digest:016x}")),
+            dir: gateway_common::pinned::instance_dir(state_dir, pin_dir),
         }
     }
 
@@ -65,7 +44,7 @@ impl Instance {
     /// Envoy's admin interface: a Unix socket (mode 0600), the only way to
     /// reach it.
     pub fn admin_socket(&self) -> PathBuf {
-        self.dir.join("admin.sock")
+        self.dir.join(gateway_common::pinned::ADMIN_SOCKET_NAME)
     }
 
     /// Creates the directories: the parent 0711 owned by root (others may

@@ -12,6 +12,7 @@ pub mod cgroup;
 pub mod config;
 pub mod envoy_bootstrap;
 pub mod exec;
+pub mod gate;
 pub mod instance;
 pub mod kernel_log;
 pub mod links;

@@ -54,8 +54,13 @@ pub const PROGRAMS: [&str; 9] = [
 /// What `gateway attach` is asked to do.
 #[derive(Clone, Debug)]
 pub struct AttachRequest {
-    /// cgroup v2 directory whose processes are gated.
+    /// cgroup v2 directory the programs are attached to: processes below
+    /// it are seen, and those in a gated cgroup (`gate`) are redirected.
     pub cgroup: PathBuf,
+    /// cgroups to gate, at or below `cgroup` (relative paths are below
+    /// it); `None` gates `cgroup` itself. Replaces the previous start's
+    /// list; cgroups gated at run time (`gateway gate`) stay gated.
+    pub gate: Option<Vec<PathBuf>>,
     /// Networks whose TCP connects go to `tcp_to`.
     pub vip_cidrs: Vec<Cidr>,
     /// DNS listener of the proxy.
@@ -245,7 +250,7 @@ fn privilege_hint(err: &anyhow::Error) -> String {
 /// The eBPF object's digest, recorded with the attachment so that a later
 /// loader adopts only programs of its own build.
 pub fn object_digest() -> u64 {
-    crate::instance::fnv1a(EBPF_OBJECT)
+    gateway_common::pinned::fnv1a(EBPF_OBJECT)
 }
 
 /// What a loader finds in its pin directory (see [`discover`]).
@@ -268,6 +273,7 @@ pub enum Previous {
 pub struct Discovered {
     config: GatewayConfig,
     cgroup: PathBuf,
+    gate: Vec<crate::gate::GatedCgroup>,
     pin_dir: PinDir,
     lock: PinLock,
     previous: Previous,
@@ -277,8 +283,16 @@ pub struct Discovered {
 /// Checks the request, prepares and locks the pin directory, and finds
 /// out what a previous loader left attached.
 pub fn discover(request: &AttachRequest) -> Result<Discovered> {
-    let config = kernel_config(request)?;
+    let mut config = kernel_config(request)?;
     let cgroup = cgroup::validate(&request.cgroup, request.allow_root_cgroup)?;
+    config.gate_base_level = crate::gate::level_of(&cgroup)?;
+    let gate = match &request.gate {
+        None => vec![crate::gate::identify(&cgroup, &cgroup)?],
+        Some(list) => list
+            .iter()
+            .map(|path| crate::gate::identify(&cgroup, path))
+            .collect::<Result<Vec<_>>>()?,
+    };
     crate::privileges::check_attach()?;
     bpffs::prepare_pin_dir(&request.pin_dir)?;
     let lock = PinLock::acquire(&request.pin_dir)?;
@@ -294,6 +308,7 @@ pub fn discover(request: &AttachRequest) -> Result<Discovered> {
     Ok(Discovered {
         config,
         cgroup,
+        gate,
         pin_dir,
         lock,
         previous,
@@ -382,6 +397,7 @@ impl Discovered {
         let Discovered {
             config,
             cgroup,
+            gate,
             pin_dir,
             lock,
             previous,
@@ -415,6 +431,11 @@ impl Discovered {
         pin_dir
             .set_config(&config)
             .context("writing the kernel configuration")?;
+        let (gated, ungated) = crate::gate::sync_configured(&pin_dir, &gate)?;
+        log::info!(
+            "gate table: {} configured cgroups ({gated} newly gated, {ungated} no longer configured)",
+            gate.len()
+        );
         pin_dir.ensure_reclaim_lock()?;
         if let Some(gid) = maps_group {
             pin_dir.share_with_group(gid)?;

@@ -47,10 +47,15 @@ enum Command {
     /// Needs root, or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON (and
     /// CAP_SYS_ADMIN if bpffs must be mounted).
     Attach {
-        /// cgroup v2 directory whose processes are gated, e.g.
-        /// /sys/fs/cgroup/myapp. The root cgroup is refused.
+        /// cgroup v2 directory the programs are attached to, e.g.
+        /// /sys/fs/cgroup/myapp; gated itself unless --gate is given. The
+        /// root cgroup is refused.
         #[arg(long)]
         cgroup: PathBuf,
+        /// A cgroup to gate at or below --cgroup (repeatable; relative
+        /// paths are below --cgroup). Without it --cgroup itself is gated.
+        #[arg(long)]
+        gate: Vec<PathBuf>,
         /// Network of virtual IPs whose TCP connects go to --tcp-to
         /// (repeatable, up to 8), e.g. 10.10.0.0/24.
         #[arg(long = "vip-cidr", required = true, value_parser = parse_cidr)]
@@ -116,6 +121,10 @@ enum Command {
         /// Gateway configuration (TOML); the built-in default when absent.
         #[arg(long)]
         config: Option<PathBuf>,
+        /// The cgroup to run in (relative: below the configuration's
+        /// `cgroup`); default: the first gated one of the configuration.
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -134,6 +143,15 @@ enum Command {
         #[arg(long, default_value = gateway_user::instance::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Gate more cgroups at run time: their processes (and those below)
+    /// are redirected from their next DNS query or connect on. No restart,
+    /// no VIP changes; sibling cgroups stay untouched. Kept across
+    /// restarts until `gateway ungate`.
+    Gate(GateTarget),
+    /// Stop gating cgroups (paths, or ids as `gateway status` lists them
+    /// for cgroups that no longer exist). Their open connections go on;
+    /// new ones are no longer redirected.
+    Ungate(GateTarget),
     /// Print the built-in default configuration, a starting point for your own.
     DefaultConfig,
     /// Remove the pinned maps (including the VIP table) left after a
@@ -143,6 +161,62 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR, value_parser = parse_pin_dir)]
         pin_dir: PathBuf,
     },
+}
+
+/// The cgroups of `gateway gate` / `ungate` and whose gateway they go to.
+#[derive(clap::Args, Debug)]
+struct GateTarget {
+    /// cgroup directories, at or below the gateway's attach cgroup
+    /// (relative paths are taken below it).
+    #[arg(required = true)]
+    cgroups: Vec<String>,
+    /// The gateway's configuration (for its pin directory); the built-in
+    /// default when neither this nor --pin-dir is given.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// bpffs directory of the gateway's maps (instead of --config).
+    #[arg(long, value_parser = parse_pin_dir, conflicts_with = "config")]
+    pin_dir: Option<PathBuf>,
+}
+
+/// Adds cgroups to, or removes them from, the gate table of a running
+/// (or stopped but still attached) gateway, and says how long it took.
+fn gate_command(target: &GateTarget, gate: bool) -> Result<()> {
+    let pin_dir = match &target.pin_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            gateway_user::config::load(target.config.as_deref())?
+                .file
+                .pin_dir
+        }
+    };
+    let pins = gateway_common::pinned::PinDir::new(&pin_dir);
+    let attach = gateway_user::gate::attach_cgroup(&pins)?;
+    for arg in &target.cgroups {
+        let started = std::time::Instant::now();
+        if gate {
+            let cgroup = gateway_user::gate::identify(&attach, std::path::Path::new(arg))?;
+            pins.gated()?
+                .gate(cgroup.id, cgroup.level, gateway_common::GateOrigin::Command)?;
+            println!(
+                "gated {} (cgroup id {}) in {} µs",
+                cgroup.path.display(),
+                cgroup.id,
+                started.elapsed().as_micros()
+            );
+        } else {
+            let id = gateway_user::gate::ungate_target(&attach, arg)?;
+            if pins.gated()?.ungate(id)? {
+                println!(
+                    "ungated {arg} (cgroup id {id}) in {} µs",
+                    started.elapsed().as_micros()
+                );
+            } else {
+                println!("{arg} (cgroup id {id}) was not gated");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `--pin-dir`: the same rule as the configuration's `pin_dir`.
@@ -171,6 +245,7 @@ fn run(command: Command) -> Result<()> {
     match command {
         Command::Attach {
             cgroup,
+            gate,
             vip_cidrs,
             dns_to,
             tcp_to,
@@ -185,6 +260,7 @@ fn run(command: Command) -> Result<()> {
         } => {
             let request = AttachRequest {
                 cgroup,
+                gate: (!gate.is_empty()).then_some(gate),
                 vip_cidrs,
                 dns_to,
                 tcp_to,
@@ -219,7 +295,13 @@ fn run(command: Command) -> Result<()> {
             .build()
             .context("starting the async runtime")?
             .block_on(run::run(options)),
-        Command::Exec { config, command } => exec::exec(config.as_deref(), &command),
+        Command::Exec {
+            config,
+            cgroup,
+            command,
+        } => exec::exec(config.as_deref(), cgroup.as_deref(), &command),
+        Command::Gate(target) => gate_command(&target, true),
+        Command::Ungate(target) => gate_command(&target, false),
         Command::EnvoyConfig {
             config,
             fallback,

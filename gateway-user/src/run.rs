@@ -167,8 +167,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
     }
     let envoy_binary = find_envoy(options.envoy.as_deref())?;
     let module_dir = find_module_dir(options.module_dir.as_deref())?;
-    let cgroup_path = cgroup::resolve(&config.file.cgroup)?;
-    cgroup::ensure_outside(&cgroup_path)?;
+    let cgroup_path = config.attach_cgroup()?;
+    let gated = config.gated_cgroups()?;
+    for path in &gated {
+        cgroup::ensure_outside(path)?;
+    }
 
     // One state directory per pin directory, so gateways never share a
     // bootstrap or an admin socket; written only once this gateway holds
@@ -176,6 +179,12 @@ pub async fn run(options: RunOptions) -> Result<()> {
     let instance = Instance::new(&options.state_dir, &config.file.pin_dir);
 
     let created_cgroup = cgroup::ensure_exists(&cgroup_path)?;
+    let mut created_gated = Vec::new();
+    for path in &gated {
+        if cgroup::ensure_exists(path)? {
+            created_gated.push(path.clone());
+        }
+    }
     let result = run_with_cgroup(
         &config,
         &options,
@@ -193,6 +202,11 @@ pub async fn run(options: RunOptions) -> Result<()> {
         },
     )
     .await;
+    for path in created_gated.iter().rev() {
+        if let Ok(false) | Err(_) = cgroup::remove_if_empty(path) {
+            log::warn!("gated cgroup {} left in place (not empty)", path.display());
+        }
+    }
     if created_cgroup {
         match cgroup::remove_if_empty(&cgroup_path) {
             Ok(true) => log::info!("removed cgroup {}", cgroup_path.display()),
@@ -216,6 +230,7 @@ async fn run_with_cgroup(
 ) -> Result<()> {
     let request = AttachRequest {
         cgroup: cgroup_path.to_path_buf(),
+        gate: Some(config.gated_cgroups()?),
         vip_cidrs: vec![config.vip_cidr],
         dns_to: config.dns_listener,
         tcp_to: config.tcp_listener,

@@ -33,6 +33,20 @@ pub struct Status {
     pub original_destinations: Vec<(String, String)>,
     /// Allocated VIPs and their domains.
     pub vips: Vec<(String, String)>,
+    /// Gated cgroups below the attach cgroup.
+    pub gated: Vec<GatedStatus>,
+}
+
+/// One entry of the gate table.
+#[derive(Debug, Serialize)]
+pub struct GatedStatus {
+    /// cgroup id.
+    pub id: u64,
+    /// Where the cgroup is, or `None` when it no longer exists (ungate it
+    /// by id).
+    pub path: Option<String>,
+    /// Why it is gated: `config`, `gate` or `pod`.
+    pub origin: String,
 }
 
 /// The loader's record.
@@ -86,6 +100,7 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
         counters: Vec::new(),
         original_destinations: Vec::new(),
         vips: Vec::new(),
+        gated: Vec::new(),
     };
     if !pins.has(MAP_CONFIG) {
         return Ok(status);
@@ -160,6 +175,21 @@ pub fn read(pin_dir: &Path) -> Result<Status> {
         .into_iter()
         .map(|(vip, domain)| (vip.to_string(), domain))
         .collect();
+    if pins.has(gateway_common::MAP_GATED) {
+        let entries = pins.gated()?.entries()?;
+        let ids = entries.iter().map(|(id, _)| *id).collect();
+        let paths = crate::gate::paths_by_id(&cgroup_path, &ids);
+        status.gated = entries
+            .into_iter()
+            .map(|(id, entry)| GatedStatus {
+                id,
+                path: paths.get(&id).map(|p| p.display().to_string()),
+                origin: gateway_common::GateOrigin::from_raw(entry.origin)
+                    .map_or("unknown", |o| o.name())
+                    .to_owned(),
+            })
+            .collect();
+    }
     Ok(status)
 }
 
@@ -204,6 +234,17 @@ pub fn render(status: &Status) -> String {
             c.dns_tcp_to.as_deref().unwrap_or("not redirected"),
             if c.ipv6 { "yes" } else { "no" },
             c.vip6_prefix.as_deref().unwrap_or("none")
+        ));
+    }
+    line(format!("gated cgroups ({}):", status.gated.len()));
+    for g in &status.gated {
+        line(format!(
+            "  {:<8} {:<10} {}",
+            g.origin,
+            g.id,
+            g.path
+                .as_deref()
+                .unwrap_or("(removed; `gateway ungate <id>`)")
         ));
     }
     line("counters:".to_owned());

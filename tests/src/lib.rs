@@ -163,6 +163,14 @@ impl TestCgroup {
         &self.path
     }
 
+    /// Creates a child cgroup `name` below this one, removed when dropped
+    /// (drop it before its parent).
+    pub fn child(&self, name: &str) -> Result<TestCgroup> {
+        let path = self.path.join(name);
+        fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(TestCgroup { path })
+    }
+
     /// A command that runs `program args…` inside this cgroup: a shell
     /// moves itself in, then execs the program unmodified.
     pub fn command(&self, program: &str, args: &[&str]) -> Command {

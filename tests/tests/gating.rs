@@ -1,0 +1,234 @@
+//! Many workloads under one attachment: the programs are attached once to
+//! a parent cgroup, and `gateway gate` / `ungate` add and remove child
+//! cgroups at run time through the pinned gate table. Measured here: the
+//! time from `gateway gate` to the first redirected query, and that a
+//! sibling cgroup under the same parent is never touched.
+
+use std::{
+    net::UdpSocket,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use nix::sys::signal::Signal;
+use tests::{
+    enter_private_netns, gateway_bin, prerequisites_met, repo_root, unique_name, Loader, TestCgroup,
+};
+
+const DNS_TO: &str = "127.0.0.1:15053";
+const TCP_TO: &str = "127.0.0.1:15001";
+const VIP_CIDR: &str = "10.10.0.0/24";
+
+/// A DNS stand-in at the redirect target: answers every datagram with
+/// "answer" and remembers how many it got.
+struct Answerer {
+    socket: UdpSocket,
+}
+
+impl Answerer {
+    fn start() -> Result<Self> {
+        let socket = UdpSocket::bind(DNS_TO).context("binding the DNS target")?;
+        socket.set_read_timeout(Some(Duration::from_millis(20)))?;
+        Ok(Self { socket })
+    }
+
+    /// Answers what has arrived; returns how many datagrams that was.
+    fn drain(&self) -> usize {
+        let mut buf = [0u8; 512];
+        let mut n = 0;
+        while let Ok((_, from)) = self.socket.recv_from(&mut buf) {
+            let _ = self.socket.send_to(b"answer", from);
+            n += 1;
+        }
+        n
+    }
+}
+
+/// Sends one DNS datagram from inside `cgroup` (tests/clients/probe.py,
+/// plain socket calls) while `answerer` serves; returns whether it was
+/// answered by the gateway's target (redirected) — in this namespace
+/// (only `lo`) an unredirected datagram to 203.0.113.53 cannot leave.
+fn redirected(cgroup: &TestCgroup, answerer: &Answerer) -> Result<bool> {
+    let script = repo_root().join("tests/clients/probe.py");
+    let script = script.to_string_lossy().into_owned();
+    let mut child = cgroup
+        .command(
+            "python3",
+            &[script.as_str(), "udp-sendto", "203.0.113.53", "53"],
+        )
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting the probe")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait()?.is_none() && Instant::now() < deadline {
+        answerer.drain();
+    }
+    let out = child.wait_with_output()?;
+    let line = String::from_utf8_lossy(&out.stdout);
+    let result: serde_json::Value =
+        serde_json::from_str(line.trim()).with_context(|| format!("probe printed {line:?}"))?;
+    Ok(result["ok"] == true && result["reply"] == "answer")
+}
+
+fn gateway(args: &[&str]) -> Result<(bool, String)> {
+    let out = Command::new(gateway_bin())
+        .args(args)
+        .output()
+        .context("running gateway")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.success(), text))
+}
+
+fn pin(loader: &Loader) -> String {
+    loader.pin_dir().display().to_string()
+}
+
+fn gated_origins(loader: &Loader) -> Result<Vec<(Option<String>, String)>> {
+    let status = loader.status()?;
+    Ok(status["gated"]
+        .as_array()
+        .context("status has no gated list")?
+        .iter()
+        .map(|g| {
+            (
+                g["path"].as_str().map(str::to_owned),
+                g["origin"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect())
+}
+
+#[test]
+fn cgroups_are_gated_and_ungated_at_run_time_and_siblings_stay_untouched() -> Result<()> {
+    if !prerequisites_met(&[]) {
+        return Ok(());
+    }
+    enter_private_netns()?;
+    let parent = TestCgroup::new()?;
+    let app_a = parent.child("app-a")?;
+    let app_b = parent.child("app-b")?;
+    let app_b_worker = app_b.child("worker")?;
+    let answerer = Answerer::start()?;
+    let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(unique_name("gw-test"));
+    let mut loader = Loader::attach_with_args(
+        &parent,
+        &[VIP_CIDR],
+        DNS_TO.parse()?,
+        TCP_TO.parse()?,
+        &pin_dir,
+        &["--gate", "app-a"],
+    )?;
+
+    // Only app-a is gated: its sibling (and the parent itself) are left
+    // alone, counted as not gated.
+    assert!(
+        redirected(&app_a, &answerer)?,
+        "the gated cgroup must be redirected"
+    );
+    assert!(
+        !redirected(&app_b, &answerer)?,
+        "a sibling must stay untouched"
+    );
+    assert!(
+        !redirected(&parent, &answerer)?,
+        "the attach cgroup itself is not gated here"
+    );
+    assert!(loader.counter("not_gated_passed")? >= 2);
+
+    // Gate app-b at run time; its child cgroup follows. Measured: the
+    // command's own time and the time until the first redirected query.
+    let started = Instant::now();
+    let (ok, text) = gateway(&["gate", "--pin-dir", &pin(&loader), "app-b"])?;
+    let command_took = started.elapsed();
+    assert!(ok, "gateway gate failed: {text}");
+    assert!(redirected(&app_b, &answerer)?, "gated at run time: {text}");
+    let first_redirect_after = started.elapsed();
+    eprintln!(
+        "measured: `gateway gate` took {command_took:?} (it reports {}), first redirected query \
+         {first_redirect_after:?} after the command started (probe process start included)",
+        text.trim()
+    );
+    assert!(
+        redirected(&app_b_worker, &answerer)?,
+        "a gated cgroup's children are gated"
+    );
+    assert!(
+        redirected(&app_a, &answerer)?,
+        "gating app-b leaves app-a as it was"
+    );
+
+    // Ungate app-a: from its next datagram on it is left alone; app-b
+    // stays gated.
+    let (ok, text) = gateway(&["ungate", "--pin-dir", &pin(&loader), "app-a"])?;
+    assert!(ok, "gateway ungate failed: {text}");
+    assert!(!redirected(&app_a, &answerer)?, "ungated");
+    assert!(redirected(&app_b, &answerer)?);
+
+    // The status names each gated cgroup and why it is gated.
+    let origins = gated_origins(&loader)?;
+    assert_eq!(
+        origins,
+        vec![(Some(app_b.path().display().to_string()), "gate".to_owned())],
+        "status must list app-b as gated by command (app-a's configured gate was removed)"
+    );
+
+    // Bad requests are refused with a reason, and change nothing.
+    let outside = TestCgroup::new()?;
+    let table: &[(&[&str], &str)] = &[
+        (&["gate", "no-such-cgroup"], "does not exist"),
+        (
+            &["gate", &outside.path().display().to_string()],
+            "is not below",
+        ),
+        (&["ungate", "no-such-cgroup"], "does not exist"),
+    ];
+    for (args, expected) in table {
+        let mut full: Vec<&str> = args.to_vec();
+        let pin = pin(&loader);
+        full.extend(["--pin-dir", &pin]);
+        let (ok, text) = gateway(&full)?;
+        assert!(!ok, "{args:?} must fail");
+        assert!(text.contains(expected), "{args:?}: {text}");
+    }
+    assert_eq!(gated_origins(&loader)?.len(), 1);
+
+    // A restart keeps the cgroups gated at run time; the configured list
+    // is applied again.
+    let (status, _) = loader.stop_with(Signal::SIGTERM)?;
+    assert!(status.success());
+    let loader = Loader::attach_with_args(
+        &parent,
+        &[VIP_CIDR],
+        DNS_TO.parse()?,
+        TCP_TO.parse()?,
+        &pin_dir,
+        &["--gate", "app-a"],
+    )?;
+    assert!(redirected(&app_a, &answerer)?, "configured again at start");
+    assert!(
+        redirected(&app_b, &answerer)?,
+        "a run-time gate survives a restart"
+    );
+    let mut origins = gated_origins(&loader)?;
+    origins.sort();
+    assert_eq!(
+        origins,
+        vec![
+            (
+                Some(app_a.path().display().to_string()),
+                "config".to_owned()
+            ),
+            (Some(app_b.path().display().to_string()), "gate".to_owned()),
+        ]
+    );
+    drop(loader);
+    tests::reset_pins(&pin_dir);
+    drop(app_b_worker);
+    drop((app_a, app_b));
+    Ok(())
+}
