@@ -53,6 +53,10 @@ pub struct DnsGatewaySettings {
     /// the next filter (the real resolver: the name then resolves to its
     /// real address) instead of answering SERVFAIL.
     pub pass_on_exhausted: bool,
+    /// Where the domains came from when not inline: a JSON file with the
+    /// `domains` array, watched and applied again whenever it is replaced
+    /// (`gateway reload`), see [`crate::reload`].
+    pub domains_file: Option<PathBuf>,
 }
 
 /// What `cache_lookup` does with a connection whose VIP it cannot resolve.
@@ -246,6 +250,7 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
             "debug_panic_on_domain",
             "vip_ipv6_prefix",
             "on_exhausted",
+            "domains_file",
         ],
     )?;
     let base_ip = map.get("base_ip").ok_or("base_ip: missing")?;
@@ -271,7 +276,23 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
     };
     let pool =
         Pool::new(base_ip, prefix_len, max_entries as u32).map_err(|e| format!("base_ip: {e}"))?;
-    let patterns = domains(map.get("domains").ok_or("domains: missing")?)?;
+    let (patterns, domains_file) = match (map.get("domains"), map.get("domains_file")) {
+        (Some(inline), None) => (domains(inline)?, None),
+        (None, Some(file)) => {
+            let file = PathBuf::from(string(file, "domains_file")?);
+            if !file.is_absolute() {
+                return Err(format!(
+                    "domains_file: {} must be an absolute path",
+                    file.display()
+                ));
+            }
+            (read_domains_file(&file)?.0, Some(file))
+        }
+        (Some(_), Some(_)) => {
+            return Err("domains, domains_file: give one of them, not both".to_owned())
+        }
+        (None, None) => return Err("domains: missing (or give domains_file)".to_owned()),
+    };
     let ttl = match map.get("ttl") {
         Some(value) => integer(value, "ttl", 0, u64::from(MAX_TTL_SECS))? as u32,
         None => DEFAULT_TTL,
@@ -340,7 +361,21 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
         debug_panic_on_domain,
         vip6_prefix,
         pass_on_exhausted,
+        domains_file,
     })
+}
+
+/// Reads a domains file: the JSON `domains` array of a `dns_gateway`
+/// config, alone. Returns the patterns and the digest of the bytes read
+/// (what `gateway reload` waits to see acknowledged).
+pub fn read_domains_file(path: &std::path::Path) -> Result<(PatternSet, u64), String> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| format!("domains_file: cannot read {}: {e}", path.display()))?;
+    let digest = gateway_common::pinned::fnv1a(&bytes);
+    let value: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("domains_file: {} is not JSON: {e}", path.display()))?;
+    let patterns = domains(&value).map_err(|e| format!("domains_file {}: {e}", path.display()))?;
+    Ok((patterns, digest))
 }
 
 /// Parses and validates a `cache_lookup` config (empty or `{}` = defaults).

@@ -148,6 +148,9 @@ impl DnsGatewayConfig {
             Arc::new(settings.patterns.clone()),
             settings.require_pinned_maps,
         )?;
+        if let Some(file) = &settings.domains_file {
+            crate::reload::watch(file, &state);
+        }
         state.set_vip6_prefix(settings.vip6_prefix);
         crate::log_fmt!(
             LogLevel::Info,
@@ -292,6 +295,7 @@ impl Shared {
     /// for, the outcome is final.
     fn decide_fast(
         &self,
+        patterns: &crate::matcher::PatternSet,
         message: &[u8],
         udp: bool,
         count: &mut dyn FnMut(DnsCounter),
@@ -301,7 +305,7 @@ impl Shared {
             return None;
         }
         let fast = crate::dns_fast::parse(message)?;
-        let Some(rule) = settings.patterns.best_match(&fast.name) else {
+        let Some(rule) = patterns.best_match(&fast.name) else {
             // What the general path would decide for a plain IN query of
             // no configured name, without parsing it a second time.
             count(DnsCounter::PassedOn);
@@ -376,7 +380,20 @@ impl Shared {
         udp: bool,
         count: &mut dyn FnMut(DnsCounter),
     ) -> Outcome {
-        if let Some(outcome) = self.decide_fast(message, udp, count) {
+        // The gateway's current patterns (a reload swaps them), without a
+        // lock or a shared reference count on the query path.
+        self.state
+            .with_patterns(|patterns| self.decide_with(patterns, message, udp, count))
+    }
+
+    fn decide_with(
+        &self,
+        patterns: &crate::matcher::PatternSet,
+        message: &[u8],
+        udp: bool,
+        count: &mut dyn FnMut(DnsCounter),
+    ) -> Outcome {
+        if let Some(outcome) = self.decide_fast(patterns, message, udp, count) {
             return outcome;
         }
         let settings = &self.settings;
@@ -416,7 +433,7 @@ impl Shared {
         if settings.debug_panic_on_domain.as_deref() == Some(name) {
             panic!("debug_panic_on_domain: query for {name}");
         }
-        let Some(rule) = settings.patterns.best_match(name) else {
+        let Some(rule) = patterns.best_match(name) else {
             count(DnsCounter::PassedOn);
             return Outcome::PassOn;
         };

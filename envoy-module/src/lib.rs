@@ -84,6 +84,7 @@ pub mod fuzzing;
 pub mod matcher;
 pub mod pinned;
 pub mod reflector;
+pub mod reload;
 pub mod state;
 
 use api::{CounterRegistry, Counters, NetworkFilterConfig, UdpListenerFilterConfig};

@@ -60,6 +60,14 @@ thread_local! {
         std::cell::RefCell::new(HashMap::new());
 }
 
+thread_local! {
+    /// Each worker's copy of each gateway's current patterns, with the
+    /// generation it was taken at: the query path reads its own copy and
+    /// refreshes it only after a reload.
+    static THREAD_PATTERNS: std::cell::RefCell<HashMap<u64, (u64, Arc<PatternSet>)>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
 /// Source of [`GatewayState`] ids.
 static NEXT_STATE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -73,6 +81,8 @@ pub struct GatewayState {
     pin_dir: PathBuf,
     allocator: Mutex<VipAllocator>,
     patterns: RwLock<Arc<PatternSet>>,
+    /// Bumped whenever `patterns` is replaced (see [`Self::with_patterns`]).
+    patterns_generation: std::sync::atomic::AtomicU64,
     opener: Arc<dyn MapOpener>,
     /// Identifies this state's handles in [`THREAD_MAPS`].
     id: u64,
@@ -102,6 +112,7 @@ impl GatewayState {
             pin_dir: pin_dir.to_path_buf(),
             allocator: Mutex::new(VipAllocator::new()),
             patterns: RwLock::new(Arc::new(PatternSet::default())),
+            patterns_generation: std::sync::atomic::AtomicU64::new(0),
             opener,
             vip6_prefix: RwLock::new(None),
             id: NEXT_STATE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -148,7 +159,7 @@ impl GatewayState {
                 if allocator.has_store() {
                     // A transient failure must not detach a working store.
                     drop(allocator);
-                    write(&self.patterns, patterns);
+                    self.set_patterns(patterns);
                     return Ok(format!(
                         "cannot reopen the pinned VIP map in {} ({e}); keeping the one already open",
                         pin_dir.display()
@@ -170,7 +181,7 @@ impl GatewayState {
                 pin_dir.display()
             ));
         }
-        write(&self.patterns, patterns);
+        self.set_patterns(patterns);
         let persistent = store.is_some();
         let lookup = if persistent {
             self.opener
@@ -201,6 +212,41 @@ impl GatewayState {
     /// The patterns of this gateway's `dns_gateway` config.
     pub fn patterns(&self) -> Arc<PatternSet> {
         read(&self.patterns)
+    }
+
+    /// Replaces the patterns (a new config, or a reloaded domains file):
+    /// every filter of this gateway uses them from its next query or
+    /// connection on; VIPs are not touched.
+    pub fn set_patterns(&self, patterns: Arc<PatternSet>) {
+        write(&self.patterns, patterns);
+        self.patterns_generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Runs `f` with the current patterns from this thread's copy, taken
+    /// again only when they were replaced since: no lock and no shared
+    /// reference count per query.
+    pub fn with_patterns<R>(&self, f: impl FnOnce(&PatternSet) -> R) -> R {
+        let generation = self
+            .patterns_generation
+            .load(std::sync::atomic::Ordering::Acquire);
+        THREAD_PATTERNS.with(|cell| {
+            // A nested call (never made today) finds the map borrowed and
+            // uses the shared copy instead of panicking.
+            if let Ok(mut copies) = cell.try_borrow_mut() {
+                let fresh = copies.get(&self.id).is_some_and(|(g, _)| *g == generation);
+                if !fresh {
+                    copies.insert(self.id, (generation, self.patterns()));
+                }
+            }
+            match cell.try_borrow() {
+                Ok(copies) => match copies.get(&self.id) {
+                    Some((_, patterns)) => f(patterns),
+                    None => f(&self.patterns()),
+                },
+                Err(_) => f(&self.patterns()),
+            }
+        })
     }
 
     /// The VIP of `domain` in `pool` (see [`VipAllocator::allocate`]).

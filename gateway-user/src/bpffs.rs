@@ -22,7 +22,8 @@ pub fn is_bpffs(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Mounts bpffs at /sys/fs/bpf (mode 0700: only root may create pins)
+/// Mounts bpffs at /sys/fs/bpf (mode 0711: only root may create or list
+/// pins; others may pass through to a pin directory shared with them)
 /// when the pin directory is below it and it is not mounted yet, then
 /// creates the pin directory (0700, owned by this user) or checks that an
 /// existing one is ours. Fails with advice when the directory is elsewhere
@@ -46,12 +47,12 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
                 root,
                 Some("bpf"),
                 MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-                Some("mode=0700"),
+                Some("mode=0711"),
             )
             .with_context(|| {
-                format!("mounting bpffs at {BPFFS_ROOT} (needs CAP_SYS_ADMIN; or mount it yourself: mount -t bpf -o mode=0700 bpf {BPFFS_ROOT})")
+                format!("mounting bpffs at {BPFFS_ROOT} (needs CAP_SYS_ADMIN; or mount it yourself: mount -t bpf -o mode=0711 bpf {BPFFS_ROOT})")
             })?;
-            log::info!("mounted bpffs at {BPFFS_ROOT} (mode 0700)");
+            log::info!("mounted bpffs at {BPFFS_ROOT} (mode 0711)");
         }
     }
     // Check before creating anything, so a wrong path leaves no directory.
@@ -62,14 +63,14 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
     if !is_bpffs(existing) {
         bail!(
             "pin directory {} is not on a bpffs mount; choose a directory under {BPFFS_ROOT} \
-             or mount bpffs there (mount -t bpf -o mode=0700 bpf <dir>)",
+             or mount bpffs there (mount -t bpf -o mode=0711 bpf <dir>)",
             pin_dir.display()
         );
     }
     if let Ok(meta) = fs::metadata(root) {
         if is_bpffs(root) && meta.mode() & 0o002 != 0 {
             log::warn!(
-                "bpffs at {BPFFS_ROOT} is writable by every user (mode {:o}): they cannot touch the                  gateway's pins, but can squat on directory names; remount it with -o mode=0700",
+                "bpffs at {BPFFS_ROOT} is writable by every user (mode {:o}): they cannot touch the                  gateway's pins, but can squat on directory names; remount it with -o mode=0711",
                 meta.mode() & 0o7777
             );
         }
@@ -90,6 +91,34 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<()> {
         }
     }
     check_owned(pin_dir)
+}
+
+/// Lets other users pass through the bpffs directories above `pin_dir`
+/// (search permission only: they can neither list nor create anything
+/// there), so that an unprivileged Envoy can reach the pin directory the
+/// loader shares with its group. A bpffs mounted with `mode=0700` (as
+/// systemd and older set-ups do) gets `o+x` on its root, and only that.
+pub fn allow_traversal(pin_dir: &Path) -> Result<()> {
+    for dir in pin_dir.ancestors().skip(1) {
+        if !is_bpffs(dir) {
+            break;
+        }
+        let meta = fs::metadata(dir).with_context(|| format!("inspecting {}", dir.display()))?;
+        let mode = meta.mode() & 0o7777;
+        if mode & 0o001 == 0 {
+            fs::set_permissions(
+                dir,
+                std::os::unix::fs::PermissionsExt::from_mode(mode | 0o001),
+            )
+            .with_context(|| format!("chmod o+x {}", dir.display()))?;
+            log::info!(
+                "{} had mode {mode:o}: added search permission for others (not read or write) \
+                 so that Envoy's user can reach the pin directory",
+                dir.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Refuses a pin directory (or its parent) that another user owns or may

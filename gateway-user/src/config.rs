@@ -259,6 +259,60 @@ impl Config {
     }
 }
 
+/// The parts of a configuration `gateway reload` applies while running:
+/// the domains and their metadata, the clusters, the fallback resolvers
+/// and the gated cgroups. Everything else shapes listeners, the kernel
+/// configuration or the VIP table, and needs a restart.
+pub const RELOADABLE: [&str; 4] = ["domains", "clusters", "dns.fallback", "gate"];
+
+/// What a reload from `old` to `new` changes (dotted field names), or an
+/// error naming every field that cannot change while the gateway runs.
+pub fn reload_changes(old: &Config, new: &Config) -> Result<Vec<String>> {
+    let old_value = toml::Value::try_from(&old.file).context("comparing configurations")?;
+    let new_value = toml::Value::try_from(&new.file).context("comparing configurations")?;
+    let mut differing = Vec::new();
+    diff_fields("", &old_value, &new_value, &mut differing);
+    // Fallback resolvers taken from /etc/resolv.conf count as the field.
+    if old.fallback != new.fallback && !differing.iter().any(|f| f == "dns.fallback") {
+        differing.push("dns.fallback".to_owned());
+    }
+    let (changes, refused): (Vec<String>, Vec<String>) = differing
+        .into_iter()
+        .partition(|field| RELOADABLE.contains(&field.as_str()));
+    if !refused.is_empty() {
+        bail!(
+            "{} cannot change while the gateway runs (only {} can); restart `gateway run` to apply \
+             them — the VIP table survives the restart",
+            refused.join(", "),
+            RELOADABLE.join(", ")
+        );
+    }
+    Ok(changes)
+}
+
+/// Collects the dotted names of the fields that differ, descending into
+/// tables (a reloadable top-level array is one field).
+fn diff_fields(prefix: &str, old: &toml::Value, new: &toml::Value, out: &mut Vec<String>) {
+    match (old, new) {
+        (toml::Value::Table(a), toml::Value::Table(b)) => {
+            let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+            for key in keys {
+                let name = if prefix.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{prefix}.{key}")
+                };
+                match (a.get(key), b.get(key)) {
+                    (Some(x), Some(y)) => diff_fields(&name, x, y, out),
+                    _ => out.push(name),
+                }
+            }
+        }
+        (a, b) if a != b => out.push(prefix.to_owned()),
+        _ => {}
+    }
+}
+
 /// Reads and validates a configuration file, or the built-in default.
 pub fn load(path: Option<&Path>) -> Result<Config> {
     let (text, origin) = match path {

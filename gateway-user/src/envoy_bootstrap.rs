@@ -21,7 +21,7 @@ use gateway_common::contract::{
 };
 use serde_json::{json, Value};
 
-use crate::config::Config;
+use crate::{config::Config, instance::Instance};
 
 /// Bound on Envoy's downstream connections (DNS is UDP and not counted).
 pub const MAX_DOWNSTREAM_CONNECTIONS: u32 = 50_000;
@@ -150,13 +150,54 @@ fn listener_addresses(
     out
 }
 
-fn dns_listeners(config: &Config) -> Vec<Value> {
+/// The `dns_gateway` configuration as the bootstrap carries it: the
+/// domains inline, or (under `gateway run`) named by file so that a reload
+/// replaces them without touching the listener.
+fn dns_gateway_config_in(config: &Config, files: Option<&Instance>) -> Value {
+    let mut value = dns_gateway_config(config);
+    if let (Some(instance), Some(map)) = (files, value.as_object_mut()) {
+        map.remove("domains");
+        map.insert(
+            "domains_file".to_owned(),
+            json!(instance.domains_file().display().to_string()),
+        );
+    }
+    value
+}
+
+/// The domains file (see [`Instance::domains_file`]): the `domains` array
+/// of the `dns_gateway` configuration, alone.
+pub fn domains_document(config: &Config) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    serde_json::to_string_pretty(&dns_gateway_config(config)["domains"])
+        .context("rendering the domains file")
+}
+
+/// The clusters file (see [`Instance::cds_file`]): every cluster as a CDS
+/// discovery response of version `version`.
+pub fn cds_document(config: &Config, version: u64) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    let resources: Vec<Value> = clusters(config)
+        .into_iter()
+        .map(|mut cluster| {
+            cluster["@type"] = json!("type.googleapis.com/envoy.config.cluster.v3.Cluster");
+            cluster
+        })
+        .collect();
+    serde_json::to_string_pretty(&json!({
+        "version_info": version.to_string(),
+        "resources": resources,
+    }))
+    .context("rendering the clusters file")
+}
+
+fn dns_listeners(config: &Config, files: Option<&Instance>) -> Vec<Value> {
     let mut gateway = dynamic_module(DNS_GATEWAY_FILTER);
     gateway["@type"] =
         json!("type.googleapis.com/envoy.extensions.filters.udp.dynamic_modules.v3.DynamicModuleUdpListenerFilter");
     gateway["filter_config"] = json!({
         "@type": "type.googleapis.com/google.protobuf.Struct",
-        "value": dns_gateway_config(config),
+        "value": dns_gateway_config_in(config, files),
     });
     listener_addresses(config, config.dns_listener)
         .into_iter()
@@ -194,13 +235,13 @@ fn dns_tcp_listener_names(config: &Config) -> Vec<String> {
         .collect()
 }
 
-fn dns_tcp_listeners(config: &Config) -> Vec<Value> {
+fn dns_tcp_listeners(config: &Config, files: Option<&Instance>) -> Vec<Value> {
     let mut gateway = dynamic_module(DNS_GATEWAY_TCP_FILTER);
     gateway["@type"] =
         json!("type.googleapis.com/envoy.extensions.filters.network.dynamic_modules.v3.DynamicModuleNetworkFilter");
     gateway["filter_config"] = json!({
         "@type": "type.googleapis.com/google.protobuf.Struct",
-        "value": dns_gateway_config(config),
+        "value": dns_gateway_config_in(config, files),
     });
     listener_addresses(config, config.dns_tcp_listener)
         .into_iter()
@@ -336,13 +377,13 @@ fn clusters(config: &Config) -> Vec<Value> {
 
 /// Every listener: DNS (UDP), VIP (TCP) and DNS over TCP, the IPv4 ones
 /// first.
-fn listeners(config: &Config) -> Vec<Value> {
-    let mut all: Vec<Value> = dns_listeners(config)
+fn listeners(config: &Config, files: Option<&Instance>) -> Vec<Value> {
+    let mut all: Vec<Value> = dns_listeners(config, files)
         .into_iter()
         .zip(tcp_listeners(config))
         .flat_map(|(dns, tcp)| [dns, tcp])
         .collect();
-    all.extend(dns_tcp_listeners(config));
+    all.extend(dns_tcp_listeners(config, files));
     all
 }
 
@@ -351,8 +392,12 @@ const ADMIN_SOCKET_MODE: u32 = 0o600;
 
 /// The whole bootstrap. The admin interface is a Unix socket at
 /// `admin_socket` (mode 0600): it shows every token and can stop Envoy.
-pub fn bootstrap(config: &Config, admin_socket: &Path) -> Value {
-    json!({
+/// With `files` (under `gateway run`), what `gateway reload` may change
+/// lives in that instance's files instead of inline: the domains in the
+/// domains file the module watches, the clusters in a CDS file Envoy
+/// watches; listeners never change, so no connection is drained.
+pub fn bootstrap(config: &Config, admin_socket: &Path, files: Option<&Instance>) -> Value {
+    let mut bootstrap = json!({
         "node": { "id": "dns-egress-gateway", "cluster": "dns-egress-gateway" },
         "admin": { "address": { "pipe": {
             "path": admin_socket.display().to_string(),
@@ -377,16 +422,32 @@ pub fn bootstrap(config: &Config, admin_socket: &Path) -> Value {
                 .collect::<serde_json::Map<String, Value>>(),
         }]},
         "static_resources": {
-            "listeners": listeners(config),
-            "clusters": clusters(config),
+            "listeners": listeners(config, files),
         },
-    })
+    });
+    match files {
+        None => bootstrap["static_resources"]["clusters"] = json!(clusters(config)),
+        Some(instance) => {
+            bootstrap["dynamic_resources"] = json!({ "cds_config": {
+                "resource_api_version": "V3",
+                "path_config_source": {
+                    "path": instance.cds_file().display().to_string(),
+                    "watched_directory": { "path": instance.cds_dir().display().to_string() },
+                },
+            }});
+        }
+    }
+    bootstrap
 }
 
 /// The bootstrap as text; JSON is valid YAML, so it may be saved as either.
-pub fn render(config: &Config, admin_socket: &Path) -> anyhow::Result<String> {
+pub fn render(
+    config: &Config,
+    admin_socket: &Path,
+    files: Option<&Instance>,
+) -> anyhow::Result<String> {
     use anyhow::Context as _;
-    serde_json::to_string_pretty(&bootstrap(config, admin_socket))
+    serde_json::to_string_pretty(&bootstrap(config, admin_socket, files))
         .context("rendering Envoy's bootstrap")
 }
 
@@ -398,7 +459,7 @@ mod tests {
     #[test]
     fn bootstrap_follows_the_configuration() {
         let config = config::parse(config::DEFAULT_CONFIG).expect("default config");
-        let b = bootstrap(&config, Path::new("/run/gw/admin.sock"));
+        let b = bootstrap(&config, Path::new("/run/gw/admin.sock"), None);
         assert_eq!(b["admin"]["address"]["pipe"]["path"], "/run/gw/admin.sock");
         assert_eq!(b["admin"]["address"]["pipe"]["mode"], 0o600);
         let listeners = &b["static_resources"]["listeners"];
@@ -457,7 +518,7 @@ mod tests {
         for ipv6 in [false, true] {
             let mut config = config::parse(config::DEFAULT_CONFIG).expect("default config");
             config.ipv6 = ipv6;
-            let b = bootstrap(&config, Path::new("/run/gw/admin.sock"));
+            let b = bootstrap(&config, Path::new("/run/gw/admin.sock"), None);
             let listeners = b["static_resources"]["listeners"]
                 .as_array()
                 .expect("listeners")

@@ -93,12 +93,71 @@ impl Instance {
         Ok(())
     }
 
+    /// The domains and their metadata (tokens inside, mode 0600), which
+    /// the module watches and applies again when `gateway reload` replaces
+    /// the file.
+    pub fn domains_file(&self) -> PathBuf {
+        self.dir.join("domains.json")
+    }
+
+    /// The directory Envoy watches for its clusters file (CDS from a
+    /// file): a file renamed into it is applied at once.
+    pub fn cds_dir(&self) -> PathBuf {
+        self.dir.join("cds")
+    }
+
+    /// The clusters (upstream proxies and fallback resolvers) as a CDS
+    /// discovery response.
+    pub fn cds_file(&self) -> PathBuf {
+        self.cds_dir().join("clusters.json")
+    }
+
+    /// Where `gateway run` reports the outcome of each reload (JSON), for
+    /// `gateway reload` to wait on.
+    pub fn reload_result(&self) -> PathBuf {
+        self.dir.join("reload-result.json")
+    }
+
     /// Writes the bootstrap atomically, mode 0600, owned by `owner` (Envoy's
     /// user when it runs as one, so it can read it).
     pub fn write_bootstrap(&self, text: &str, owner: Option<(u32, u32)>) -> Result<()> {
+        write_private(&self.bootstrap(), text, owner)
+    }
+
+    /// Writes the domains file and the clusters file (see
+    /// [`Self::domains_file`], [`Self::cds_file`]), each replaced whole;
+    /// the clusters file is written aside and renamed into the watched
+    /// directory, which is what makes Envoy read it.
+    pub fn write_reloadable(
+        &self,
+        domains: &str,
+        clusters: &str,
+        owner: Option<(u32, u32)>,
+    ) -> Result<()> {
+        let cds_dir = self.cds_dir();
+        match fs::DirBuilder::new().mode(0o700).create(&cds_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e).with_context(|| format!("creating {}", cds_dir.display())),
+        }
+        if let Some((uid, gid)) = owner {
+            chown(&cds_dir, Some(uid), Some(gid))
+                .with_context(|| format!("chown {}", cds_dir.display()))?;
+        }
+        write_private(&self.domains_file(), domains, owner)?;
+        let staged = self.dir.join("clusters.json.staged");
+        write_private(&staged, clusters, owner)?;
+        fs::rename(&staged, self.cds_file())
+            .with_context(|| format!("moving the clusters into {}", self.cds_file().display()))
+    }
+}
+
+/// Writes `text` to `target` atomically (a partial file renamed over it),
+/// mode 0600, owned by `owner` when given.
+fn write_private(target: &Path, text: &str, owner: Option<(u32, u32)>) -> Result<()> {
+    {
         use std::io::Write as _;
         use std::os::unix::fs::OpenOptionsExt as _;
-        let target = self.bootstrap();
         let partial = target.with_extension("partial");
         let _ = fs::remove_file(&partial);
         let mut file = fs::OpenOptions::new()
@@ -113,7 +172,7 @@ impl Instance {
             chown(&partial, Some(uid), Some(gid))
                 .with_context(|| format!("chown {}", partial.display()))?;
         }
-        fs::rename(&partial, &target).with_context(|| format!("writing {}", target.display()))
+        fs::rename(&partial, target).with_context(|| format!("writing {}", target.display()))
     }
 }
 

@@ -19,6 +19,7 @@ pub mod links;
 pub mod loader;
 pub mod privileges;
 pub mod reaper;
+pub mod reload;
 pub mod run;
 pub mod status;
 pub mod supervisor;

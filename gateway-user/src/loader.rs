@@ -438,6 +438,7 @@ impl Discovered {
         );
         pin_dir.ensure_reclaim_lock()?;
         if let Some(gid) = maps_group {
+            bpffs::allow_traversal(pin_dir.path())?;
             pin_dir.share_with_group(gid)?;
         }
         Ok(Prepared {

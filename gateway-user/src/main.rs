@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddrV4, path::PathBuf, process::ExitCode};
 
-use anyhow::{Context as _, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use gateway_common::DEFAULT_PIN_DIR;
 use gateway_user::{
@@ -140,6 +140,21 @@ enum Command {
         fallback: Vec<std::net::SocketAddr>,
         /// Parent of the state directory whose admin socket the bootstrap
         /// names, as for `run`.
+        #[arg(long, default_value = gateway_user::instance::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
+    },
+    /// Apply a changed configuration file to the running `gateway run`
+    /// (as SIGHUP does): domains, metadata, clusters, fallback resolvers
+    /// and the gate list change without dropping connections or changing
+    /// VIPs; anything else is refused with the fields named. Waits for the
+    /// gateway's report and Envoy's confirmation.
+    Reload {
+        /// The configuration `gateway run` was started with (it reads its
+        /// own file again; this one is checked first and names the pin
+        /// directory).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Parent of the state directory, as for `run`.
         #[arg(long, default_value = gateway_user::instance::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
@@ -300,6 +315,16 @@ fn run(command: Command) -> Result<()> {
             cgroup,
             command,
         } => exec::exec(config.as_deref(), cgroup.as_deref(), &command),
+        Command::Reload { config, state_dir } => {
+            let config = gateway_user::config::load(config.as_deref())?;
+            let instance = gateway_user::instance::Instance::new(&state_dir, &config.file.pin_dir);
+            let result = gateway_user::reload::request(&config.file.pin_dir, &instance)?;
+            if !result.ok {
+                bail!("reload refused: {}", result.message);
+            }
+            println!("reload {}: {}", result.generation, result.message);
+            Ok(())
+        }
         Command::Gate(target) => gate_command(&target, true),
         Command::Ungate(target) => gate_command(&target, false),
         Command::EnvoyConfig {
@@ -311,7 +336,7 @@ fn run(command: Command) -> Result<()> {
             let instance = gateway_user::instance::Instance::new(&state_dir, &config.file.pin_dir);
             println!(
                 "{}",
-                envoy_bootstrap::render(&config, &instance.admin_socket())?
+                envoy_bootstrap::render(&config, &instance.admin_socket(), None)?
             );
             Ok(())
         }

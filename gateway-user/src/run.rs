@@ -146,6 +146,8 @@ pub fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
 /// Runs the gateway until SIGINT/SIGTERM.
 pub async fn run(options: RunOptions) -> Result<()> {
     let shutdown = shutdown_signal()?;
+    // Installed first, so that an early SIGHUP never kills the gateway.
+    let hangups = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     let config = effective_config(options.config.as_deref(), &options.fallback)?;
     if !config.ipv6 {
         let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
@@ -190,6 +192,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
         &options,
         &cgroup_path,
         shutdown,
+        hangups,
         &instance,
         EnvoyCommand {
             binary: envoy_binary,
@@ -225,6 +228,7 @@ async fn run_with_cgroup(
     options: &RunOptions,
     cgroup_path: &Path,
     shutdown: impl std::future::Future<Output = ()>,
+    mut hangups: tokio::signal::unix::Signal,
     instance: &Instance,
     envoy: EnvoyCommand,
 ) -> Result<()> {
@@ -255,10 +259,30 @@ async fn run_with_cgroup(
     let reaper = crate::reaper::spawn(config.file.pin_dir.clone());
     let owner = options.envoy_user.as_ref().map(|u| (u.uid, u.gid));
     instance.prepare(owner)?;
+    // What `gateway reload` may change lives in files Envoy and the module
+    // watch; the bootstrap names them.
+    let mut reloader = crate::reload::Reloader {
+        current: config.clone(),
+        path: options.config.as_deref(),
+        fallback: &options.fallback,
+        instance,
+        owner,
+        generation: 1,
+    };
+    reloader.write_files()?;
     instance.write_bootstrap(
-        &envoy_bootstrap::render(config, &instance.admin_socket())?,
+        &envoy_bootstrap::render(config, &instance.admin_socket(), Some(instance))?,
         owner,
     )?;
+    crate::reload::record_start(instance)?;
+    let pins = gateway_common::pinned::PinDir::new(&config.file.pin_dir);
+    let reloads = async {
+        while hangups.recv().await.is_some() {
+            log::info!("SIGHUP received: reading the configuration again");
+            reloader.reload(&pins).await;
+        }
+        std::future::pending::<()>().await
+    };
     log::info!(
         "starting Envoy {} (bootstrap {}, module from {})",
         envoy.binary.display(),
@@ -271,7 +295,7 @@ async fn run_with_cgroup(
     let mut prepared = Some(prepared);
     let mut attached: Option<Attached> = None;
     let mut log_task = None;
-    let supervised = supervisor::supervise(
+    let supervision = supervisor::supervise(
         &envoy,
         || {
             let prepared = prepared.take().context("programs already attached")?;
@@ -295,8 +319,11 @@ async fn run_with_cgroup(
             Ok(())
         },
         shutdown,
-    )
-    .await;
+    );
+    let supervised = tokio::select! {
+        result = supervision => result,
+        () = reloads => Ok(()),
+    };
     for task in log_task.into_iter().chain([reaper]) {
         task.abort();
     }

@@ -27,7 +27,8 @@ def make_handler(name, log_path):
             self.send_response(200)
             self.end_headers()
             self.wfile.flush()
-            self.connection.settimeout(5)
+            # Long enough for a test to hold a tunnel open across a reload.
+            self.connection.settimeout(30)
             try:
                 self.connection.recv(4096)
             except OSError:

@@ -193,8 +193,14 @@ impl SeedScenario {
         if let Some(path) = &config_path {
             cmd.arg("--config").arg(path);
         }
-        // The caller may name its own fallback resolver.
-        if !extra_args.contains(&"--fallback") {
+        // The caller may name its own fallback resolver, on the command
+        // line or in the configuration.
+        let configured_fallback = table
+            .get("dns")
+            .and_then(|d| d.get("fallback"))
+            .and_then(|f| f.as_array())
+            .is_some_and(|f| !f.is_empty());
+        if !extra_args.contains(&"--fallback") && !configured_fallback {
             cmd.args(["--fallback", FALLBACK]);
         }
         cmd.args(["--envoy-log-level", "warn", "--state-dir"])
@@ -301,6 +307,11 @@ impl SeedScenario {
     /// The directory holding the state of `gateway run` (bootstrap, admin).
     pub fn state_dir(&self) -> PathBuf {
         self.work_dir.join("state")
+    }
+
+    /// The configuration file `gateway run` was started with, if any.
+    pub fn config_path(&self) -> Option<&Path> {
+        self.config_path.as_deref()
     }
 
     /// The directory the upstreams log their CONNECTs in.
