@@ -459,6 +459,7 @@ pub fn parse_cache_lookup(bytes: &[u8]) -> Result<CacheLookupSettings, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     const SEED: &str = r#"{"base_ip":"10.10.0.0","prefix_len":24.0,"domains":[
         {"domain":"*.aws.com","metadata":{"cluster":"cluster_1","auth_token":"abc123"}},
@@ -472,6 +473,56 @@ mod tests {
 
     fn error(json: &str) -> String {
         parse_dns_gateway(json.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn domains_come_inline_or_from_one_absolute_file() {
+        let dir = std::env::temp_dir().join(format!("gw-domains-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.json");
+        std::fs::write(
+            &good,
+            r#"[{"domain":"*.a.com","metadata":{"cluster":"c"}}]"#,
+        )
+        .unwrap();
+        let bad = dir.join("bad.json");
+        std::fs::write(&bad, r#"[{"domain":"a b"}]"#).unwrap();
+        let without_domains = |file: Option<&Path>| {
+            let mut v: Value = serde_json::from_str(SEED).unwrap();
+            let map = v.as_object_mut().unwrap();
+            map.remove("domains");
+            if let Some(file) = file {
+                map.insert(
+                    "domains_file".into(),
+                    Value::String(file.display().to_string()),
+                );
+            }
+            v.to_string()
+        };
+        let loaded = parse_dns_gateway(without_domains(Some(&good)).as_bytes()).unwrap();
+        assert_eq!(loaded.patterns.rules().len(), 1);
+        assert_eq!(loaded.domains_file.as_deref(), Some(good.as_path()));
+        let table: &[(String, &str)] = &[
+            (
+                with("domains_file", &format!("{:?}", good.display().to_string())),
+                "not both",
+            ),
+            (without_domains(None), "domains: missing"),
+            (
+                without_domains(Some(Path::new("relative.json"))),
+                "absolute",
+            ),
+            (
+                without_domains(Some(&dir.join("missing.json"))),
+                "cannot read",
+            ),
+            (without_domains(Some(&bad)), "domains[0].domain"),
+        ];
+        for (json, expected) in table {
+            let e = error(json);
+            assert!(e.contains(expected), "{json}: {e}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -169,3 +169,79 @@ fn acknowledge(file: &Path, digest: u64, outcome: &str) {
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state() -> Arc<GatewayState> {
+        Arc::new(GatewayState::new(
+            Path::new("/nonexistent-pins"),
+            Arc::new(crate::pinned::PinnedMaps),
+        ))
+    }
+
+    fn write(path: &Path, text: &str) {
+        let staged = path.with_extension("staged");
+        std::fs::write(&staged, text).unwrap();
+        std::fs::rename(&staged, path).unwrap();
+    }
+
+    #[test]
+    fn a_replaced_file_is_applied_and_a_broken_one_leaves_the_domains_in_force() {
+        let dir = std::env::temp_dir().join(format!("gw-reload-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("domains.json");
+        write(
+            &file,
+            r#"[{"domain":"*.a.com","metadata":{"cluster":"one"}}]"#,
+        );
+        let state = state();
+        let (patterns, _) = crate::config::read_domains_file(&file).unwrap();
+        state.set_patterns(Arc::new(patterns));
+        watch(&file, &state);
+        let ack = || std::fs::read_to_string(ack_path(&file)).unwrap_or_default();
+        assert!(
+            ack().ends_with(" applied\n"),
+            "the initial load is acknowledged: {:?}",
+            ack()
+        );
+        let cluster = |name: &str| {
+            state.with_patterns(|p| {
+                p.best_match(name)
+                    .and_then(|r| r.metadata.get("cluster").cloned())
+            })
+        };
+        assert_eq!(cluster("x.a.com").as_deref(), Some("one"));
+
+        write(
+            &file,
+            r#"[{"domain":"*.a.com","metadata":{"cluster":"two"}},{"domain":"b.org"}]"#,
+        );
+        poll_once();
+        assert_eq!(
+            cluster("x.a.com").as_deref(),
+            Some("two"),
+            "applied from the next query on"
+        );
+        assert!(state.with_patterns(|p| p.best_match("b.org").is_some()));
+        let bytes = std::fs::read(&file).unwrap();
+        let digest = format!("{:016x} applied", gateway_common::pinned::fnv1a(&bytes));
+        assert_eq!(ack().trim(), digest);
+
+        write(&file, r#"[{"domain":"a b"}]"#);
+        poll_once();
+        assert_eq!(
+            cluster("x.a.com").as_deref(),
+            Some("two"),
+            "a broken file changes nothing"
+        );
+        assert!(ack().contains("rejected: domains_file"), "{:?}", ack());
+        poll_once();
+        assert!(
+            ack().contains("rejected"),
+            "an unchanged file is not applied again"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -661,6 +661,63 @@ mod tests {
         DEFAULT_CONFIG.replacen(replace, by, 1)
     }
 
+    #[test]
+    fn reload_changes_name_what_changes_and_refuse_the_rest() {
+        let old = parse(DEFAULT_CONFIG).expect("default config");
+        // (edit of the default, Ok(fields changed) or Err(text in the refusal))
+        let table: &[(&str, &str, Result<&[&str], &str>)] = &[
+            ("abc123", "abc123", Ok(&[])),
+            ("abc123", "rotated", Ok(&["domains"])),
+            (
+                "address = \"127.0.0.1:18002\"",
+                "address = \"127.0.0.1:18003\"",
+                Ok(&["clusters"]),
+            ),
+            (
+                "fallback = []",
+                "fallback = [\"192.0.2.53:53\"]",
+                Ok(&["dns.fallback"]),
+            ),
+            (
+                "# gate = [\"app-1\", \"app-2\"]",
+                "gate = [\"app-1\"]",
+                Ok(&["gate"]),
+            ),
+            (
+                "vip_cidr = \"10.10.0.0/24\"",
+                "vip_cidr = \"10.20.0.0/24\"",
+                Err("dns.vip_cidr cannot change"),
+            ),
+            ("ttl = 300", "ttl = 60", Err("dns.ttl cannot change")),
+            (
+                "tcp = \"127.0.0.1:15001\"",
+                "tcp = \"127.0.0.1:15002\"",
+                Err("listeners.tcp"),
+            ),
+            (
+                "cgroup = \"dns-egress-gateway\"",
+                "cgroup = \"other\"",
+                Err("cgroup cannot change"),
+            ),
+            (
+                "pin_dir = \"/sys/fs/bpf/dns-egress-gateway\"",
+                "pin_dir = \"/sys/fs/bpf/other\"",
+                Err("pin_dir"),
+            ),
+        ];
+        for (replace, by, expected) in table {
+            let new = parse(&with(replace, by)).expect("edited config parses");
+            match (reload_changes(&old, &new), expected) {
+                (Ok(changes), Ok(fields)) => assert_eq!(&changes, fields, "{by}"),
+                (Err(e), Err(text)) => {
+                    let e = format!("{e:#}");
+                    assert!(e.contains(text) && e.contains("restart"), "{by}: {e}");
+                }
+                (got, want) => panic!("{by}: got {got:?}, expected {want:?}"),
+            }
+        }
+    }
+
     fn error_of(text: &str) -> String {
         format!(
             "{:#}",
