@@ -745,6 +745,41 @@ fn record_domain(record: &VipRecord) -> Result<Option<String>> {
         .context("VIP record holds a domain that is not UTF-8")
 }
 
+/// FNV-1a, 64 bits: a stable short digest (of a pin directory's path, of
+/// the eBPF object).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
+        (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// The state directory of the gateway pinned in `pin_dir`, below
+/// `state_dir`: the pin directory's last path component (readable) and a
+/// digest of its whole path (unique, so /a/gw and /b/gw never share a
+/// bootstrap). Written once here for the loader and for the tests, which
+/// find Envoy's admin socket in it.
+pub fn instance_dir(state_dir: &Path, pin_dir: &Path) -> PathBuf {
+    let last: String = pin_dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "gateway".to_owned())
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let digest = fnv1a(pin_dir.as_os_str().as_encoded_bytes());
+    state_dir.join(format!("{last}-{digest:016x}"))
+}
+
+/// Envoy's admin socket in a gateway's state directory (see
+/// [`instance_dir`]).
+pub const ADMIN_SOCKET_NAME: &str = "admin.sock";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -788,38 +823,3 @@ mod tests {
         );
     }
 }
-
-/// FNV-1a, 64 bits: a stable short digest (of a pin directory's path, of
-/// the eBPF object).
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, b| {
-        (hash ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
-/// The state directory of the gateway pinned in `pin_dir`, below
-/// `state_dir`: the pin directory's last path component (readable) and a
-/// digest of its whole path (unique, so /a/gw and /b/gw never share a
-/// bootstrap). Written once here for the loader and for the tests, which
-/// find Envoy's admin socket in it.
-pub fn instance_dir(state_dir: &Path, pin_dir: &Path) -> PathBuf {
-    let last: String = pin_dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "gateway".to_owned())
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let digest = fnv1a(pin_dir.as_os_str().as_encoded_bytes());
-    state_dir.join(format!("{last}-{digest:016x}"))
-}
-
-/// Envoy's admin socket in a gateway's state directory (see
-/// [`instance_dir`]).
-pub const ADMIN_SOCKET_NAME: &str = "admin.sock";

@@ -55,8 +55,11 @@ pub fn add_process(cgroup: &Path, pid: u32) -> Result<()> {
 /// `/sys/fs/cgroup/unified` on hybrid systems).
 pub fn cgroup2_mount() -> Result<PathBuf> {
     let mounts = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
+    // The last one listed: in a container, the host's hierarchy mounted
+    // over the container's own is the one in effect.
     mounts
         .lines()
+        .rev()
         .find_map(|line| {
             let mut fields = line.split_whitespace();
             let (_, dir, fstype) = (fields.next()?, fields.next()?, fields.next()?);
@@ -79,8 +82,19 @@ pub fn ensure_exists(path: &Path) -> Result<bool> {
     if path.is_dir() {
         return Ok(false);
     }
-    fs::create_dir(path).with_context(|| format!("creating cgroup {}", path.display()))?;
-    Ok(true)
+    match fs::create_dir(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => Err(e).with_context(|| {
+            format!(
+                "creating cgroup {}: the parent is not writable here (a container has no \
+                 CAP_DAC_OVERRIDE, and cgroup roots are often mode 0555): create it on the \
+                 host first (mkdir {})",
+                path.display(),
+                path.display()
+            )
+        }),
+        Err(e) => Err(e).with_context(|| format!("creating cgroup {}", path.display())),
+    }
 }
 
 /// The cgroup v2 path of process `pid`, relative to the hierarchy root

@@ -665,7 +665,8 @@ mod tests {
     fn reload_changes_name_what_changes_and_refuse_the_rest() {
         let old = parse(DEFAULT_CONFIG).expect("default config");
         // (edit of the default, Ok(fields changed) or Err(text in the refusal))
-        let table: &[(&str, &str, Result<&[&str], &str>)] = &[
+        type Expected = Result<&'static [&'static str], &'static str>;
+        let table: &[(&str, &str, Expected)] = &[
             ("abc123", "abc123", Ok(&[])),
             ("abc123", "rotated", Ok(&["domains"])),
             (

@@ -401,7 +401,7 @@ pub fn bootstrap(config: &Config, admin_socket: &Path, files: Option<&Instance>)
         "node": { "id": "dns-egress-gateway", "cluster": "dns-egress-gateway" },
         "admin": { "address": { "pipe": {
             "path": admin_socket.display().to_string(),
-            "mode": ADMIN_SOCKET_MODE,
+            "mode": files.map_or(ADMIN_SOCKET_MODE, |i| i.sharing().admin_socket_mode()),
         }}},
         "overload_manager": { "resource_monitors": [{
             "name": "envoy.resource_monitors.global_downstream_max_connections",

@@ -562,6 +562,18 @@ impl Attached {
         self.ebpf.as_mut()
     }
 
+    /// Last state, for an upgrade: leaves every program attached by its
+    /// pinned link, as a crash would, for the next loader to adopt without
+    /// a moment ungated.
+    pub fn leave_attached(self) {
+        log::info!(
+            "left the programs attached to {} (pinned links in {}): the next gateway adopts them; \
+             `gateway reset` detaches them",
+            self.cgroup.display(),
+            self.pin_dir.path().display()
+        );
+    }
+
     /// Last state: detaches every program (removes the link pins) and marks
     /// the pins as no longer owned. The maps stay pinned (the VIP table
     /// must survive restarts); `gateway reset` removes them.

@@ -107,9 +107,20 @@ enum Command {
         /// bpffs directory the maps are pinned in.
         #[arg(long, default_value = DEFAULT_PIN_DIR, value_parser = parse_pin_dir)]
         pin_dir: PathBuf,
+        /// Take the pin directory from this configuration instead.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        /// For health probes: exit 0 only when a live gateway has the
+        /// programs attached and its Envoy (admin socket in --state-dir)
+        /// is ready; print one line saying why not.
+        #[arg(long, conflicts_with = "json")]
+        check: bool,
+        /// Parent of the state directory (for --check), as for `run`.
+        #[arg(long, default_value = gateway_user::instance::DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Run the whole gateway from one configuration file: attach the eBPF
     /// programs, start and supervise Envoy with the module, and stop both
@@ -143,6 +154,11 @@ enum Command {
         #[arg(long, default_value = gateway_user::instance::DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
+    /// Run Envoy for a `gateway run --external-envoy`: in Envoy's own
+    /// container, as Envoy's user (no capability), wait for the bootstrap
+    /// that gateway writes into the shared state directory, then become
+    /// Envoy.
+    EnvoyExec(gateway_user::run::EnvoyExecOptions),
     /// Apply a changed configuration file to the running `gateway run`
     /// (as SIGHUP does): domains, metadata, clusters, fallback resolvers
     /// and the gate list change without dropping connections or changing
@@ -176,6 +192,34 @@ enum Command {
         #[arg(long, default_value = DEFAULT_PIN_DIR, value_parser = parse_pin_dir)]
         pin_dir: PathBuf,
     },
+}
+
+/// `gateway status --check`: the programs attached by a live gateway and
+/// its Envoy ready, or an error saying which is missing.
+fn health_check(pin_dir: &std::path::Path, state_dir: &std::path::Path) -> Result<()> {
+    let status = status::read(pin_dir)?;
+    let alive = status.loader.as_ref().is_some_and(|l| l.alive);
+    if !status.attached || !alive {
+        bail!(
+            "not healthy: programs attached: {}, gateway running: {alive} (pin directory {})",
+            status.attached,
+            pin_dir.display()
+        );
+    }
+    let admin = gateway_user::instance::Instance::new(state_dir, pin_dir).admin_socket();
+    let ready = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(gateway_user::supervisor::admin_get(&admin, "/ready"));
+    match ready {
+        Ok(body) if body.lines().any(|l| l.trim() == "LIVE") => {
+            println!("healthy: programs attached, Envoy ready");
+            Ok(())
+        }
+        Ok(body) => bail!("not healthy: Envoy is not ready ({})", body.trim()),
+        Err(e) => bail!("not healthy: Envoy does not answer: {e:#}"),
+    }
 }
 
 /// The cgroups of `gateway gate` / `ungate` and whose gateway they go to.
@@ -294,7 +338,20 @@ fn run(command: Command) -> Result<()> {
                 .context("starting the async runtime")?
                 .block_on(attach_foreground(request))
         }
-        Command::Status { pin_dir, json } => {
+        Command::Status {
+            pin_dir,
+            config,
+            json,
+            check,
+            state_dir,
+        } => {
+            let pin_dir = match config {
+                Some(path) => gateway_user::config::load(Some(&path))?.file.pin_dir,
+                None => pin_dir,
+            };
+            if check {
+                return health_check(&pin_dir, &state_dir);
+            }
             let status = status::read(&pin_dir)?;
             if json {
                 println!("{}", status::to_json(&status)?);
@@ -315,6 +372,7 @@ fn run(command: Command) -> Result<()> {
             cgroup,
             command,
         } => exec::exec(config.as_deref(), cgroup.as_deref(), &command),
+        Command::EnvoyExec(options) => gateway_user::run::envoy_exec(&options),
         Command::Reload { config, state_dir } => {
             let config = gateway_user::config::load(config.as_deref())?;
             let instance = gateway_user::instance::Instance::new(&state_dir, &config.file.pin_dir);

@@ -52,8 +52,6 @@ pub struct Reloader<'a> {
     pub fallback: &'a [std::net::SocketAddr],
     /// The gateway's state directory.
     pub instance: &'a Instance,
-    /// Owner of Envoy's files (its user), if not root.
-    pub owner: Option<(u32, u32)>,
     /// Version of the clusters file in force.
     pub generation: u64,
 }
@@ -65,7 +63,6 @@ impl Reloader<'_> {
         self.instance.write_reloadable(
             &envoy_bootstrap::domains_document(&self.current)?,
             &envoy_bootstrap::cds_document(&self.current, self.generation)?,
-            self.owner,
         )
     }
 
@@ -124,14 +121,14 @@ impl Reloader<'_> {
         }
         let domains = envoy_bootstrap::domains_document(&new)?;
         let clusters = envoy_bootstrap::cds_document(&new, generation)?;
-        self.instance
-            .write_reloadable(&domains, &clusters, self.owner)?;
+        self.instance.write_reloadable(&domains, &clusters)?;
         crate::gate::sync_configured(pin_dir, &gated)?;
         // A restarted Envoy starts from the bootstrap: keep it in step.
-        self.instance.write_bootstrap(
-            &envoy_bootstrap::render(&new, &self.instance.admin_socket(), Some(self.instance))?,
-            self.owner,
-        )?;
+        self.instance.write_bootstrap(&envoy_bootstrap::render(
+            &new,
+            &self.instance.admin_socket(),
+            Some(self.instance),
+        )?)?;
         self.current = new;
         let what = changes.join(", ");
         match confirm(self.instance, fnv1a(domains.as_bytes()), generation).await {

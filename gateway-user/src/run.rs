@@ -53,6 +53,120 @@ pub struct RunOptions {
     /// must be its own (see README, "Security model").
     #[arg(long, value_parser = parse_user)]
     pub envoy_user: Option<RunAs>,
+    /// Do not start Envoy: another container (or unit) runs it with
+    /// `gateway envoy-exec` as --envoy-user, on the bootstrap this gateway
+    /// writes into the shared state directory. The gateway waits for it,
+    /// attaches, applies reloads and reports its health, but never starts,
+    /// restarts or stops it. Files are shared through --envoy-user's group,
+    /// of which this process must be a member, so the gateway needs no
+    /// capability besides CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN.
+    #[arg(long, requires = "envoy_user")]
+    pub external_envoy: bool,
+    /// On SIGINT/SIGTERM leave the programs attached (as a crash would), so
+    /// that the next `gateway run` adopts them without a moment ungated:
+    /// for upgrades and orchestrators that replace the gateway.
+    #[arg(long)]
+    pub keep_attached: bool,
+}
+
+/// Options of `gateway envoy-exec`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EnvoyExecOptions {
+    /// The gateway's configuration (for its pin directory, which names
+    /// the state directory); the built-in default when absent.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Parent of the state directory, as given to `gateway run`.
+    #[arg(long, default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Envoy binary (default: $ENVOY_BIN, .tools/bin/envoy, PATH).
+    #[arg(long)]
+    pub envoy: Option<PathBuf>,
+    /// Directory holding libconnectivity_envoy_module.so (default:
+    /// $ENVOY_DYNAMIC_MODULES_SEARCH_PATH, then next to this binary).
+    #[arg(long)]
+    pub module_dir: Option<PathBuf>,
+    /// Envoy's log level.
+    #[arg(long, default_value = "warn", value_parser = ["trace", "debug", "info", "warn", "error", "critical", "off"])]
+    pub envoy_log_level: String,
+    /// Envoy worker threads (1 to 128).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=i64::from(gateway_common::contract::MAX_CONCURRENCY)))]
+    pub concurrency: u32,
+}
+
+/// `gateway envoy-exec`: in Envoy's own container, as Envoy's user, waits
+/// for the bootstrap a `gateway run --external-envoy` writes into the
+/// shared state directory, then replaces this process with Envoy (so the
+/// container lives and dies with it). Returns only on failure.
+pub fn envoy_exec(options: &EnvoyExecOptions) -> Result<()> {
+    use std::os::unix::process::CommandExt as _;
+    let config = config::load(options.config.as_deref())?;
+    let instance = Instance::new(&options.state_dir, &config.file.pin_dir);
+    if nix::unistd::geteuid().is_root() {
+        log::warn!(
+            "envoy-exec runs Envoy as root: run it as the gateway's --envoy-user instead \
+             (a container of its own with that user)"
+        );
+    }
+    let envoy = EnvoyCommand {
+        binary: find_envoy(options.envoy.as_deref())?,
+        bootstrap: instance.bootstrap(),
+        module_dir: find_module_dir(options.module_dir.as_deref())?,
+        admin: instance.admin_socket(),
+        log_level: options.envoy_log_level.clone(),
+        concurrency: options.concurrency,
+        run_as: None,
+    };
+    let mut notice = std::time::Instant::now();
+    while std::fs::File::open(&envoy.bootstrap).is_err() {
+        if notice.elapsed() > std::time::Duration::from_secs(15) {
+            log::info!(
+                "waiting for {} (written by `gateway run --external-envoy` with the same \
+                 --config and --state-dir, readable by this user's group)",
+                envoy.bootstrap.display()
+            );
+            notice = std::time::Instant::now();
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    // A socket file left by a previous Envoy would make this one fail.
+    let _ = std::fs::remove_file(&envoy.admin);
+    let err = std::process::Command::new(&envoy.binary)
+        .args(envoy.args())
+        .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", &envoy.module_dir)
+        .exec();
+    Err(err).with_context(|| format!("executing {}", envoy.binary.display()))
+}
+
+/// How the state directory is shared with Envoy under `options`.
+pub fn sharing(options: &RunOptions) -> Result<crate::instance::Sharing> {
+    use crate::instance::Sharing;
+    Ok(match (&options.envoy_user, options.external_envoy) {
+        (None, _) => Sharing::Private,
+        (Some(user), false) => Sharing::EnvoyUser {
+            uid: user.uid,
+            gid: user.gid,
+        },
+        (Some(user), true) => {
+            let gid = nix::unistd::Gid::from_raw(user.gid);
+            let member = nix::unistd::getegid() == gid
+                || nix::unistd::getgroups()
+                    .context("reading this process's groups")?
+                    .contains(&gid);
+            if !member {
+                bail!(
+                    "with --external-envoy the gateway shares its files with Envoy's group {} \
+                     and must be a member of it (podman run --group-add {}, Kubernetes \
+                     securityContext.supplementalGroups: [{}]); it then needs no CAP_CHOWN or \
+                     CAP_DAC_OVERRIDE",
+                    user.gid,
+                    user.gid,
+                    user.gid
+                );
+            }
+            Sharing::EnvoyGroup { gid: user.gid }
+        }
+    })
 }
 
 /// The configuration with command-line overrides applied, validated as a
@@ -167,8 +281,16 @@ pub async fn run(options: RunOptions) -> Result<()> {
     if let Some(user) = &options.envoy_user {
         crate::addr::check_dedicated_user_here(user)?;
     }
-    let envoy_binary = find_envoy(options.envoy.as_deref())?;
-    let module_dir = find_module_dir(options.module_dir.as_deref())?;
+    let sharing = sharing(&options)?;
+    // Envoy's own files are needed only where the gateway starts it.
+    let (envoy_binary, module_dir) = if options.external_envoy {
+        (PathBuf::from("envoy"), PathBuf::new())
+    } else {
+        (
+            find_envoy(options.envoy.as_deref())?,
+            find_module_dir(options.module_dir.as_deref())?,
+        )
+    };
     let cgroup_path = config.attach_cgroup()?;
     let gated = config.gated_cgroups()?;
     for path in &gated {
@@ -178,7 +300,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
     // One state directory per pin directory, so gateways never share a
     // bootstrap or an admin socket; written only once this gateway holds
     // its pin directory's lock (see run_with_cgroup).
-    let instance = Instance::new(&options.state_dir, &config.file.pin_dir);
+    let instance = Instance::new(&options.state_dir, &config.file.pin_dir).with_sharing(sharing);
 
     let created_cgroup = cgroup::ensure_exists(&cgroup_path)?;
     let mut created_gated = Vec::new();
@@ -205,6 +327,10 @@ pub async fn run(options: RunOptions) -> Result<()> {
         },
     )
     .await;
+    if options.keep_attached {
+        // The gate stays in place: so do its cgroups.
+        return result;
+    }
     for path in created_gated.iter().rev() {
         if let Ok(false) | Err(_) = cgroup::remove_if_empty(path) {
             log::warn!("gated cgroup {} left in place (not empty)", path.display());
@@ -257,8 +383,7 @@ async fn run_with_cgroup(
         log::warn!("cannot sweep closed original destinations: {err:#}");
     }
     let reaper = crate::reaper::spawn(config.file.pin_dir.clone());
-    let owner = options.envoy_user.as_ref().map(|u| (u.uid, u.gid));
-    instance.prepare(owner)?;
+    instance.prepare()?;
     // What `gateway reload` may change lives in files Envoy and the module
     // watch; the bootstrap names them.
     let mut reloader = crate::reload::Reloader {
@@ -266,14 +391,14 @@ async fn run_with_cgroup(
         path: options.config.as_deref(),
         fallback: &options.fallback,
         instance,
-        owner,
         generation: 1,
     };
     reloader.write_files()?;
-    instance.write_bootstrap(
-        &envoy_bootstrap::render(config, &instance.admin_socket(), Some(instance))?,
-        owner,
-    )?;
+    instance.write_bootstrap(&envoy_bootstrap::render(
+        config,
+        &instance.admin_socket(),
+        Some(instance),
+    )?)?;
     crate::reload::record_start(instance)?;
     let pins = gateway_common::pinned::PinDir::new(&config.file.pin_dir);
     let reloads = async {
@@ -283,12 +408,23 @@ async fn run_with_cgroup(
         }
         std::future::pending::<()>().await
     };
-    log::info!(
-        "starting Envoy {} (bootstrap {}, module from {})",
-        envoy.binary.display(),
-        envoy.bootstrap.display(),
-        envoy.module_dir.display()
-    );
+    if options.external_envoy {
+        log::info!(
+            "bootstrap written to {}; waiting for the external Envoy (`gateway envoy-exec`, as {})",
+            envoy.bootstrap.display(),
+            options
+                .envoy_user
+                .as_ref()
+                .map_or("Envoy's user", |u| u.name.as_str())
+        );
+    } else {
+        log::info!(
+            "starting Envoy {} (bootstrap {}, module from {})",
+            envoy.binary.display(),
+            envoy.bootstrap.display(),
+            envoy.module_dir.display()
+        );
+    }
     // 3. Attach once Envoy listens (new programs; adopted ones are attached
     //    already, and while Envoy starts the DNS outage policy applies).
     // 4. Supervise until a stop signal.
@@ -297,6 +433,7 @@ async fn run_with_cgroup(
     let mut log_task = None;
     let supervision = supervisor::supervise(
         &envoy,
+        options.external_envoy,
         || {
             let prepared = prepared.take().context("programs already attached")?;
             let adopted = prepared.adopted();
@@ -331,6 +468,10 @@ async fn run_with_cgroup(
     //    attaching leaves whatever a previous gateway had attached: failing
     //    to start must not open the gate.
     let stopped = match attached {
+        Some(a) if options.keep_attached => {
+            a.leave_attached();
+            Ok(())
+        }
         Some(a) => a.stop(),
         None => {
             if prepared.is_some_and(|p| p.adopted()) {

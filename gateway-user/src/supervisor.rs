@@ -52,6 +52,21 @@ pub struct EnvoyCommand {
 }
 
 impl EnvoyCommand {
+    /// Envoy's command-line arguments (after the binary).
+    pub fn args(&self) -> Vec<std::ffi::OsString> {
+        vec![
+            "-c".into(),
+            self.bootstrap.clone().into(),
+            "-l".into(),
+            self.log_level.clone().into(),
+            "--concurrency".into(),
+            self.concurrency.to_string().into(),
+            // No shared-memory hot restart: the gateway restarts Envoy
+            // itself, and several gateways may run on one host.
+            "--disable-hot-restart".into(),
+        ]
+    }
+
     fn spawn(&self) -> Result<Child> {
         let mut command = Command::new(&self.binary);
         if let Some(user) = &self.run_as {
@@ -62,13 +77,7 @@ impl EnvoyCommand {
         // listeners (and a new gateway would find its ports taken).
         crate::sys::die_with_parent(&mut command);
         let mut child = command
-            .arg("-c")
-            .arg(&self.bootstrap)
-            .args(["-l", &self.log_level])
-            .args(["--concurrency", &self.concurrency.to_string()])
-            // No shared-memory hot restart: the gateway restarts Envoy
-            // itself, and several gateways may run on one host.
-            .arg("--disable-hot-restart")
+            .args(self.args())
             .env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", &self.module_dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -243,6 +252,66 @@ async fn stop(child: &mut Child) -> Result<Option<ExitStatus>> {
     }
 }
 
+/// How often the gateway says it is still waiting for an external Envoy.
+const EXTERNAL_WAIT_NOTICE: Duration = Duration::from_secs(15);
+
+/// For an Envoy someone else runs (`gateway run --external-envoy`): waits
+/// until it answers on the admin socket, calls `on_ready` once, then
+/// reports its health until `shutdown`. It never starts, restarts or
+/// stops it; when it is down the kernel's outage policy applies until its
+/// orchestrator brings it back.
+async fn watch_external(
+    admin: &Path,
+    on_ready: impl FnOnce() -> Result<()>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<()> {
+    tokio::pin!(shutdown);
+    let mut notice = Instant::now();
+    loop {
+        let live = matches!(admin_get(admin, "/ready").await, Ok(body) if body.lines().any(|l| l.trim() == "LIVE"));
+        if live {
+            break;
+        }
+        if notice.elapsed() > EXTERNAL_WAIT_NOTICE {
+            log::info!(
+                "waiting for Envoy on {} (start it with `gateway envoy-exec` as Envoy's user, with the same --config and --state-dir)",
+                admin.display()
+            );
+            notice = Instant::now();
+        }
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            () = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    log::info!("Envoy (external) is ready");
+    on_ready()?;
+    let mut health = tokio::time::interval(HEALTH_INTERVAL);
+    health.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return Ok(()),
+            _ = health.tick() => {}
+        }
+        match healthy(admin).await {
+            Ok(()) if failing => {
+                log::info!("Envoy (external) serves again");
+                failing = false;
+            }
+            Ok(()) => {}
+            Err(err) if !failing => {
+                log::error!(
+                    "Envoy (external) is not serving: {err:#}; its orchestrator must restart it \
+                     (meanwhile DNS follows dns.outage and VIP connects are refused)"
+                );
+                failing = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// Starts Envoy, waits until it is ready, then calls `on_ready` once and
 /// keeps Envoy running until `shutdown` completes. A first start that
 /// fails is an error (bad bootstrap, missing module, admin address taken);
@@ -250,9 +319,13 @@ async fn stop(child: &mut Child) -> Result<Option<ExitStatus>> {
 /// retried with exponential backoff. `shutdown` is honoured at every step.
 pub async fn supervise(
     envoy: &EnvoyCommand,
+    external: bool,
     on_ready: impl FnOnce() -> Result<()>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
+    if external {
+        return watch_external(&envoy.admin, on_ready, shutdown).await;
+    }
     tokio::pin!(shutdown);
     reap_leftover(&envoy.admin).await?;
     // A socket file nobody answers on was left by a killed Envoy.

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod envoy;
+pub mod podman;
 pub mod scenario;
 
 use std::{

