@@ -178,3 +178,223 @@ pub fn paths_by_id(attach: &Path, ids: &BTreeSet<u64>) -> std::collections::BTre
     }
     found
 }
+
+/// One pod of a Kubernetes PodList, as `gateway gate-pods` needs it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    /// `namespace/name`, for messages.
+    pub name: String,
+    /// `metadata.uid`, which names its cgroup.
+    pub uid: String,
+    /// `spec.hostNetwork`: only such pods share the gateway's network
+    /// namespace, where the kernel programs redirect.
+    pub host_network: bool,
+}
+
+/// Reads the pods of a PodList (`GET /api/v1/pods?...`) that are not
+/// finished. Anything else than a PodList is an error, so that a failed
+/// API call never reads as "no pods" (which would ungate them all).
+pub fn parse_pod_list(text: &str) -> Result<Vec<Pod>> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).context("the pod list is not JSON")?;
+    if value["kind"] != "PodList" {
+        bail!(
+            "expected a Kubernetes PodList, got kind {}; nothing changed",
+            value["kind"]
+        );
+    }
+    let items = value["items"]
+        .as_array()
+        .context("the PodList has no items array; nothing changed")?;
+    let mut pods = Vec::new();
+    for item in items {
+        let phase = item["status"]["phase"].as_str().unwrap_or_default();
+        if phase == "Succeeded" || phase == "Failed" {
+            continue;
+        }
+        let uid = item["metadata"]["uid"]
+            .as_str()
+            .filter(|u| !u.is_empty() && u.chars().all(|c| c.is_ascii_hexdigit() || c == '-'))
+            .with_context(|| format!("a pod without a valid metadata.uid: {}", item["metadata"]))?;
+        pods.push(Pod {
+            name: format!(
+                "{}/{}",
+                item["metadata"]["namespace"].as_str().unwrap_or("?"),
+                item["metadata"]["name"].as_str().unwrap_or("?")
+            ),
+            uid: uid.to_owned(),
+            host_network: item["spec"]["hostNetwork"] == true,
+        });
+    }
+    Ok(pods)
+}
+
+/// Whether a cgroup directory name is the one of the pod with `uid`, as
+/// the kubelet names them: `pod<uid>` (cgroupfs driver) or
+/// `kubepods-<qos>-pod<uid with _ for ->.slice` (systemd driver).
+pub fn is_pod_cgroup(dir_name: &str, uid: &str) -> bool {
+    let dashed = format!("pod{uid}");
+    let underscored = format!("pod{}", uid.replace('-', "_"));
+    dir_name == dashed || dir_name.ends_with(&format!("-{underscored}.slice"))
+}
+
+/// The cgroup of each pod below `kubepods_root` (at most three levels
+/// down: QoS class, then the pod), by uid.
+pub fn find_pod_cgroups(
+    kubepods_root: &Path,
+    pods: &[Pod],
+) -> std::collections::BTreeMap<String, PathBuf> {
+    let mut found = std::collections::BTreeMap::new();
+    let mut stack = vec![(kubepods_root.to_path_buf(), 0u32)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = entry.file_name().to_string_lossy().into_owned();
+            match pods.iter().find(|p| is_pod_cgroup(&name, &p.uid)) {
+                Some(pod) => {
+                    found.insert(pod.uid.clone(), entry.path());
+                }
+                None if depth < 2 => stack.push((entry.path(), depth + 1)),
+                None => {}
+            }
+        }
+    }
+    found
+}
+
+/// What one `gateway gate-pods` round did.
+#[derive(Debug, Default, Serialize)]
+pub struct PodSync {
+    /// Pods gated now (new and already gated).
+    pub gated: usize,
+    /// Of those, gated by this round.
+    pub newly_gated: usize,
+    /// Pod cgroups ungated because their pod is no longer listed.
+    pub ungated: usize,
+    /// Pods whose cgroup does not exist (yet): gated by a later round.
+    pub not_found: Vec<String>,
+    /// Pods with their own network namespace: gated, but the kernel
+    /// leaves them alone (the gateway serves its own namespace).
+    pub own_network: Vec<String>,
+}
+
+/// Makes the set of [`GateOrigin::Pod`] entries the cgroups of `pods`:
+/// listed pods found below `kubepods_root` are gated, pods gated before
+/// and no longer listed are ungated. Entries of other origins are left
+/// alone.
+pub fn sync_pods(pin_dir: &PinDir, kubepods_root: &Path, pods: &[Pod]) -> Result<PodSync> {
+    let attach = attach_cgroup(pin_dir)?;
+    let root = fs::canonicalize(kubepods_root)
+        .with_context(|| format!("--kubepods-root {}", kubepods_root.display()))?;
+    let cgroups = find_pod_cgroups(&root, pods);
+    let mut table = pin_dir.gated()?;
+    let mut sync = PodSync::default();
+    let mut wanted = BTreeSet::new();
+    for pod in pods {
+        let Some(path) = cgroups.get(&pod.uid) else {
+            sync.not_found.push(pod.name.clone());
+            continue;
+        };
+        let cgroup = identify(&attach, path)?;
+        wanted.insert(cgroup.id);
+        if !pod.host_network {
+            sync.own_network.push(pod.name.clone());
+        }
+        match table.get(cgroup.id)? {
+            Some(entry) if entry.origin != GateOrigin::Pod as u32 => {}
+            existing => {
+                if existing.is_none() {
+                    sync.newly_gated += 1;
+                }
+                table.gate(cgroup.id, cgroup.level, GateOrigin::Pod)?;
+            }
+        }
+        sync.gated += 1;
+    }
+    for (id, entry) in table.entries()? {
+        if entry.origin == GateOrigin::Pod as u32 && !wanted.contains(&id) && table.ungate(id)? {
+            sync.ungated += 1;
+        }
+    }
+    Ok(sync)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_cgroups_are_recognised_in_both_kubelet_layouts() {
+        let uid = "0f1e2d3c-4b5a-6978-8695-a4b3c2d1e0f9";
+        let table: &[(&str, bool)] = &[
+            ("pod0f1e2d3c-4b5a-6978-8695-a4b3c2d1e0f9", true),
+            (
+                "kubepods-besteffort-pod0f1e2d3c_4b5a_6978_8695_a4b3c2d1e0f9.slice",
+                true,
+            ),
+            (
+                "kubepods-burstable-pod0f1e2d3c_4b5a_6978_8695_a4b3c2d1e0f9.slice",
+                true,
+            ),
+            (
+                "kubepods-pod0f1e2d3c_4b5a_6978_8695_a4b3c2d1e0f9.slice",
+                true,
+            ),
+            ("pod0f1e2d3c-4b5a-6978-8695-a4b3c2d1e0f8", false),
+            (
+                "kubepods-besteffort-pod0f1e2d3c_4b5a_6978_8695_a4b3c2d1e0f9.slice.bak",
+                false,
+            ),
+            ("cri-containerd-0f1e2d3c.scope", false),
+            ("besteffort", false),
+        ];
+        for (name, expected) in table {
+            assert_eq!(is_pod_cgroup(name, uid), *expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn only_a_pod_list_is_read_and_finished_pods_are_skipped() {
+        let list = r#"{"kind":"PodList","items":[
+            {"metadata":{"namespace":"a","name":"web","uid":"11-22"},"spec":{"hostNetwork":true},"status":{"phase":"Running"}},
+            {"metadata":{"namespace":"a","name":"job","uid":"33-44"},"spec":{},"status":{"phase":"Succeeded"}},
+            {"metadata":{"namespace":"b","name":"db","uid":"55-66"},"spec":{},"status":{"phase":"Pending"}}]}"#;
+        let pods = parse_pod_list(list).expect("a pod list");
+        assert_eq!(
+            pods,
+            vec![
+                Pod {
+                    name: "a/web".into(),
+                    uid: "11-22".into(),
+                    host_network: true
+                },
+                Pod {
+                    name: "b/db".into(),
+                    uid: "55-66".into(),
+                    host_network: false
+                },
+            ]
+        );
+        let refused: &[(&str, &str)] = &[
+            ("", "not JSON"),
+            (
+                r#"{"kind":"Status","status":"Failure","code":403}"#,
+                "expected a Kubernetes PodList",
+            ),
+            (r#"{"kind":"PodList"}"#, "no items"),
+            (
+                r#"{"kind":"PodList","items":[{"metadata":{"uid":"../x"}}]}"#,
+                "valid metadata.uid",
+            ),
+        ];
+        for (text, expected) in refused {
+            let e = format!("{:#}", parse_pod_list(text).expect_err("refused"));
+            assert!(e.contains(expected), "{text}: {e}");
+        }
+    }
+}

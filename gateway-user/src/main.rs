@@ -183,6 +183,27 @@ enum Command {
     /// for cgroups that no longer exist). Their open connections go on;
     /// new ones are no longer redirected.
     Ungate(GateTarget),
+    /// Kubernetes: gate exactly the pods of a PodList (the API's answer to
+    /// GET /api/v1/pods?labelSelector=…&fieldSelector=spec.nodeName=…),
+    /// found by uid under the kubelet's cgroups, and ungate the pods it
+    /// gated before that are no longer listed. Anything but a PodList
+    /// changes nothing. Run it in a loop next to the gateway.
+    GatePods {
+        /// The PodList JSON: a file, or `-` for standard input.
+        #[arg(long)]
+        pod_list: PathBuf,
+        /// The kubelet's pod cgroups, at or below the gateway's attach
+        /// cgroup, e.g. /sys/fs/cgroup/kubepods.slice (systemd driver) or
+        /// /sys/fs/cgroup/kubepods (cgroupfs driver).
+        #[arg(long)]
+        kubepods_root: PathBuf,
+        /// The gateway's configuration (for its pin directory).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// bpffs directory of the gateway's maps (instead of --config).
+        #[arg(long, value_parser = parse_pin_dir, conflicts_with = "config")]
+        pin_dir: Option<PathBuf>,
+    },
     /// Print the built-in default configuration, a starting point for your own.
     DefaultConfig,
     /// Remove the pinned maps (including the VIP table) left after a
@@ -381,6 +402,48 @@ fn run(command: Command) -> Result<()> {
                 bail!("reload refused: {}", result.message);
             }
             println!("reload {}: {}", result.generation, result.message);
+            Ok(())
+        }
+        Command::GatePods {
+            pod_list,
+            kubepods_root,
+            config,
+            pin_dir,
+        } => {
+            let pin_dir = match pin_dir {
+                Some(dir) => dir,
+                None => gateway_user::config::load(config.as_deref())?.file.pin_dir,
+            };
+            let text = if pod_list.as_os_str() == "-" {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                    .context("reading the pod list from standard input")?;
+                text
+            } else {
+                std::fs::read_to_string(&pod_list)
+                    .with_context(|| format!("reading {}", pod_list.display()))?
+            };
+            let pods = gateway_user::gate::parse_pod_list(&text)?;
+            let sync = gateway_user::gate::sync_pods(
+                &gateway_common::pinned::PinDir::new(&pin_dir),
+                &kubepods_root,
+                &pods,
+            )?;
+            println!(
+                "{} pods gated ({} new), {} ungated, not found yet: [{}]",
+                sync.gated,
+                sync.newly_gated,
+                sync.ungated,
+                sync.not_found.join(", ")
+            );
+            if !sync.own_network.is_empty() {
+                log::warn!(
+                    "pods with their own network namespace are gated but not served (the kernel \
+                     redirects only in the gateway's namespace; counted as foreign_netns_passed): \
+                     [{}]; give them hostNetwork: true",
+                    sync.own_network.join(", ")
+                );
+            }
             Ok(())
         }
         Command::Gate(target) => gate_command(&target, true),

@@ -232,3 +232,116 @@ fn cgroups_are_gated_and_ungated_at_run_time_and_siblings_stay_untouched() -> Re
     drop((app_a, app_b));
     Ok(())
 }
+
+/// `gateway gate-pods` with a PodList, as a Kubernetes pod-sync loop runs
+/// it: the kubelet's cgroups (both driver layouts) are made here below a
+/// test cgroup that stands for kubepods.slice.
+#[test]
+fn pods_of_a_pod_list_are_gated_by_uid_and_ungated_when_no_longer_listed() -> Result<()> {
+    if !prerequisites_met(&[]) {
+        return Ok(());
+    }
+    enter_private_netns()?;
+    let kubepods = TestCgroup::new()?;
+    let idle = kubepods.child("idle")?;
+    let qos = kubepods.child("kubepods-besteffort.slice")?;
+    let uid_a = "0f1e2d3c-4b5a-6978-8695-a4b3c2d1e0f9";
+    let pod_a = qos.child(&format!(
+        "kubepods-besteffort-pod{}.slice",
+        uid_a.replace('-', "_")
+    ))?;
+    let container_a = pod_a.child("cri-containerd-aaaa.scope")?;
+    let uid_b = "11111111-2222-3333-4444-555555555555";
+    let cgroupfs_qos = kubepods.child("burstable")?;
+    let pod_b = cgroupfs_qos.child(&format!("pod{uid_b}"))?;
+    let pod_c = cgroupfs_qos.child("pod99999999-2222-3333-4444-555555555555")?;
+    let answerer = Answerer::start()?;
+    let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(unique_name("gw-test"));
+    let loader = Loader::attach_with_args(
+        &kubepods,
+        &[VIP_CIDR],
+        DNS_TO.parse()?,
+        TCP_TO.parse()?,
+        &pin_dir,
+        &["--gate", "idle"],
+    )?;
+    let pod = |name: &str, uid: &str| {
+        format!(
+            r#"{{"metadata":{{"namespace":"default","name":"{name}","uid":"{uid}"}},"spec":{{"hostNetwork":true}},"status":{{"phase":"Running"}}}}"#
+        )
+    };
+    let sync = |items: &[String]| -> Result<(bool, String)> {
+        let file = std::env::temp_dir().join(unique_name("gw-pods"));
+        std::fs::write(
+            &file,
+            format!(r#"{{"kind":"PodList","items":[{}]}}"#, items.join(",")),
+        )?;
+        let result = gateway(&[
+            "gate-pods",
+            "--pin-dir",
+            &pin(&loader),
+            "--kubepods-root",
+            &kubepods.path().display().to_string(),
+            "--pod-list",
+            &file.display().to_string(),
+        ]);
+        let _ = std::fs::remove_file(&file);
+        result
+    };
+
+    assert!(!redirected(&container_a, &answerer)?, "nothing gated yet");
+    let (ok, text) = sync(&[pod("a", uid_a), pod("b", uid_b), pod("late", "abcdef")])?;
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("2 pods gated (2 new)") && text.contains("default/late"),
+        "{text}"
+    );
+    assert!(
+        redirected(&container_a, &answerer)?,
+        "pod a (systemd layout), in its container"
+    );
+    assert!(redirected(&pod_b, &answerer)?, "pod b (cgroupfs layout)");
+    assert!(
+        !redirected(&pod_c, &answerer)?,
+        "an unlisted pod stays untouched"
+    );
+
+    // Pod a is gone from the list: ungated; b stays.
+    let (ok, text) = sync(&[pod("b", uid_b)])?;
+    assert!(ok && text.contains("1 ungated"), "{text}");
+    assert!(!redirected(&container_a, &answerer)?);
+    assert!(redirected(&pod_b, &answerer)?);
+
+    // A failed API answer is not an empty list: nothing changes.
+    let file = std::env::temp_dir().join(unique_name("gw-pods"));
+    std::fs::write(&file, r#"{"kind":"Status","status":"Failure","code":403}"#)?;
+    let (ok, text) = gateway(&[
+        "gate-pods",
+        "--pin-dir",
+        &pin(&loader),
+        "--kubepods-root",
+        &kubepods.path().display().to_string(),
+        "--pod-list",
+        &file.display().to_string(),
+    ])?;
+    let _ = std::fs::remove_file(&file);
+    assert!(
+        !ok && text.contains("expected a Kubernetes PodList"),
+        "{text}"
+    );
+    assert!(
+        redirected(&pod_b, &answerer)?,
+        "still gated after a failed list"
+    );
+    assert!(
+        redirected(&idle, &answerer)?,
+        "the configured gate is not a pod's"
+    );
+
+    drop(loader);
+    tests::reset_pins(&pin_dir);
+    drop((container_a, pod_c));
+    drop((pod_a, pod_b));
+    drop((qos, cgroupfs_qos, idle));
+    Ok(())
+}
