@@ -77,6 +77,11 @@ pub struct Listeners {
     /// when the host has IPv6 loopback.
     #[serde(default)]
     pub ipv6: Option<bool>,
+    /// Optional Prometheus endpoint: an Envoy listener at this address
+    /// that serves only `GET /stats/prometheus` (from the admin socket;
+    /// nothing else of the admin interface), for scrapers on the network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<String>,
 }
 
 impl Default for Listeners {
@@ -86,6 +91,7 @@ impl Default for Listeners {
             tcp: "127.0.0.1:15001".into(),
             admin: None,
             ipv6: None,
+            metrics: None,
         }
     }
 }
@@ -240,6 +246,8 @@ pub struct Config {
     pub fallback: Vec<SocketAddr>,
     /// Cluster addresses by name.
     pub clusters: BTreeMap<String, SocketAddrV4>,
+    /// The Prometheus listener, if any.
+    pub metrics_listener: Option<SocketAddrV4>,
 }
 
 impl Config {
@@ -423,6 +431,22 @@ pub fn validate(file: GatewayFile) -> Result<Config> {
             );
         }
     }
+    let metrics_listener = match &file.listeners.metrics {
+        None => None,
+        Some(text) => {
+            let addr = field("listeners.metrics", parse_socket_addr(text))?;
+            let taken = [dns_listener, tcp_listener].iter().any(|l| {
+                l.port() == addr.port() && (l.ip() == addr.ip() || addr.ip().is_unspecified())
+            });
+            if taken {
+                bail!("listeners.metrics: {addr} collides with the DNS or TCP listener");
+            }
+            if vip_cidr.contains(*addr.ip()) {
+                bail!("listeners.metrics: {addr} lies inside dns.vip_cidr {vip_cidr}");
+            }
+            Some(addr)
+        }
+    };
     let fallback = if file.dns.fallback.is_empty() {
         system_resolvers()?
     } else {
@@ -580,6 +604,7 @@ pub fn validate(file: GatewayFile) -> Result<Config> {
         vip6_prefix,
         fallback,
         clusters,
+        metrics_listener,
     };
     module_accepts(&config)?;
     Ok(config)

@@ -387,6 +387,60 @@ fn listeners(config: &Config, files: Option<&Instance>) -> Vec<Value> {
     all
 }
 
+/// Name of the cluster that reaches Envoy's own admin socket, for the
+/// metrics listener.
+const ADMIN_CLUSTER: &str = "gateway_admin";
+
+/// The metrics listener: `GET /stats/prometheus` is proxied to the admin
+/// socket, every other request gets 404, so nothing else of the admin
+/// interface (config dump with tokens, quit, drain) is reachable.
+fn metrics_listener(addr: std::net::SocketAddrV4) -> Value {
+    json!({
+        "name": "metrics",
+        "address": socket_address(addr, false),
+        "filter_chains": [{ "filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "metrics",
+                "route_config": { "virtual_hosts": [{
+                    "name": "metrics",
+                    "domains": ["*"],
+                    "routes": [
+                        {
+                            "match": { "path": "/stats/prometheus", "headers": [{ "name": ":method", "string_match": { "exact": "GET" } }] },
+                            "route": { "cluster": ADMIN_CLUSTER },
+                        },
+                        {
+                            "match": { "prefix": "/" },
+                            "direct_response": { "status": 404, "body": { "inline_string": "only GET /stats/prometheus is served here\n" } },
+                        },
+                    ],
+                }]},
+                "http_filters": [{
+                    "name": "envoy.filters.http.router",
+                    "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" },
+                }],
+            },
+        }]}],
+    })
+}
+
+/// The cluster of the admin socket (see [`metrics_listener`]).
+fn admin_cluster(admin_socket: &Path) -> Value {
+    json!({
+        "name": ADMIN_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": ADMIN_CLUSTER,
+            "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {
+                "pipe": { "path": admin_socket.display().to_string() },
+            }}}]}],
+        },
+    })
+}
+
 /// Mode of the admin socket: root (and Envoy's own user) only.
 const ADMIN_SOCKET_MODE: u32 = 0o600;
 
@@ -425,8 +479,17 @@ pub fn bootstrap(config: &Config, admin_socket: &Path, files: Option<&Instance>)
             "listeners": listeners(config, files),
         },
     });
+    let mut static_clusters = Vec::new();
+    if let Some(addr) = config.metrics_listener {
+        if let Some(listeners) = bootstrap["static_resources"]["listeners"].as_array_mut() {
+            listeners.push(metrics_listener(addr));
+        }
+        static_clusters.push(admin_cluster(admin_socket));
+    }
     match files {
-        None => bootstrap["static_resources"]["clusters"] = json!(clusters(config)),
+        None => {
+            static_clusters.extend(clusters(config));
+        }
         Some(instance) => {
             bootstrap["dynamic_resources"] = json!({ "cds_config": {
                 "resource_api_version": "V3",
@@ -436,6 +499,9 @@ pub fn bootstrap(config: &Config, admin_socket: &Path, files: Option<&Instance>)
                 },
             }});
         }
+    }
+    if !static_clusters.is_empty() {
+        bootstrap["static_resources"]["clusters"] = json!(static_clusters);
     }
     bootstrap
 }

@@ -584,3 +584,64 @@ fn an_envoy_left_on_the_admin_socket_is_taken_over() -> Result<()> {
     assert_eq!(dig(&scenario, "one.s3.aws.com")?, "10.10.0.1");
     Ok(())
 }
+
+/// `listeners.metrics`: Prometheus text from Envoy's stats, and nothing
+/// else of the admin interface (no config dump with the tokens, no quit).
+#[test]
+fn the_metrics_listener_serves_prometheus_stats_and_nothing_else() -> Result<()> {
+    let config = test_config()?.replacen(
+        "tcp = \"127.0.0.1:15001\"",
+        "tcp = \"127.0.0.1:15001\"\nmetrics = \"127.0.0.1:15090\"",
+        1,
+    );
+    let Some(scenario) = start_isolated(config, &[], &TOOLS)? else {
+        return Ok(());
+    };
+    assert_eq!(dig(&scenario, "one.s3.aws.com")?, "10.10.0.1");
+    let get = |method: &str, path: &str| -> Result<(String, String)> {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "-o",
+                "-",
+                "-w",
+                "\n%{http_code}",
+                "-X",
+                method,
+            ])
+            .arg(format!("http://127.0.0.1:15090{path}"))
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or((&text, ""));
+        Ok((code.to_owned(), body.to_owned()))
+    };
+    let (code, body) = get("GET", "/stats/prometheus")?;
+    assert_eq!(code, "200", "{body}");
+    assert!(
+        body.contains("# TYPE envoy_"),
+        "Prometheus text: {}",
+        &body[..body.len().min(300)]
+    );
+    assert!(
+        body.lines()
+            .any(|l| l.contains("dns_gateway") && l.contains("answered")),
+        "the module's counters are among them"
+    );
+    for (method, path) in [
+        ("GET", "/config_dump"),
+        ("POST", "/quitquitquit"),
+        ("POST", "/stats/prometheus"),
+        ("GET", "/stats"),
+    ] {
+        let (code, body) = get(method, path)?;
+        assert_eq!(code, "404", "{method} {path}: {body}");
+        assert!(!body.contains("abc123"), "no token leaks through {path}");
+    }
+    assert!(
+        scenario.envoy_pid().is_some(),
+        "Envoy still runs after POST /quitquitquit"
+    );
+    Ok(())
+}
