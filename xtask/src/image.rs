@@ -66,12 +66,13 @@ pub fn image(args: &ImageArgs) -> Result<()> {
     setup::envoy()?;
     let profile = if args.debug { "debug" } else { "release" };
     if !args.no_build {
-        // The whole workspace, as `cargo xtask test` builds it, so that a
-        // debug image after the tests reuses their artifacts as they are.
+        // Release: only what the image holds. Debug: the whole workspace,
+        // as `cargo xtask test` builds it, so its artifacts are reused.
         let mut build = cargo();
-        build.args(["build", "--workspace"]);
-        if !args.debug {
-            build.arg("--release");
+        if args.debug {
+            build.args(["build", "--workspace"]);
+        } else {
+            build.args(["build", "--release", "-p", "gateway-user", "-p", "envoy-module"]);
         }
         run(&mut build)?;
     }

@@ -37,9 +37,22 @@ pub fn test(args: &TestArgs) -> Result<()> {
             "warnings",
         ]))?;
     }
+    // The container test runs the image: build it from this tree (release
+    // binaries, as shipped; the base is made once and cached).
+    crate::image::image(&crate::image::ImageArgs {
+        debug: false,
+        tag: crate::image::IMAGE.to_owned(),
+        no_build: false,
+        refresh_base: false,
+    })?;
     run(cargo()
         .args(["test", "--workspace", "--no-fail-fast", "--"])
         .args(&args.test_args))?;
+    // The Kubernetes manifests, offline: a pinned schema checker from PyPI,
+    // the deployment's own rules, and the ConfigMap's configuration
+    // through the gateway just built.
+    run(std::process::Command::new("bash")
+        .arg(crate::util::repo_root().join("deploy/validate.sh")))?;
     if args.test_args.is_empty() {
         // A smoke run of every fuzz target: the targets still build, and
         // a shallow crash is caught.
