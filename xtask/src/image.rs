@@ -72,7 +72,14 @@ pub fn image(args: &ImageArgs) -> Result<()> {
         if args.debug {
             build.args(["build", "--workspace"]);
         } else {
-            build.args(["build", "--release", "-p", "gateway-user", "-p", "envoy-module"]);
+            build.args([
+                "build",
+                "--release",
+                "-p",
+                "gateway-user",
+                "-p",
+                "envoy-module",
+            ]);
         }
         run(&mut build)?;
     }

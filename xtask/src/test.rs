@@ -51,8 +51,9 @@ pub fn test(args: &TestArgs) -> Result<()> {
     // The Kubernetes manifests, offline: a pinned schema checker from PyPI,
     // the deployment's own rules, and the ConfigMap's configuration
     // through the gateway just built.
-    run(std::process::Command::new("bash")
-        .arg(crate::util::repo_root().join("deploy/validate.sh")))?;
+    run(
+        std::process::Command::new("bash").arg(crate::util::repo_root().join("deploy/validate.sh"))
+    )?;
     if args.test_args.is_empty() {
         // A smoke run of every fuzz target: the targets still build, and
         // a shallow crash is caught.

@@ -28,6 +28,7 @@
 mod capture;
 mod dns;
 mod env;
+mod gate;
 mod lookup;
 pub mod net;
 mod report;
@@ -57,16 +58,19 @@ pub enum Suite {
     Lookup,
     /// VIP table size.
     Vips,
+    /// Gating a new cgroup: gate table vs an attachment of its own.
+    Gate,
 }
 
 impl Suite {
     /// Every comparison, in the order they run.
-    pub const ALL: [Suite; 5] = [
+    pub const ALL: [Suite; 6] = [
         Suite::Capture,
         Suite::Scale,
         Suite::Dns,
         Suite::Lookup,
         Suite::Vips,
+        Suite::Gate,
     ];
 }
 
@@ -74,7 +78,7 @@ impl Suite {
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
     /// Comparisons to run, comma-separated.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Suite::Capture, Suite::Scale, Suite::Dns, Suite::Lookup, Suite::Vips])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = Suite::ALL)]
     pub suites: Vec<Suite>,
     /// Rounds; each runs every mode of a comparison once.
     #[arg(long, default_value_t = 5)]
@@ -178,6 +182,7 @@ pub fn bench(args: &BenchArgs) -> Result<()> {
             Suite::Dns => dns::run(&plan, &env)?,
             Suite::Lookup => lookup::run(&plan, &env)?,
             Suite::Vips => vips::run(&plan, &env)?,
+            Suite::Gate => gate::run(&plan, &env)?,
         };
         eprintln!(
             "bench: {suite:?} took {:.1} s",
