@@ -215,6 +215,17 @@ enum Command {
     },
 }
 
+/// Writes a document to standard output; a reader that went away (`|
+/// head`) ends the output quietly instead of failing.
+fn emit(text: &str) -> Result<()> {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("writing to standard output"),
+    }
+}
+
 /// `gateway status --check`: the programs attached by a live gateway and
 /// its Envoy ready, or an error saying which is missing.
 fn health_check(pin_dir: &std::path::Path, state_dir: &std::path::Path) -> Result<()> {
@@ -375,11 +386,10 @@ fn run(command: Command) -> Result<()> {
             }
             let status = status::read(&pin_dir)?;
             if json {
-                println!("{}", status::to_json(&status)?);
+                emit(&(status::to_json(&status)? + "\n"))
             } else {
-                print!("{}", status::render(&status));
+                emit(&status::render(&status))
             }
-            Ok(())
         }
         Command::Reset { pin_dir } => reset(&pin_dir),
         Command::Run(options) => tokio::runtime::Builder::new_multi_thread()
@@ -455,16 +465,9 @@ fn run(command: Command) -> Result<()> {
         } => {
             let config = run::effective_config(config.as_deref(), &fallback)?;
             let instance = gateway_user::instance::Instance::new(&state_dir, &config.file.pin_dir);
-            println!(
-                "{}",
-                envoy_bootstrap::render(&config, &instance.admin_socket(), None)?
-            );
-            Ok(())
+            emit(&(envoy_bootstrap::render(&config, &instance.admin_socket(), None)? + "\n"))
         }
-        Command::DefaultConfig => {
-            print!("{}", config::DEFAULT_CONFIG);
-            Ok(())
-        }
+        Command::DefaultConfig => emit(config::DEFAULT_CONFIG),
     }
 }
 

@@ -645,3 +645,23 @@ fn the_metrics_listener_serves_prometheus_stats_and_nothing_else() -> Result<()>
     );
     Ok(())
 }
+
+/// `gateway envoy-config | head`: a reader that went away ends the output
+/// quietly, never with a panic. The pipe's read end is closed before the
+/// command starts, so its first write fails with EPIPE.
+#[test]
+fn printing_into_a_closed_pipe_is_not_a_panic() -> Result<()> {
+    for args in [&["envoy-config"][..], &["default-config"][..]] {
+        let (read_end, write_end) = nix::unistd::pipe()?;
+        drop(read_end);
+        let out = Command::new(gateway_bin())
+            .args(args)
+            .stdout(std::process::Stdio::from(write_end))
+            .stderr(std::process::Stdio::piped())
+            .output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(out.status.success(), "{args:?}: {stderr}");
+    }
+    Ok(())
+}
