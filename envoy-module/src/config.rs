@@ -57,6 +57,12 @@ pub struct DnsGatewaySettings {
     /// `domains` array, watched and applied again whenever it is replaced
     /// (`gateway reload`), see [`crate::reload`].
     pub domains_file: Option<PathBuf>,
+    /// Where each applied domains file is acknowledged (default: the
+    /// file's path + `.applied`); under `gateway run`, in Envoy's own
+    /// directory, the only one it may write.
+    pub domains_ack: Option<PathBuf>,
+    /// The version of the domains file read at load (what was applied).
+    pub domains_version: Option<crate::reload::FileVersion>,
 }
 
 /// What `cache_lookup` does with a connection whose VIP it cannot resolve.
@@ -251,6 +257,7 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
             "vip_ipv6_prefix",
             "on_exhausted",
             "domains_file",
+            "domains_ack",
         ],
     )?;
     let base_ip = map.get("base_ip").ok_or("base_ip: missing")?;
@@ -276,23 +283,25 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
     };
     let pool =
         Pool::new(base_ip, prefix_len, max_entries as u32).map_err(|e| format!("base_ip: {e}"))?;
-    let (patterns, domains_file) = match (map.get("domains"), map.get("domains_file")) {
-        (Some(inline), None) => (domains(inline)?, None),
-        (None, Some(file)) => {
-            let file = PathBuf::from(string(file, "domains_file")?);
-            if !file.is_absolute() {
-                return Err(format!(
-                    "domains_file: {} must be an absolute path",
-                    file.display()
-                ));
+    let (patterns, domains_file, domains_version) =
+        match (map.get("domains"), map.get("domains_file")) {
+            (Some(inline), None) => (domains(inline)?, None, None),
+            (None, Some(file)) => {
+                let file = PathBuf::from(string(file, "domains_file")?);
+                if !file.is_absolute() {
+                    return Err(format!(
+                        "domains_file: {} must be an absolute path",
+                        file.display()
+                    ));
+                }
+                let (patterns, version) = read_domains_file(&file)?;
+                (patterns, Some(file), Some(version))
             }
-            (read_domains_file(&file)?.0, Some(file))
-        }
-        (Some(_), Some(_)) => {
-            return Err("domains, domains_file: give one of them, not both".to_owned())
-        }
-        (None, None) => return Err("domains: missing (or give domains_file)".to_owned()),
-    };
+            (Some(_), Some(_)) => {
+                return Err("domains, domains_file: give one of them, not both".to_owned())
+            }
+            (None, None) => return Err("domains: missing (or give domains_file)".to_owned()),
+        };
     let ttl = match map.get("ttl") {
         Some(value) => integer(value, "ttl", 0, u64::from(MAX_TTL_SECS))? as u32,
         None => DEFAULT_TTL,
@@ -352,6 +361,19 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
             }
         },
     };
+    let domains_ack = match map.get("domains_ack") {
+        None => None,
+        Some(value) => {
+            let ack = PathBuf::from(string(value, "domains_ack")?);
+            if !ack.is_absolute() || domains_file.is_none() {
+                return Err(format!(
+                    "domains_ack: {} must be an absolute path, and goes with domains_file",
+                    ack.display()
+                ));
+            }
+            Some(ack)
+        }
+    };
     Ok(DnsGatewaySettings {
         pool,
         patterns,
@@ -362,20 +384,47 @@ pub fn parse_dns_gateway(bytes: &[u8]) -> Result<DnsGatewaySettings, String> {
         vip6_prefix,
         pass_on_exhausted,
         domains_file,
+        domains_ack,
+        domains_version,
     })
 }
 
 /// Reads a domains file: the JSON `domains` array of a `dns_gateway`
-/// config, alone. Returns the patterns and the digest of the bytes read
-/// (what `gateway reload` waits to see acknowledged).
-pub fn read_domains_file(path: &std::path::Path) -> Result<(PatternSet, u64), String> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| format!("domains_file: cannot read {}: {e}", path.display()))?;
-    let digest = gateway_common::pinned::fnv1a(&bytes);
-    let value: Value = serde_json::from_slice(&bytes)
-        .map_err(|e| format!("domains_file: {} is not JSON: {e}", path.display()))?;
-    let patterns = domains(&value).map_err(|e| format!("domains_file {}: {e}", path.display()))?;
-    Ok((patterns, digest))
+/// config, alone. Returns the patterns and the version read (inode, time,
+/// size and the digest of the very bytes parsed: what `gateway reload`
+/// waits to see acknowledged).
+pub fn read_domains_file(
+    path: &std::path::Path,
+) -> Result<(PatternSet, crate::reload::FileVersion), String> {
+    read_domains_file_versioned(path).map_err(|(e, _)| e)
+}
+
+/// A failed read of a domains file: why, and the version read if any.
+pub type DomainsFileError = (String, Option<crate::reload::FileVersion>);
+
+/// [`read_domains_file`], with the version read kept on error.
+pub fn read_domains_file_versioned(
+    path: &std::path::Path,
+) -> Result<(PatternSet, crate::reload::FileVersion), DomainsFileError> {
+    let (bytes, version) = crate::reload::read_versioned(path).map_err(|e| {
+        (
+            format!("domains_file: cannot read {}: {e}", path.display()),
+            None,
+        )
+    })?;
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        (
+            format!("domains_file: {} is not JSON: {e}", path.display()),
+            Some(version),
+        )
+    })?;
+    let patterns = domains(&value).map_err(|e| {
+        (
+            format!("domains_file {}: {e}", path.display()),
+            Some(version),
+        )
+    })?;
+    Ok((patterns, version))
 }
 
 /// Parses and validates a `cache_lookup` config (empty or `{}` = defaults).

@@ -148,8 +148,12 @@ impl DnsGatewayConfig {
             Arc::new(settings.patterns.clone()),
             settings.require_pinned_maps,
         )?;
-        if let Some(file) = &settings.domains_file {
-            crate::reload::watch(file, &state);
+        if let (Some(file), Some(version)) = (&settings.domains_file, settings.domains_version) {
+            let ack = settings
+                .domains_ack
+                .clone()
+                .unwrap_or_else(|| crate::reload::ack_path(file));
+            crate::reload::watch(file, &ack, version, &state);
         }
         state.set_vip6_prefix(settings.vip6_prefix);
         crate::log_fmt!(

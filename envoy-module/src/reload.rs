@@ -6,8 +6,9 @@
 //! no listener is drained, no established connection is touched, no VIP
 //! changes.
 //!
-//! Each application is acknowledged in `<file>.applied`: the digest of the
-//! bytes applied and what happened, which `gateway reload` waits for.
+//! Each application is acknowledged (in the config's `domains_ack`, else
+//! `<file>.applied`): the digest of the bytes applied and what happened,
+//! which `gateway reload` waits for.
 
 use std::{
     os::unix::fs::MetadataExt as _,
@@ -24,25 +25,54 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Suffix of the acknowledgement file written next to a domains file.
 pub const ACK_SUFFIX: &str = ".applied";
 
-/// What identifies one version of a file: replaced files get a new inode.
+/// One version of a file: a replaced file has a new inode; the digest is
+/// of the bytes actually read.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stamp {
+pub struct FileVersion {
     inode: u64,
     modified_ns: i128,
     size: u64,
+    /// FNV-1a of the bytes read.
+    pub digest: u64,
 }
+
+/// (inode, modification time, size) of a path, without reading it.
+type Stamp = (u64, i128, u64);
 
 fn stamp(path: &Path) -> Option<Stamp> {
     let meta = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        inode: meta.ino(),
-        modified_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
-        size: meta.size(),
-    })
+    Some(stamp_of(&meta))
+}
+
+fn stamp_of(meta: &std::fs::Metadata) -> Stamp {
+    (
+        meta.ino(),
+        i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        meta.size(),
+    )
+}
+
+/// Reads a file once, with the version of exactly what was read (the
+/// metadata of the opened file, the digest of its bytes).
+pub fn read_versioned(path: &Path) -> std::io::Result<(Vec<u8>, FileVersion)> {
+    use std::io::Read as _;
+    let mut file = std::fs::File::open(path)?;
+    let meta = file.metadata()?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    file.read_to_end(&mut bytes)?;
+    let (inode, modified_ns, size) = stamp_of(&meta);
+    let version = FileVersion {
+        inode,
+        modified_ns,
+        size,
+        digest: gateway_common::pinned::fnv1a(&bytes),
+    };
+    Ok((bytes, version))
 }
 
 struct Watched {
     path: PathBuf,
+    ack: PathBuf,
     state: Weak<GatewayState>,
     seen: Option<Stamp>,
 }
@@ -57,17 +87,19 @@ fn watched() -> std::sync::MutexGuard<'static, Vec<Watched>> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Where the acknowledgement of `file` is written.
+/// Where the acknowledgement of `file` goes unless the config names a
+/// place (`domains_ack`).
 pub fn ack_path(file: &Path) -> PathBuf {
     let mut name = file.as_os_str().to_owned();
     name.push(ACK_SUFFIX);
     PathBuf::from(name)
 }
 
-/// Watches `file` for `state` (the config just loaded it). Idempotent per
-/// (file, gateway); the watcher thread starts with the first call.
-pub fn watch(file: &Path, state: &Arc<GatewayState>) {
-    let current = stamp(file);
+/// Watches `file` for `state`, which a config just loaded at `version`
+/// (acknowledged now, into `ack`). Idempotent per (file, gateway); the
+/// watcher thread starts with the first call.
+pub fn watch(file: &Path, ack: &Path, version: FileVersion, state: &Arc<GatewayState>) {
+    let seen = Some((version.inode, version.modified_ns, version.size));
     {
         let mut list = watched();
         list.retain(|w| w.state.strong_count() > 0);
@@ -75,18 +107,19 @@ pub fn watch(file: &Path, state: &Arc<GatewayState>) {
             .iter_mut()
             .find(|w| w.path == file && w.state.as_ptr() == Arc::as_ptr(state))
         {
-            Some(existing) => existing.seen = current,
+            Some(existing) => {
+                existing.seen = seen;
+                existing.ack = ack.to_path_buf();
+            }
             None => list.push(Watched {
                 path: file.to_path_buf(),
+                ack: ack.to_path_buf(),
                 state: Arc::downgrade(state),
-                seen: current,
+                seen,
             }),
         }
     }
-    // The config's own load counts as applied.
-    if let Ok(bytes) = std::fs::read(file) {
-        acknowledge(file, gateway_common::pinned::fnv1a(&bytes), "applied");
-    }
+    acknowledge(ack, version.digest, "applied");
     WATCHER.call_once(|| {
         let spawned = std::thread::Builder::new()
             .name("gw-domains-watch".to_owned())
@@ -110,26 +143,35 @@ pub fn poll_once() {
     {
         let mut list = watched();
         list.retain(|w| w.state.strong_count() > 0);
-        for w in list.iter_mut() {
+        for w in list.iter() {
             let now = stamp(&w.path);
             if now.is_some() && now != w.seen {
-                w.seen = now;
                 if let Some(state) = w.state.upgrade() {
-                    due.push((w.path.clone(), state));
+                    due.push((w.path.clone(), w.ack.clone(), state));
                 }
             }
         }
     }
-    for (path, state) in due {
-        apply(&path, &state);
+    for (path, ack, state) in due {
+        let applied = apply(&path, &ack, &state);
+        let mut list = watched();
+        if let Some(w) = list
+            .iter_mut()
+            .find(|w| w.path == path && w.state.as_ptr() == Arc::as_ptr(&state))
+        {
+            // What was read, not what is there now: a file replaced again
+            // meanwhile is seen as new at the next pass.
+            w.seen = applied.map(|v| (v.inode, v.modified_ns, v.size)).or(w.seen);
+        }
     }
 }
 
 /// Reads `file` and makes its domains the gateway's; a file that does not
-/// parse leaves the previous domains in force, loudly.
-pub fn apply(file: &Path, state: &GatewayState) {
-    match crate::config::read_domains_file(file) {
-        Ok((patterns, digest)) => {
+/// parse leaves the previous domains in force, loudly. Returns the version
+/// read.
+pub fn apply(file: &Path, ack: &Path, state: &GatewayState) -> Option<FileVersion> {
+    match crate::config::read_domains_file_versioned(file) {
+        Ok((patterns, version)) => {
             let count = patterns.rules().len();
             state.set_patterns(Arc::new(patterns));
             crate::log_fmt!(
@@ -137,30 +179,31 @@ pub fn apply(file: &Path, state: &GatewayState) {
                 "dns_gateway: reloaded {count} domain patterns from {}",
                 file.display()
             );
-            acknowledge(file, digest, "applied");
+            acknowledge(ack, version.digest, "applied");
+            Some(version)
         }
-        Err(e) => {
+        Err((e, version)) => {
             crate::log_fmt!(
                 LogLevel::Error,
                 "dns_gateway: the domains file was replaced but is not valid, the previous domains stay in force: {e}"
             );
-            let digest = std::fs::read(file)
-                .map(|b| gateway_common::pinned::fnv1a(&b))
-                .unwrap_or_default();
-            acknowledge(file, digest, &format!("rejected: {e}"));
+            if let Some(version) = version {
+                acknowledge(ack, version.digest, &format!("rejected: {e}"));
+            }
+            version
         }
     }
 }
 
 /// Writes `<digest> <outcome>` to the acknowledgement file, replacing it
 /// whole (written aside, then renamed).
-fn acknowledge(file: &Path, digest: u64, outcome: &str) {
-    let ack = ack_path(file);
+fn acknowledge(ack: &Path, digest: u64, outcome: &str) {
     let mut partial = ack.as_os_str().to_owned();
     partial.push(".partial");
     let partial = PathBuf::from(partial);
+    let _ = std::fs::remove_file(&partial);
     let written = std::fs::write(&partial, format!("{digest:016x} {outcome}\n"))
-        .and_then(|()| std::fs::rename(&partial, &ack));
+        .and_then(|()| std::fs::rename(&partial, ack));
     if let Err(e) = written {
         crate::log_fmt!(
             LogLevel::Warn,
@@ -197,10 +240,11 @@ mod tests {
             r#"[{"domain":"*.a.com","metadata":{"cluster":"one"}}]"#,
         );
         let state = state();
-        let (patterns, _) = crate::config::read_domains_file(&file).unwrap();
+        let (patterns, version) = crate::config::read_domains_file(&file).unwrap();
         state.set_patterns(Arc::new(patterns));
-        watch(&file, &state);
-        let ack = || std::fs::read_to_string(ack_path(&file)).unwrap_or_default();
+        let ack_file = dir.join("ack");
+        watch(&file, &ack_file, version, &state);
+        let ack = || std::fs::read_to_string(&ack_file).unwrap_or_default();
         assert!(
             ack().ends_with(" applied\n"),
             "the initial load is acknowledged: {:?}",

@@ -776,9 +776,15 @@ pub fn instance_dir(state_dir: &Path, pin_dir: &Path) -> PathBuf {
     state_dir.join(format!("{last}-{digest:016x}"))
 }
 
-/// Envoy's admin socket in a gateway's state directory (see
-/// [`instance_dir`]).
+/// Envoy's admin socket, in Envoy's own directory (see [`envoy_dir`]).
 pub const ADMIN_SOCKET_NAME: &str = "admin.sock";
+
+/// The one directory of a gateway's state directory that Envoy may write
+/// (its admin socket, its acknowledgements); everything else there is
+/// root's. Written once here for the loader and the tests.
+pub fn envoy_dir(instance_dir: &Path) -> PathBuf {
+    instance_dir.join("envoy")
+}
 
 #[cfg(test)]
 mod tests {

@@ -280,7 +280,11 @@ pub fn reload_changes(old: &Config, new: &Config) -> Result<Vec<String>> {
     let new_value = toml::Value::try_from(&new.file).context("comparing configurations")?;
     let mut differing = Vec::new();
     diff_fields("", &old_value, &new_value, &mut differing);
-    // Fallback resolvers taken from /etc/resolv.conf count as the field.
+    // Derived values count as their fields: IPv6 listeners as detected,
+    // fallback resolvers taken from /etc/resolv.conf.
+    if old.ipv6 != new.ipv6 && !differing.iter().any(|f| f == "listeners.ipv6") {
+        differing.push("listeners.ipv6 (as detected on this host)".to_owned());
+    }
     if old.fallback != new.fallback && !differing.iter().any(|f| f == "dns.fallback") {
         differing.push("dns.fallback".to_owned());
     }

@@ -161,6 +161,10 @@ fn dns_gateway_config_in(config: &Config, files: Option<&Instance>) -> Value {
             "domains_file".to_owned(),
             json!(instance.domains_file().display().to_string()),
         );
+        map.insert(
+            "domains_ack".to_owned(),
+            json!(instance.domains_ack().display().to_string()),
+        );
     }
     value
 }
@@ -175,7 +179,7 @@ pub fn domains_document(config: &Config) -> anyhow::Result<String> {
 
 /// The clusters file (see [`Instance::cds_file`]): every cluster as a CDS
 /// discovery response of version `version`.
-pub fn cds_document(config: &Config, version: u64) -> anyhow::Result<String> {
+pub fn cds_document(config: &Config, version: &str) -> anyhow::Result<String> {
     use anyhow::Context as _;
     let resources: Vec<Value> = clusters(config)
         .into_iter()
@@ -185,7 +189,7 @@ pub fn cds_document(config: &Config, version: u64) -> anyhow::Result<String> {
         })
         .collect();
     serde_json::to_string_pretty(&json!({
-        "version_info": version.to_string(),
+        "version_info": version,
         "resources": resources,
     }))
     .context("rendering the clusters file")

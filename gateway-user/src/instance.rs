@@ -6,7 +6,7 @@
 
 use std::{
     fs,
-    os::unix::fs::{chown, DirBuilderExt as _, MetadataExt as _, PermissionsExt as _},
+    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -39,25 +39,40 @@ pub enum Sharing {
 }
 
 impl Sharing {
-    fn owner(self) -> (Option<u32>, Option<u32>) {
+    /// The group root's files are shared with, if any.
+    fn group(self) -> Option<u32> {
         match self {
-            Sharing::Private => (None, None),
-            Sharing::EnvoyUser { uid, gid } => (Some(uid), Some(gid)),
-            Sharing::EnvoyGroup { gid } => (None, Some(gid)),
+            Sharing::Private => None,
+            Sharing::EnvoyUser { gid, .. } | Sharing::EnvoyGroup { gid } => Some(gid),
         }
     }
 
-    fn dir_mode(self) -> u32 {
-        match self {
-            Sharing::EnvoyGroup { .. } => 0o770,
-            _ => 0o700,
+    /// Mode of the directories and files only root writes: Envoy's group
+    /// may read them, nobody but root may change them.
+    fn root_dir_mode(self) -> u32 {
+        if self.group().is_some() {
+            0o750
+        } else {
+            0o700
         }
     }
 
     fn file_mode(self) -> u32 {
+        if self.group().is_some() {
+            0o640
+        } else {
+            0o600
+        }
+    }
+
+    /// Owner and mode of Envoy's own directory (its admin socket, its
+    /// acknowledgements): Envoy's user, or root with Envoy's group when
+    /// Envoy runs elsewhere (no CAP_CHOWN here).
+    fn envoy_dir(self) -> (Option<u32>, Option<u32>, u32) {
         match self {
-            Sharing::EnvoyGroup { .. } => 0o640,
-            _ => 0o600,
+            Sharing::Private => (None, None, 0o700),
+            Sharing::EnvoyUser { uid, gid } => (Some(uid), Some(gid), 0o700),
+            Sharing::EnvoyGroup { gid } => (None, Some(gid), 0o770),
         }
     }
 
@@ -111,16 +126,31 @@ impl Instance {
         self.dir.join("envoy.json")
     }
 
-    /// Envoy's admin interface: a Unix socket (mode 0600), the only way to
-    /// reach it.
+    /// The only directory Envoy may write: its admin socket and its
+    /// acknowledgements. Root only reads from it, never follows a link in
+    /// it, and writes nothing there.
+    pub fn envoy_dir(&self) -> PathBuf {
+        gateway_common::pinned::envoy_dir(&self.dir)
+    }
+
+    /// Envoy's admin interface: a Unix socket (mode 0600, 0660 for an
+    /// Envoy in another container), the only way to reach it.
     pub fn admin_socket(&self) -> PathBuf {
-        self.dir.join(gateway_common::pinned::ADMIN_SOCKET_NAME)
+        self.envoy_dir()
+            .join(gateway_common::pinned::ADMIN_SOCKET_NAME)
+    }
+
+    /// Where the module acknowledges each domains file it applied.
+    pub fn domains_ack(&self) -> PathBuf {
+        self.envoy_dir().join("domains.applied")
     }
 
     /// Creates the directories: the parent 0711 owned by root (others may
-    /// pass through, not list), this gateway's 0700 owned by `owner` (root,
-    /// or Envoy's user, which must create its admin socket there). An
-    /// existing directory owned by someone else is refused.
+    /// pass through, not list); this gateway's owned by root, readable by
+    /// Envoy's group (0750) so that nothing Envoy's user does can make
+    /// root write through a link; and Envoy's own directory in it. An
+    /// existing directory of this gateway left owned by Envoy's user (an
+    /// older layout) is taken back; anything else foreign is refused.
     pub fn prepare(&self) -> Result<()> {
         let me = nix::unistd::geteuid().as_raw();
         let parent = self
@@ -141,29 +171,20 @@ impl Instance {
                 parent.display()
             );
         }
-        match fs::DirBuilder::new().mode(0o700).create(&self.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e).with_context(|| format!("creating {}", self.dir.display())),
-        }
-        let meta = fs::symlink_metadata(&self.dir)
-            .with_context(|| format!("inspecting {}", self.dir.display()))?;
-        let (uid, gid) = self.sharing.owner();
-        if !meta.is_dir() || (meta.uid() != me && Some(meta.uid()) != uid) {
-            bail!(
-                "{} is not a directory of this gateway (owner uid {}); remove it and start again",
-                self.dir.display(),
-                meta.uid()
-            );
-        }
-        if uid.is_some() || gid.is_some() {
-            chown(&self.dir, Some(uid.unwrap_or(me)), gid)
-                .with_context(|| format!("chown {}", self.dir.display()))?;
-        }
-        let mode = self.sharing.dir_mode();
-        fs::set_permissions(&self.dir, fs::Permissions::from_mode(mode))
-            .with_context(|| format!("chmod {mode:o} {}", self.dir.display()))?;
-        Ok(())
+        let envoy_uid = match self.sharing {
+            Sharing::EnvoyUser { uid, .. } => Some(uid),
+            _ => None,
+        };
+        ensure_dir(
+            &self.dir,
+            me,
+            envoy_uid,
+            Some(me),
+            self.sharing.group(),
+            self.sharing.root_dir_mode(),
+        )?;
+        let (uid, gid, mode) = self.sharing.envoy_dir();
+        ensure_dir(&self.envoy_dir(), me, envoy_uid, uid, gid, mode)
     }
 
     /// The domains and their metadata (tokens inside, mode 0600), which
@@ -202,26 +223,103 @@ impl Instance {
     /// the clusters file is written aside and renamed into the watched
     /// directory, which is what makes Envoy read it.
     pub fn write_reloadable(&self, domains: &str, clusters: &str) -> Result<()> {
-        let cds_dir = self.cds_dir();
-        match fs::DirBuilder::new().mode(0o700).create(&cds_dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(e).with_context(|| format!("creating {}", cds_dir.display())),
-        }
-        let (uid, gid) = self.sharing.owner();
-        if uid.is_some() || gid.is_some() {
-            chown(&cds_dir, uid, gid).with_context(|| format!("chown {}", cds_dir.display()))?;
-        }
-        // Envoy's group reads and searches it, and never writes it.
-        let mode = self.sharing.dir_mode() & 0o750;
-        fs::set_permissions(&cds_dir, fs::Permissions::from_mode(mode))
-            .with_context(|| format!("chmod {mode:o} {}", cds_dir.display()))?;
-        write_private(&self.domains_file(), domains, self.sharing)?;
+        self.write_domains(domains)?;
+        self.write_clusters(clusters)
+    }
+
+    /// Writes the domains file (see [`Self::domains_file`]).
+    pub fn write_domains(&self, domains: &str) -> Result<()> {
+        write_private(&self.domains_file(), domains, self.sharing)
+    }
+
+    /// Writes the clusters file (see [`Self::cds_file`]): aside, then
+    /// renamed into the watched directory, which is what makes Envoy read
+    /// it.
+    pub fn write_clusters(&self, clusters: &str) -> Result<()> {
+        let me = nix::unistd::geteuid().as_raw();
+        // Envoy's user owned it in an older layout: taken back.
+        let envoy_uid = match self.sharing {
+            Sharing::EnvoyUser { uid, .. } => Some(uid),
+            _ => None,
+        };
+        ensure_dir(
+            &self.cds_dir(),
+            me,
+            envoy_uid,
+            Some(me),
+            self.sharing.group(),
+            self.sharing.root_dir_mode(),
+        )?;
         let staged = self.dir.join("clusters.json.staged");
         write_private(&staged, clusters, self.sharing)?;
         fs::rename(&staged, self.cds_file())
             .with_context(|| format!("moving the clusters into {}", self.cds_file().display()))
     }
+
+    /// Records a reload's outcome (see [`Self::reload_result`]).
+    pub fn write_reload_result(&self, text: &str) -> Result<()> {
+        write_private(&self.reload_result(), text, self.sharing)
+    }
+}
+
+/// Makes `path` a real directory (never a link) owned by `uid` with group
+/// `gid` and `mode`. An existing one owned by `me` or `taken_back_from` is
+/// kept (and made ours); a link, a file, or a directory of anyone else is
+/// removed when it is inside our own directory, else refused. Ownership is
+/// changed through the opened directory, never by path.
+fn ensure_dir(
+    path: &Path,
+    me: u32,
+    taken_back_from: Option<u32>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+    mode: u32,
+) -> Result<()> {
+    use std::os::unix::fs::{fchown, OpenOptionsExt as _};
+    if let Ok(meta) = fs::symlink_metadata(path) {
+        let ours = meta.is_dir() && (meta.uid() == me || Some(meta.uid()) == taken_back_from);
+        if !ours {
+            if meta.is_dir() {
+                bail!(
+                    "{} belongs to uid {}, not to this gateway; remove it and start again",
+                    path.display(),
+                    meta.uid()
+                );
+            }
+            fs::remove_file(path).with_context(|| {
+                format!("removing {}, which is not a directory", path.display())
+            })?;
+            log::warn!(
+                "removed {}: it was not a directory (a link?)",
+                path.display()
+            );
+        }
+    }
+    match fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+    }
+    let dir = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_o_directory_nofollow())
+        .open(path)
+        .with_context(|| {
+            format!(
+                "opening {} (it must be a directory, not a link)",
+                path.display()
+            )
+        })?;
+    if uid.is_some() || gid.is_some() {
+        fchown(&dir, uid, gid).with_context(|| format!("chown {}", path.display()))?;
+    }
+    dir.set_permissions(fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {mode:o} {}", path.display()))
+}
+
+/// `O_DIRECTORY | O_NOFOLLOW`: opening fails on a link or a file.
+fn libc_o_directory_nofollow() -> i32 {
+    (nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_NOFOLLOW).bits()
 }
 
 /// Writes `text` to `target` atomically (a partial file renamed over it),
@@ -240,9 +338,9 @@ fn write_private(target: &Path, text: &str, sharing: Sharing) -> Result<()> {
             .with_context(|| format!("creating {}", partial.display()))?;
         file.write_all(text.as_bytes())
             .with_context(|| format!("writing {}", partial.display()))?;
-        let (uid, gid) = sharing.owner();
-        if uid.is_some() || gid.is_some() {
-            chown(&partial, uid, gid).with_context(|| format!("chown {}", partial.display()))?;
+        if let Some(gid) = sharing.group() {
+            std::os::unix::fs::fchown(&file, None, Some(gid))
+                .with_context(|| format!("chown {}", partial.display()))?;
         }
         fs::rename(&partial, target).with_context(|| format!("writing {}", target.display()))
     }
@@ -251,6 +349,37 @@ fn write_private(target: &Path, text: &str, sharing: Sharing) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn links_left_in_the_state_directory_are_replaced_never_followed() {
+        let root = std::env::temp_dir().join(format!("gw-instance-{}", std::process::id()));
+        let victim_dir = root.join("victim-dir");
+        let victim_file = root.join("victim-file");
+        fs::create_dir_all(&victim_dir).unwrap();
+        fs::set_permissions(&victim_dir, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(&victim_file, "precious").unwrap();
+        let instance = Instance::new(&root.join("state"), Path::new("/sys/fs/bpf/gw"));
+        instance.prepare().unwrap();
+        // What an older layout let Envoy's user leave behind.
+        std::os::unix::fs::symlink(&victim_dir, instance.cds_dir()).unwrap();
+        std::os::unix::fs::symlink(&victim_file, instance.dir().join("reload-result.partial"))
+            .unwrap();
+        std::os::unix::fs::symlink(&victim_file, instance.dir().join("clusters.json.partial"))
+            .unwrap();
+        instance.write_clusters("{}").unwrap();
+        instance.write_reload_result("{}").unwrap();
+        let cds = fs::symlink_metadata(instance.cds_dir()).unwrap();
+        assert!(cds.is_dir() && !cds.file_type().is_symlink());
+        assert_eq!(fs::read_to_string(instance.cds_file()).unwrap(), "{}");
+        assert_eq!(
+            fs::metadata(&victim_dir).unwrap().mode() & 0o7777,
+            0o755,
+            "the link's target was not chmodded"
+        );
+        assert!(fs::read_dir(&victim_dir).unwrap().next().is_none());
+        assert_eq!(fs::read_to_string(&victim_file).unwrap(), "precious");
+        fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn pin_dirs_with_the_same_last_component_get_different_directories() {

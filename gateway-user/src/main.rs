@@ -411,6 +411,13 @@ fn run(command: Command) -> Result<()> {
             if !result.ok {
                 bail!("reload refused: {}", result.message);
             }
+            if !result.confirmed {
+                bail!(
+                    "reload {} not confirmed: {}",
+                    result.generation,
+                    result.message
+                );
+            }
             println!("reload {}: {}", result.generation, result.message);
             Ok(())
         }

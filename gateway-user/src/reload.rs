@@ -11,7 +11,7 @@
 //! refused, naming the fields, and nothing is applied.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -20,9 +20,6 @@ use gateway_common::pinned::{fnv1a, PinDir};
 use serde::{Deserialize, Serialize};
 
 use crate::{cgroup, config::Config, envoy_bootstrap, instance::Instance};
-
-/// How long `gateway run` waits for Envoy to confirm a reload.
-pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long `gateway reload` waits for `gateway run` to report.
 pub const REPORT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -54,6 +51,9 @@ pub struct Reloader<'a> {
     pub instance: &'a Instance,
     /// Version of the clusters file in force.
     pub generation: u64,
+    /// A reload wrote part of its files and failed: the next one writes
+    /// everything again even if the file did not change.
+    pub unsettled: bool,
 }
 
 impl Reloader<'_> {
@@ -62,7 +62,7 @@ impl Reloader<'_> {
     pub fn write_files(&self) -> Result<()> {
         self.instance.write_reloadable(
             &envoy_bootstrap::domains_document(&self.current)?,
-            &envoy_bootstrap::cds_document(&self.current, self.generation)?,
+            &envoy_bootstrap::cds_document(&self.current, &self.generation.to_string())?,
         )
     }
 
@@ -107,98 +107,153 @@ impl Reloader<'_> {
         };
         let new = crate::run::effective_config(Some(path), self.fallback)?;
         let changes = crate::config::reload_changes(&self.current, &new)?;
-        if changes.is_empty() {
+        if changes.is_empty() && !self.unsettled {
             return Ok((true, "nothing changed".to_owned()));
         }
-        // The gate list first: a cgroup that cannot be gated refuses the
-        // whole reload before anything is written.
+        // Everything that can be refused is checked before anything is
+        // written: the gated cgroups must exist and lie below the attach
+        // cgroup (a reload creates none).
         let attach = new.attach_cgroup()?;
         let mut gated = Vec::new();
         for path in new.gated_cgroups()? {
             cgroup::ensure_outside(&path)?;
-            cgroup::ensure_exists(&path)?;
             gated.push(crate::gate::identify(&attach, &path)?);
         }
         let domains = envoy_bootstrap::domains_document(&new)?;
-        let clusters = envoy_bootstrap::cds_document(&new, generation)?;
-        self.instance.write_reloadable(&domains, &clusters)?;
+        // Clusters in two steps around the domains, so that no domain is
+        // ever routed to a cluster Envoy does not have: first the old and
+        // the new ones together, then only the new ones.
+        let mut both = new.clone();
+        for (name, addr) in &self.current.clusters {
+            both.clusters.entry(name.clone()).or_insert(*addr);
+        }
+        let clusters_both = envoy_bootstrap::cds_document(&both, &format!("{generation}.0"))?;
+        let clusters_new = envoy_bootstrap::cds_document(&new, &generation.to_string())?;
+        let bootstrap =
+            envoy_bootstrap::render(&new, &self.instance.admin_socket(), Some(self.instance))?;
+        // From here on the new configuration is the one in force, even if
+        // a step fails: a later reload writes everything again.
+        self.current = new;
+        self.unsettled = true;
+        let admin = self.instance.admin_socket();
+        self.instance.write_clusters(&clusters_both)?;
+        let mut unconfirmed = Vec::new();
+        if let Err(e) = confirm_clusters(&admin, &format!("{generation}.0")).await {
+            unconfirmed.push(format!("{e:#}"));
+        }
+        self.instance.write_domains(&domains)?;
+        if let Err(e) =
+            confirm_domains(&self.instance.domains_ack(), fnv1a(domains.as_bytes())).await
+        {
+            if e.to_string().contains("rejected") {
+                return Err(e.context(
+                    "the module refused the new domains (the previous ones stay in force)",
+                ));
+            }
+            unconfirmed.push(format!("{e:#}"));
+        }
+        self.instance.write_clusters(&clusters_new)?;
+        if let Err(e) = confirm_clusters(&admin, &generation.to_string()).await {
+            unconfirmed.push(format!("{e:#}"));
+        }
         crate::gate::sync_configured(pin_dir, &gated)?;
         // A restarted Envoy starts from the bootstrap: keep it in step.
-        self.instance.write_bootstrap(&envoy_bootstrap::render(
-            &new,
-            &self.instance.admin_socket(),
-            Some(self.instance),
-        )?)?;
-        self.current = new;
-        let what = changes.join(", ");
-        match confirm(self.instance, fnv1a(domains.as_bytes()), generation).await {
-            Ok(()) => Ok((true, format!("applied {what}; Envoy confirmed"))),
-            Err(e) => Ok((
+        self.instance.write_bootstrap(&bootstrap)?;
+        self.unsettled = false;
+        let what = if changes.is_empty() {
+            "the configuration again".to_owned()
+        } else {
+            changes.join(", ")
+        };
+        let note = if self.fallback.is_empty() {
+            String::new()
+        } else {
+            " (dns.fallback comes from --fallback on the command line; the file's is not used)"
+                .to_owned()
+        };
+        if unconfirmed.is_empty() {
+            Ok((true, format!("applied {what}; Envoy confirmed{note}")))
+        } else {
+            Ok((
                 false,
-                format!("applied {what}, but Envoy has not confirmed it yet ({e:#}); a restarted Envoy reads the new files"),
-            )),
+                format!(
+                    "applied {what}, but Envoy has not confirmed it ({}); a restarted Envoy reads the new files{note}",
+                    unconfirmed.join("; ")
+                ),
+            ))
         }
     }
 }
 
-/// Waits until the module acknowledged the domains file with `digest` and
-/// Envoy's CDS is at `generation`.
-async fn confirm(instance: &Instance, digest: u64, generation: u64) -> Result<()> {
-    let deadline = Instant::now() + CONFIRM_TIMEOUT;
-    let ack = connectivity_envoy_module::reload::ack_path(&instance.domains_file());
-    let wanted_ack = format!("{digest:016x} ");
-    let wanted_version = format!("\"{generation}\"");
-    let mut domains_done = false;
-    let mut clusters_done = false;
+/// How long each confirmation may take.
+const STEP_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Waits until Envoy's CDS is at `version`.
+async fn confirm_clusters(admin: &Path, version: &str) -> Result<()> {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let wanted = format!("\"{version}\"");
     loop {
-        if !domains_done {
-            if let Ok(text) = std::fs::read_to_string(&ack) {
-                if let Some(outcome) = text.strip_prefix(&wanted_ack) {
-                    if outcome.trim() != "applied" {
-                        bail!("the module did not apply the domains: {}", outcome.trim());
-                    }
-                    domains_done = true;
-                }
+        if let Ok(stats) =
+            crate::supervisor::admin_get(admin, "/stats?filter=cluster_manager.cds.version_text")
+                .await
+        {
+            if stats.contains(&wanted) {
+                return Ok(());
             }
-        }
-        if !clusters_done {
-            if let Ok(stats) = crate::supervisor::admin_get(
-                &instance.admin_socket(),
-                "/stats?filter=cluster_manager.cds.version_text",
-            )
-            .await
-            {
-                clusters_done = stats.contains(&wanted_version);
-            }
-        }
-        if domains_done && clusters_done {
-            return Ok(());
         }
         if Instant::now() > deadline {
-            bail!(
-                "after {CONFIRM_TIMEOUT:?}: domains {}, clusters {}",
-                if domains_done {
-                    "applied"
-                } else {
-                    "not acknowledged"
-                },
-                if clusters_done {
-                    "applied"
-                } else {
-                    "not at the new version"
-                }
-            );
+            bail!("Envoy's clusters are not at version {version} after {STEP_TIMEOUT:?}");
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Waits until the module acknowledged the domains file with `digest`;
+/// an error saying "rejected" when it refused it.
+async fn confirm_domains(ack: &Path, digest: u64) -> Result<()> {
+    let deadline = Instant::now() + STEP_TIMEOUT;
+    let wanted = format!("{digest:016x} ");
+    loop {
+        if let Some(text) = read_envoy_file(ack) {
+            if let Some(outcome) = text.strip_prefix(&wanted) {
+                let outcome = outcome.trim();
+                if outcome == "applied" {
+                    return Ok(());
+                }
+                bail!("{outcome}");
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the module has not acknowledged the new domains after {STEP_TIMEOUT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads a small file Envoy's user may have written, never following a
+/// link, never blocking on a FIFO, and only a regular file of at most
+/// 4 KiB: what Envoy's user puts there cannot make root read or wait on
+/// anything else.
+fn read_envoy_file(path: &Path) -> Option<String> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt as _};
+    let flags = nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits())
+        .open(path)
+        .ok()?;
+    let meta = file.metadata().ok()?;
+    if !meta.is_file() || meta.len() > 4096 {
+        return None;
+    }
+    let mut text = String::new();
+    file.take(4096).read_to_string(&mut text).ok()?;
+    Some(text)
 }
 
 fn write_result(instance: &Instance, result: &ReloadResult) -> Result<()> {
     let text = serde_json::to_string_pretty(result).context("serialising the reload result")?;
-    let path = instance.reload_result();
-    let partial = path.with_extension("partial");
-    std::fs::write(&partial, text).with_context(|| format!("writing {}", partial.display()))?;
-    std::fs::rename(&partial, &path).with_context(|| format!("writing {}", path.display()))
+    instance.write_reload_result(&text)
 }
 
 /// Records the start as generation 1, so that the first `gateway reload`
@@ -245,6 +300,24 @@ pub fn request(pin_dir: &Path, instance: &Instance) -> Result<ReloadResult> {
         .pid;
     if pid == 0 {
         bail!("the gateway of {} has detached", pin_dir.display());
+    }
+    // The recorded pid is the loader's in its own pid namespace: from
+    // another one (the host, for a loader in a container) it names some
+    // other process, which must not get the signal.
+    let name_of = |exe: Option<PathBuf>| {
+        exe.and_then(|e| e.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .map(|n| n.trim_end_matches(" (deleted)").to_owned())
+    };
+    let target = name_of(std::fs::read_link(format!("/proc/{pid}/exe")).ok());
+    let ours = name_of(std::env::current_exe().ok());
+    if target.is_none() || target != ours {
+        bail!(
+            "pid {pid}, recorded by the gateway of {}, is not a gateway in this pid namespace \
+             (it is {}): the gateway runs in another one (a container?); run `gateway reload` \
+             there (podman exec / kubectl exec into the loader) or send it SIGHUP",
+            pin_dir.display(),
+            target.as_deref().unwrap_or("gone")
+        );
     }
     let before = last_result(instance).map_or(0, |r| r.generation);
     nix::sys::signal::kill(

@@ -392,6 +392,7 @@ async fn run_with_cgroup(
         fallback: &options.fallback,
         instance,
         generation: 1,
+        unsettled: false,
     };
     reloader.write_files()?;
     instance.write_bootstrap(&envoy_bootstrap::render(

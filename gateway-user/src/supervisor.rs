@@ -117,6 +117,10 @@ impl EnvoyCommand {
     }
 }
 
+/// The largest admin response the gateway reads (its requests are small
+/// stats filters, `/ready` and `/server_info`).
+const ADMIN_RESPONSE_LIMIT: u64 = 1 << 20;
+
 /// How long one admin request may take.
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -157,8 +161,13 @@ async fn admin_request_unbounded(admin: &Path, method: &str, path: &str) -> Resu
             .as_bytes(),
         )
         .await?;
+    // Bounded: whatever answers on the socket cannot make the gateway
+    // hold more than this.
     let mut response = String::new();
-    stream.read_to_string(&mut response).await?;
+    stream
+        .take(ADMIN_RESPONSE_LIMIT)
+        .read_to_string(&mut response)
+        .await?;
     let (head, body) = response
         .split_once("\r\n\r\n")
         .context("malformed admin response")?;

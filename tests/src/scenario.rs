@@ -206,8 +206,10 @@ impl SeedScenario {
         cmd.args(["--envoy-log-level", "warn", "--state-dir"])
             .arg(work_dir.join("state"))
             .args(extra_args);
-        let admin_socket = gateway_common::pinned::instance_dir(&work_dir.join("state"), &pin_dir)
-            .join(gateway_common::pinned::ADMIN_SOCKET_NAME);
+        let admin_socket = gateway_common::pinned::envoy_dir(
+            &gateway_common::pinned::instance_dir(&work_dir.join("state"), &pin_dir),
+        )
+        .join(gateway_common::pinned::ADMIN_SOCKET_NAME);
         let gateway_args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_owned()).collect();
         let gateway = spawn_ready(&gateway_args, &pin_dir)?;
         Ok(Self {

@@ -285,7 +285,11 @@ fn other_local_users_cannot_read_tokens_or_steer_the_gateway() -> Result<()> {
     let envoy = scenario.envoy_pid().context("no Envoy")?;
     let state = scenario.state_dir();
     let admin = scenario.admin_socket().to_path_buf();
-    let instance = admin.parent().context("admin socket parent")?.to_path_buf();
+    let instance = admin
+        .parent()
+        .and_then(Path::parent)
+        .context("admin socket parent")?
+        .to_path_buf();
 
     // Root sees the token where it lives; nobody else can read it anywhere.
     let as_root = Command::new("grep")
@@ -529,5 +533,71 @@ fn dns_responses_get_no_answer_other_opcodes_notimp_and_floods_are_capped() -> R
     );
     assert!(module_counter(&scenario, "dns_gateway.responses_dropped")? >= 1);
     assert_eq!(module_counter(&scenario, "dns_gateway.notimp")?, 4);
+    Ok(())
+}
+
+/// Envoy's own user (the most a compromised Envoy has) can write only its
+/// own directory in the state directory: it cannot plant a link or a file
+/// where root writes (the bootstrap, the domains and clusters files, the
+/// reload report), so nothing it does makes root write through a link.
+#[test]
+fn envoys_user_cannot_plant_anything_where_root_writes() -> Result<()> {
+    let user = tests::dedicated_user()?;
+    let Some(scenario) = start_isolated(test_config()?, &["--envoy-user", &user.name], &TOOLS)?
+    else {
+        return Ok(());
+    };
+    assert_eq!(dig(&scenario, "one.s3.aws.com")?, "10.10.0.1");
+    let envoy_dir = scenario
+        .admin_socket()
+        .parent()
+        .context("admin socket parent")?
+        .to_path_buf();
+    let instance = envoy_dir.parent().context("instance dir")?.to_path_buf();
+    let as_envoy = |args: &[&str]| -> Result<bool> {
+        let status = Command::new("setpriv")
+            .args([
+                "--reuid",
+                &user.name,
+                "--regid",
+                &user.name,
+                "--clear-groups",
+                "--",
+            ])
+            .args(args)
+            .status()?;
+        Ok(status.success())
+    };
+    let planted = [
+        instance.join("cds.new"),
+        instance.join("reload-result.partial"),
+        instance.join("domains.partial"),
+        instance.join("cds").join("clusters.json.link"),
+    ];
+    for path in &planted {
+        let path = path.display().to_string();
+        assert!(
+            !as_envoy(&["ln", "-s", "/etc/shadow", &path])?,
+            "Envoy's user planted a link at {path}"
+        );
+    }
+    assert!(
+        !as_envoy(&[
+            "mv",
+            &instance.join("cds").display().to_string(),
+            "/tmp/gw-moved-cds"
+        ])?,
+        "Envoy's user moved root's cds directory"
+    );
+    // It reads what it needs, and writes its own directory.
+    assert!(as_envoy(&[
+        "cat",
+        &instance.join("envoy.json").display().to_string()
+    ])?);
+    let own = envoy_dir.join("probe").display().to_string();
+    assert!(
+        as_envoy(&["touch", &own])?,
+        "Envoy's user writes its own directory"
+    );
     Ok(())
 }
