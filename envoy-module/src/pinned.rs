@@ -126,7 +126,9 @@ struct PinnedOrigDst(OrigDstTable);
 
 impl OrigDstSource for PinnedOrigDst {
     fn take(&mut self, client: SocketAddr) -> Result<Option<SocketAddr>, String> {
-        self.0.take(client).map_err(|e| format!("{e:#}"))
+        self.0
+            .take(client, crate::abi::monotonic_ns())
+            .map_err(|e| format!("{e:#}"))
     }
 }
 

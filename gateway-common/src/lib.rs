@@ -61,11 +61,16 @@ pub const MAP_GATED: &str = "GW_GATED";
 /// How many cgroups can be gated at once.
 pub const GATED_CGROUP_CAPACITY: u32 = 16_384;
 
-/// How many levels below the attach cgroup a gated cgroup may be (the
-/// attach cgroup itself is level 0): the programs look up that many
-/// ancestors of the calling process. Processes below a gated cgroup are
-/// gated however deep they are.
-pub const MAX_GATE_DEPTH: u32 = 16;
+/// The deepest cgroup level (the cgroup v2 root is level 0) a gated
+/// cgroup may be at: the programs look up the calling process's ancestors
+/// at every level up to this one, so the answer never depends on how a
+/// cgroup's level was counted in user space (cgroup namespaces, bind
+/// mounts). Processes below a gated cgroup are gated however deep they
+/// are.
+pub const MAX_GATE_DEPTH: u32 = 32;
+
+/// No uid is exempt from the gate (see [`GatewayConfig::exempt_uid`]).
+pub const NO_EXEMPT_UID: u32 = u32::MAX;
 
 /// Directory in the pin directory that Envoys `flock` while one of them
 /// reclaims a VIP (the pin directory itself is the loader's lock). The
@@ -283,11 +288,11 @@ pub struct GatewayConfig {
     /// VIP is this prefix followed by the IPv4 VIP it stands for. Used
     /// when [`CONFIG_FLAG_VIP6`] is set.
     pub vip6_prefix: [u32; 3],
-    /// Level of the cgroup the programs are attached to (the cgroup v2
-    /// root is level 0): gated cgroups ([`MAP_GATED`]) are looked up among
-    /// the calling process's ancestors from this level down
-    /// [`MAX_GATE_DEPTH`] levels.
-    pub gate_base_level: u32,
+    /// Envoy's own uid when it runs as a dedicated user: its sockets are
+    /// never gated, whatever cgroup it is in, so that no gate (a `gateway
+    /// gate` of the wrong cgroup, a labelled gateway pod) can send Envoy's
+    /// own DNS back to itself. [`NO_EXEMPT_UID`] for none (never root).
+    pub exempt_uid: u32,
 }
 
 impl GatewayConfig {

@@ -484,29 +484,49 @@ impl OrigDstTable {
     /// Consumes the original destination of the connection whose client
     /// side is `client` (the peer address of the proxy's accepted socket):
     /// it is handed out at most once. Only the caller whose delete
-    /// succeeds gets it; a concurrent taker gets `None`.
-    pub fn take(&mut self, client: SocketAddr) -> Result<Option<SocketAddr>> {
-        let Some(found) = self.peek(client)? else {
-            return Ok(None);
+    /// succeeds gets it; a concurrent taker gets `None`. A record whose
+    /// client closed more than [`crate::ORIG_DST_CLOSE_GRACE_NS`] ago is
+    /// removed and never handed out, whether or not a loader still sweeps
+    /// (an Envoy that outlives its loader must not hand a stale record to a
+    /// connection that reuses the address).
+    /// `now_ns` is CLOCK_MONOTONIC (the clock of `bpf_ktime_get_ns`).
+    pub fn take(&mut self, client: SocketAddr, now_ns: u64) -> Result<Option<SocketAddr>> {
+        let key = to_bytes::<_, SOCKADDR_SIZE>(&sockaddr6_from_std(client));
+        let entry: OrigDstEntry = match self.map.get(&key, 0) {
+            Ok(bytes) => from_bytes(&bytes),
+            Err(e) if is_missing(&e) => return Ok(None),
+            Err(e) => return Err(e).context("looking up the original destination"),
         };
-        match self
-            .map
-            .remove(&to_bytes::<_, SOCKADDR_SIZE>(&sockaddr6_from_std(client)))
-        {
-            Ok(()) => Ok(Some(found)),
-            Err(e) if is_missing(&e) => Ok(None),
-            Err(e) => Err(e).context("consuming the original destination"),
+        let removed = match self.map.remove(&key) {
+            Ok(()) => true,
+            Err(e) if is_missing(&e) => false,
+            Err(e) => return Err(e).context("consuming the original destination"),
+        };
+        if !removed || expired(&entry, now_ns) {
+            return Ok(None);
         }
+        Ok(Some(sockaddr6_to_std(entry.dst)))
     }
 
     /// Records an original destination by hand (tests).
     pub fn insert(&mut self, client: SocketAddr, original: SocketAddr) -> Result<()> {
+        self.insert_closed(client, original, 0)
+    }
+
+    /// Records an original destination whose client closed at
+    /// `closed_at_ns` (CLOCK_MONOTONIC; 0: open), as sockops does (tests).
+    pub fn insert_closed(
+        &mut self,
+        client: SocketAddr,
+        original: SocketAddr,
+        closed_at_ns: u64,
+    ) -> Result<()> {
         let key = to_bytes::<_, SOCKADDR_SIZE>(&sockaddr6_from_std(client));
         let entry = OrigDstEntry {
             dst: sockaddr6_from_std(original),
             _pad: 0,
             cookie: 0,
-            closed_at_ns: 0,
+            closed_at_ns,
         };
         let value = to_bytes::<_, ORIG_DST_ENTRY_SIZE>(&entry);
         self.map
@@ -743,6 +763,12 @@ fn record_domain(record: &VipRecord) -> Result<Option<String>> {
     String::from_utf8(bytes.to_vec())
         .map(Some)
         .context("VIP record holds a domain that is not UTF-8")
+}
+
+/// Whether a record's client closed more than the grace before `now_ns`.
+fn expired(entry: &OrigDstEntry, now_ns: u64) -> bool {
+    entry.closed_at_ns != 0
+        && now_ns.saturating_sub(entry.closed_at_ns) > crate::ORIG_DST_CLOSE_GRACE_NS
 }
 
 /// FNV-1a, 64 bits: a stable short digest (of a pin directory's path, of

@@ -9,8 +9,9 @@ use aya_ebpf::{
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_FIN_WAIT2,
     },
     helpers::{
-        bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-        bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp, bpf_sk_release,
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_uid_gid, bpf_get_netns_cookie,
+        bpf_get_socket_cookie, bpf_ktime_get_ns, bpf_sk_lookup_tcp, bpf_sk_lookup_udp,
+        bpf_sk_release,
     },
     macros::{cgroup_sock_addr, map, sock_ops},
     maps::{Array, HashMap, LruHashMap, PerCpuArray},
@@ -22,7 +23,7 @@ use gateway_common::{
     is_v4_mapped, Counter, GateEntry, GatewayConfig, LoaderInfo, OrigDstEntry, SockAddr6,
     SockAddrV4, VipRecord, CONFIG_FLAG_DNS_OUTAGE_DROP, CONFIG_FLAG_DNS_TCP, CONFIG_FLAG_ENABLED,
     CONFIG_FLAG_IPV6, CONFIG_FLAG_REFUSE_UNKNOWN_VIPS, CONNECTION_TABLE_CAPACITY, COUNTER_COUNT,
-    GATED_CGROUP_CAPACITY, IPV6_LOOPBACK, MAX_GATE_DEPTH, VIP_TABLE_CAPACITY,
+    GATED_CGROUP_CAPACITY, IPV6_LOOPBACK, MAX_GATE_DEPTH, NO_EXEMPT_UID, VIP_TABLE_CAPACITY,
 };
 
 const AF_INET: u32 = 2;
@@ -223,20 +224,28 @@ fn in_proxy_netns<C: EbpfContext>(ctx: &C, cfg: &GatewayConfig) -> bool {
     }
 }
 
-/// Whether the calling process is gated: its cgroup, or one of its
-/// ancestors at most `MAX_GATE_DEPTH` levels below the attach cgroup, is
-/// in the gate table. The programs run for every process below the attach
-/// cgroup; the others (siblings of the gated workloads) are left alone.
-/// Decided by the process making the call, as the sock_addr hooks run in
-/// its context.
+/// Whether the calling process is gated: its cgroup or one of its
+/// ancestors is in the gate table, and it is not Envoy's own user. Every
+/// level from the root down to `MAX_GATE_DEPTH` is looked at, so nothing
+/// depends on how user space counted levels. The programs run for every
+/// process below the attach cgroup; the others (siblings of the gated
+/// workloads) are left alone. Decided by the process making the call, as
+/// the sock_addr hooks run in its context.
 #[inline(always)]
 fn in_gated_cgroup(cfg: &GatewayConfig) -> bool {
-    let base = cfg.gate_base_level;
-    let mut depth = 0;
-    while depth < MAX_GATE_DEPTH {
+    if cfg.exempt_uid != NO_EXEMPT_UID && cfg.exempt_uid != 0 {
+        // SAFETY: no arguments; the low 32 bits are the calling task's uid.
+        let uid = unsafe { bpf_get_current_uid_gid() } as u32;
+        if uid == cfg.exempt_uid {
+            count(Counter::NotGatedPassed);
+            return false;
+        }
+    }
+    let mut level = 0;
+    while level < MAX_GATE_DEPTH {
         // SAFETY: the helper takes a level and returns 0 past the calling
         // task's own level; cgroup sock_addr programs may call it.
-        let id = unsafe { bpf_get_current_ancestor_cgroup_id((base + depth) as i32) };
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level as i32) };
         if id == 0 {
             break;
         }
@@ -244,7 +253,7 @@ fn in_gated_cgroup(cfg: &GatewayConfig) -> bool {
         if unsafe { GW_GATED.get(&id) }.is_some() {
             return true;
         }
-        depth += 1;
+        level += 1;
     }
     count(Counter::NotGatedPassed);
     false

@@ -48,7 +48,7 @@ pub fn level_of(path: &Path) -> Result<u32> {
 /// Resolves a cgroup to gate below `attach` (canonical, the cgroup the
 /// programs are attached to): a relative path is taken below `attach`. It
 /// must exist, be `attach` or below it (elsewhere the programs never run)
-/// and at most [`MAX_GATE_DEPTH`]` - 1` levels deeper.
+/// and at most at level [`MAX_GATE_DEPTH`]` - 1`.
 pub fn identify(attach: &Path, path: &Path) -> Result<GatedCgroup> {
     let joined = if path.is_absolute() {
         path.to_path_buf()
@@ -71,14 +71,14 @@ pub fn identify(attach: &Path, path: &Path) -> Result<GatedCgroup> {
             attach.display()
         );
     };
-    let depth = below.components().count() as u32;
-    if depth >= MAX_GATE_DEPTH {
+    let level = level_of(&canonical)?;
+    if level >= MAX_GATE_DEPTH {
         bail!(
-            "{} is {depth} levels below the attach cgroup {}; the programs look at most {} levels \
-             down: gate one of its ancestors instead",
+            "{} is at cgroup level {level}; the programs look at levels 0 to {} (below {}): \
+             gate one of its ancestors instead",
             canonical.display(),
-            attach.display(),
-            MAX_GATE_DEPTH - 1
+            MAX_GATE_DEPTH - 1,
+            below.display()
         );
     }
     let meta =
@@ -87,7 +87,7 @@ pub fn identify(attach: &Path, path: &Path) -> Result<GatedCgroup> {
         bail!("{} is not a cgroup v2 directory", canonical.display());
     }
     Ok(GatedCgroup {
-        level: level_of(&canonical)?,
+        level,
         id: meta.ino(),
         path: canonical,
     })

@@ -86,6 +86,8 @@ pub struct AttachRequest {
     pub allow_root_cgroup: bool,
     /// Group whose members (e.g. an unprivileged Envoy) may use the maps.
     pub maps_group: Option<u32>,
+    /// Envoy's own uid: its sockets are never gated (none for root).
+    pub exempt_uid: Option<u32>,
 }
 
 /// An exclusive `flock` on a pin directory: one gateway per directory,
@@ -213,6 +215,7 @@ pub fn kernel_config(request: &AttachRequest) -> Result<GatewayConfig> {
         },
         vip_cidr_count: request.vip_cidrs.len() as u32,
         netns_cookie: crate::sys::current_netns_cookie()?,
+        exempt_uid: gateway_common::NO_EXEMPT_UID,
         ..Default::default()
     };
     for (slot, cidr) in config.vip_cidrs.iter_mut().zip(&request.vip_cidrs) {
@@ -285,7 +288,13 @@ pub struct Discovered {
 pub fn discover(request: &AttachRequest) -> Result<Discovered> {
     let mut config = kernel_config(request)?;
     let cgroup = cgroup::validate(&request.cgroup, request.allow_root_cgroup)?;
-    config.gate_base_level = crate::gate::level_of(&cgroup)?;
+    config.exempt_uid = match request.exempt_uid {
+        Some(0) => {
+            bail!("root cannot be exempt from the gate: every gated root process would escape it")
+        }
+        Some(uid) => uid,
+        None => gateway_common::NO_EXEMPT_UID,
+    };
     let gate = match &request.gate {
         None => vec![crate::gate::identify(&cgroup, &cgroup)?],
         Some(list) => list

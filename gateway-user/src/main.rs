@@ -56,6 +56,10 @@ enum Command {
         /// paths are below --cgroup). Without it --cgroup itself is gated.
         #[arg(long)]
         gate: Vec<PathBuf>,
+        /// Envoy's own user (name or uid, not root): its sockets are never
+        /// redirected, whatever cgroup it runs in.
+        #[arg(long, value_parser = gateway_user::addr::parse_user)]
+        envoy_user: Option<gateway_user::addr::RunAs>,
         /// Network of virtual IPs whose TCP connects go to --tcp-to
         /// (repeatable, up to 8), e.g. 10.10.0.0/24.
         #[arg(long = "vip-cidr", required = true, value_parser = parse_cidr)]
@@ -337,6 +341,7 @@ fn run(command: Command) -> Result<()> {
         Command::Attach {
             cgroup,
             gate,
+            envoy_user,
             vip_cidrs,
             dns_to,
             tcp_to,
@@ -363,6 +368,7 @@ fn run(command: Command) -> Result<()> {
                 pin_dir,
                 allow_root_cgroup: force_root_cgroup,
                 maps_group,
+                exempt_uid: envoy_user.map(|u| u.uid),
             };
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()

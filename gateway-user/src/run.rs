@@ -372,6 +372,7 @@ async fn run_with_cgroup(
         pin_dir: config.file.pin_dir.clone(),
         allow_root_cgroup: false,
         maps_group: options.envoy_user.as_ref().map(|u| u.gid),
+        exempt_uid: options.envoy_user.as_ref().map(|u| u.uid),
     };
     // 1. Discover: check, lock the pin directory, see what a previous
     //    gateway left. 2. Load or adopt: pins exist before Envoy starts, so

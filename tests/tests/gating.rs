@@ -50,13 +50,35 @@ impl Answerer {
 /// answered by the gateway's target (redirected) — in this namespace
 /// (only `lo`) an unredirected datagram to 203.0.113.53 cannot leave.
 fn redirected(cgroup: &TestCgroup, answerer: &Answerer) -> Result<bool> {
+    redirected_as(cgroup, answerer, None)
+}
+
+/// [`redirected`], the probe running as `user` when given.
+fn redirected_as(cgroup: &TestCgroup, answerer: &Answerer, user: Option<&str>) -> Result<bool> {
     let script = repo_root().join("tests/clients/probe.py");
     let script = script.to_string_lossy().into_owned();
+    let mut args = vec![script.as_str(), "udp-sendto", "203.0.113.53", "53"];
+    let program = match user {
+        Some(user) => {
+            args.splice(
+                0..0,
+                [
+                    "--reuid",
+                    user,
+                    "--regid",
+                    user,
+                    "--clear-groups",
+                    "--",
+                    // Debian's, which any user may run (not root's own pyenv).
+                    "/usr/bin/python3",
+                ],
+            );
+            "setpriv"
+        }
+        None => "python3",
+    };
     let mut child = cgroup
-        .command(
-            "python3",
-            &[script.as_str(), "udp-sendto", "203.0.113.53", "53"],
-        )
+        .command(program, &args)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("starting the probe")?;
@@ -114,6 +136,7 @@ fn cgroups_are_gated_and_ungated_at_run_time_and_siblings_stay_untouched() -> Re
     let app_b = parent.child("app-b")?;
     let app_b_worker = app_b.child("worker")?;
     let answerer = Answerer::start()?;
+    let envoy_user = tests::dedicated_user()?;
     let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(unique_name("gw-test"));
     let mut loader = Loader::attach_with_args(
         &parent,
@@ -121,8 +144,14 @@ fn cgroups_are_gated_and_ungated_at_run_time_and_siblings_stay_untouched() -> Re
         DNS_TO.parse()?,
         TCP_TO.parse()?,
         &pin_dir,
-        &["--gate", "app-a"],
+        &["--gate", "app-a", "--envoy-user", &envoy_user.name],
     )?;
+    // Envoy's own user is never gated, even in a gated cgroup (its own
+    // DNS must never come back to it).
+    assert!(
+        !redirected_as(&app_a, &answerer, Some(&envoy_user.name))?,
+        "Envoy's user must not be redirected"
+    );
 
     // Only app-a is gated: its sibling (and the parent itself) are left
     // alone, counted as not gated.

@@ -228,11 +228,11 @@ fn tcp_connect_to_vip_reaches_proxy_and_original_destination_is_recovered() -> R
     // it is handed out once: a later socket on the same address gets none.
     let mut table = PinDir::new(loader.pin_dir()).orig_dst()?;
     assert_eq!(
-        table.take(accepted.into())?,
+        table.take(accepted.into(), 0)?,
         Some(addr("10.10.0.7:443").into())
     );
     assert_eq!(
-        table.take(accepted.into())?,
+        table.take(accepted.into(), 0)?,
         None,
         "an entry is consumed once"
     );
@@ -812,5 +812,33 @@ fn a_second_gateway_on_the_same_pin_directory_is_refused() -> Result<()> {
     let (code, stderr) = gateway(&["reset", "--pin-dir", &first.pin_dir().to_string_lossy()])?;
     assert_ne!(code, 0);
     assert!(stderr.contains("in use by another gateway"), "{stderr}");
+    Ok(())
+}
+
+/// A record whose client closed longer ago than the grace is never handed
+/// out, even when no loader sweeps (an Envoy that outlived its loader):
+/// `take` removes it and returns nothing; a fresh one is handed out once.
+#[test]
+fn an_expired_original_destination_is_never_handed_out() -> Result<()> {
+    let Some(cgroup) = setup()? else {
+        return Ok(());
+    };
+    let loader = attach(&cgroup)?;
+    let mut table = PinDir::new(loader.pin_dir()).orig_dst()?;
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    let now_ns = now.tv_sec() as u64 * 1_000_000_000 + now.tv_nsec() as u64;
+    let grace = gateway_common::ORIG_DST_CLOSE_GRACE_NS;
+    let old: SocketAddr = "127.0.0.1:40001".parse()?;
+    let fresh: SocketAddr = "127.0.0.1:40002".parse()?;
+    let open: SocketAddr = "127.0.0.1:40003".parse()?;
+    let vip: SocketAddr = "10.10.0.1:443".parse()?;
+    table.insert_closed(old, vip, now_ns - 2 * grace)?;
+    table.insert_closed(fresh, vip, now_ns - grace / 2)?;
+    table.insert(open, vip)?;
+    assert_eq!(table.take(old, now_ns)?, None, "expired: never handed out");
+    assert_eq!(table.peek(old)?, None, "and removed");
+    assert_eq!(table.take(fresh, now_ns)?, Some(vip));
+    assert_eq!(table.take(open, now_ns)?, Some(vip));
+    assert_eq!(table.take(open, now_ns)?, None, "at most once");
     Ok(())
 }
