@@ -365,7 +365,7 @@ EOF
     grep -qx 'run stopped' "$dir/log" || fail "the script exited before gateway run had stopped"
     [[ $status -eq 7 ]] || fail "the script exited with $status after SIGTERM, gateway run with 7"
     ! kill -0 "$run_pid" 2>/dev/null || fail "gateway run still runs after the script exited"
-    wait_until 3 "the reload loop to end with the script" group_gone "$pid"
+    wait_until 20 "the reload loop to end with the script" group_gone "$pid"
 
     status=0
     env "${env[@]}" STUB_EXIT=3 setsid sh "$extracted/loader.sh" >"$dir/output2" 2>&1 &
@@ -373,7 +373,7 @@ EOF
     background+=("-$pid")
     wait "$pid" || status=$?
     [[ $status -eq 3 ]] || fail "the script exited with $status when gateway run exited with 3"
-    wait_until 3 "the reload loop to end with the script" group_gone "$pid"
+    wait_until 20 "the reload loop to end with the script" group_gone "$pid"
     say "loader: reloads a changed file once, hands SIGTERM to gateway run, exits with its status once it is gone"
 }
 
