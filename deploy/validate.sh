@@ -286,7 +286,7 @@ EOF
     local pid=$!
     background+=("$pid")
     rounds_done() { [[ $(cat "$dir/rounds" 2>/dev/null || echo 0) -ge 5 ]]; }
-    wait_until 20 "five pod-sync rounds" rounds_done
+    wait_until 60 "five pod-sync rounds" rounds_done
     kill -TERM "$pid"
     local status=0
     wait "$pid" || status=$?
@@ -346,7 +346,7 @@ EOF
     env "${env[@]}" setsid sh "$extracted/loader.sh" >"$dir/output" 2>&1 &
     local pid=$!
     background+=("-$pid")
-    wait_until 10 "gateway run to start" test -s "$dir/run.pid"
+    wait_until 30 "gateway run to start" test -s "$dir/run.pid"
     local run_pid
     run_pid=$(cat "$dir/run.pid")
     grep -qx "run --config $dir/gateway.toml --envoy-user dns-gateway-envoy --external-envoy --keep-attached" "$dir/log" ||
@@ -354,7 +354,7 @@ EOF
     sleep 0.5 # the reload loop has read the file by now
     printf 'gate = []\n' >>"$dir/gateway.toml"
     reloaded() { grep -qx "reload --config $dir/gateway.toml" "$dir/log"; }
-    wait_until 10 "a reload of the changed file" reloaded
+    wait_until 30 "a reload of the changed file" reloaded
     sleep 0.6
     [[ $(grep -c '^reload' "$dir/log") -eq 1 ]] || fail "reloads of an unchanged file: $(cat "$dir/log")"
 

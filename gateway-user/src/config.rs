@@ -501,6 +501,15 @@ pub fn validate(file: GatewayFile) -> Result<Config> {
                 c.name
             );
         }
+        if crate::envoy_bootstrap::RESERVED_CLUSTER_NAMES.contains(&c.name.as_str())
+            || c.name == "-"
+        {
+            bail!(
+                "clusters[{i}].name: {:?} is reserved for the gateway's own clusters ({}); choose another name",
+                c.name,
+                crate::envoy_bootstrap::RESERVED_CLUSTER_NAMES.join(", ")
+            );
+        }
         let address = field(
             &format!("clusters[{i}].address"),
             parse_socket_addr(&c.address),
@@ -828,6 +837,22 @@ mod tests {
                 "clusters[1].name",
             ),
             (with("cgroup = ", "cgroupz = "), "unknown field `cgroupz`"),
+            (
+                format!(
+                    "{DEFAULT_CONFIG}\n[[clusters]]\nname = \"dns_fallback_udp\"\naddress = \"127.0.0.1:18009\"\n"
+                ),
+                "is reserved",
+            ),
+            (
+                format!(
+                    "{DEFAULT_CONFIG}\n[[clusters]]\nname = \"no_matching_domain\"\naddress = \"127.0.0.1:18009\"\n"
+                ),
+                "is reserved",
+            ),
+            (
+                with("[listeners]", "[listeners]\nmetrics = \"127.0.0.1:15001\""),
+                "listeners.metrics",
+            ),
             (
                 with("\"auth_token\"", "\"missing_key\""),
                 "tunnel.headers.X-Auth-Token",

@@ -391,29 +391,58 @@ fn listeners(config: &Config, files: Option<&Instance>) -> Vec<Value> {
     all
 }
 
+/// The metrics listener's name.
+const METRICS_LISTENER: &str = "metrics";
+
+/// At most this many connections to the metrics listener at once, so
+/// that scrapers (or anyone reaching it) cannot hold many.
+const METRICS_CONNECTION_LIMIT: u32 = 16;
+
 /// Name of the cluster that reaches Envoy's own admin socket, for the
 /// metrics listener.
 const ADMIN_CLUSTER: &str = "gateway_admin";
+
+/// Cluster names the bootstrap uses itself; a configured cluster may not
+/// take one (the clusters would clash, or a connection without a domain
+/// would be routed instead of closed).
+pub const RESERVED_CLUSTER_NAMES: [&str; 4] = [
+    FALLBACK_UDP_CLUSTER,
+    FALLBACK_TCP_CLUSTER,
+    ADMIN_CLUSTER,
+    NO_MATCH_CLUSTER,
+];
 
 /// The metrics listener: `GET /stats/prometheus` is proxied to the admin
 /// socket, every other request gets 404, so nothing else of the admin
 /// interface (config dump with tokens, quit, drain) is reachable.
 fn metrics_listener(addr: std::net::SocketAddrV4) -> Value {
     json!({
-        "name": "metrics",
+        "name": METRICS_LISTENER,
         "address": socket_address(addr, false),
+        // Not counted against the tunnels' global connection limit; its
+        // own limit is a runtime setting (see `bootstrap`).
+        "ignore_global_conn_limit": true,
         "filter_chains": [{ "filters": [{
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                 "stat_prefix": "metrics",
+                // Slow or idle scrapers are cut off quickly.
+                "request_headers_timeout": "5s",
+                "stream_idle_timeout": "10s",
+                "common_http_protocol_options": { "idle_timeout": "30s" },
                 "route_config": { "virtual_hosts": [{
                     "name": "metrics",
                     "domains": ["*"],
                     "routes": [
                         {
-                            "match": { "path": "/stats/prometheus", "headers": [{ "name": ":method", "string_match": { "exact": "GET" } }] },
-                            "route": { "cluster": ADMIN_CLUSTER },
+                            // The whole :path (query included) and the
+                            // method: no stats filters or other formats.
+                            "match": { "prefix": "/", "headers": [
+                                { "name": ":path", "string_match": { "exact": "/stats/prometheus" } },
+                                { "name": ":method", "string_match": { "exact": "GET" } },
+                            ]},
+                            "route": { "cluster": ADMIN_CLUSTER, "timeout": "5s" },
                         },
                         {
                             "match": { "prefix": "/" },
@@ -473,9 +502,15 @@ pub fn bootstrap(config: &Config, admin_socket: &Path, files: Option<&Instance>)
             "name": "gateway_limits",
             "static_layer": dns_tcp_listener_names(config)
                 .into_iter()
-                .map(|name| (
+                .map(|name| (name, DNS_TCP_CONNECTION_LIMIT))
+                .chain(
+                    config
+                        .metrics_listener
+                        .map(|_| (METRICS_LISTENER.to_owned(), METRICS_CONNECTION_LIMIT)),
+                )
+                .map(|(name, limit)| (
                     format!("envoy.resource_limits.listener.{name}.connection_limit"),
-                    json!(DNS_TCP_CONNECTION_LIMIT),
+                    json!(limit),
                 ))
                 .collect::<serde_json::Map<String, Value>>(),
         }]},

@@ -238,33 +238,49 @@ pub fn is_pod_cgroup(dir_name: &str, uid: &str) -> bool {
     dir_name == dashed || dir_name.ends_with(&format!("-{underscored}.slice"))
 }
 
-/// The cgroup of each pod below `kubepods_root` (at most three levels
-/// down: QoS class, then the pod), by uid.
+/// The cgroup of each pod below `kubepods_root`, by uid, where the
+/// kubelet puts them: directly below it (guaranteed pods) or one level
+/// down (below a QoS class). Nothing deeper is looked at (a container's
+/// own cgroups cannot pass for a pod), and a uid matching two directories
+/// is left out (returned as ambiguous).
 pub fn find_pod_cgroups(
     kubepods_root: &Path,
     pods: &[Pod],
-) -> std::collections::BTreeMap<String, PathBuf> {
-    let mut found = std::collections::BTreeMap::new();
-    let mut stack = vec![(kubepods_root.to_path_buf(), 0u32)];
-    while let Some((dir, depth)) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else {
-            continue;
+) -> (std::collections::BTreeMap<String, PathBuf>, Vec<String>) {
+    let mut found: std::collections::BTreeMap<String, PathBuf> = std::collections::BTreeMap::new();
+    let mut ambiguous = BTreeSet::new();
+    let subdirs = |dir: &Path| -> Vec<(String, PathBuf)> {
+        fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut consider = |name: &str, path: &Path| -> bool {
+        let Some(pod) = pods.iter().find(|p| is_pod_cgroup(name, &p.uid)) else {
+            return false;
         };
-        for entry in entries.flatten() {
-            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            let name = entry.file_name().to_string_lossy().into_owned();
-            match pods.iter().find(|p| is_pod_cgroup(&name, &p.uid)) {
-                Some(pod) => {
-                    found.insert(pod.uid.clone(), entry.path());
-                }
-                None if depth < 2 => stack.push((entry.path(), depth + 1)),
-                None => {}
-            }
+        if found.insert(pod.uid.clone(), path.to_path_buf()).is_some() {
+            ambiguous.insert(pod.uid.clone());
+        }
+        true
+    };
+    for (name, path) in subdirs(kubepods_root) {
+        if consider(&name, &path) {
+            continue;
+        }
+        for (name, path) in subdirs(&path) {
+            consider(&name, &path);
         }
     }
-    found
+    for uid in &ambiguous {
+        found.remove(uid);
+    }
+    (found, ambiguous.into_iter().collect())
 }
 
 /// What one `gateway gate-pods` round did.
@@ -281,44 +297,62 @@ pub struct PodSync {
     /// Pods with their own network namespace: gated, but the kernel
     /// leaves them alone (the gateway serves its own namespace).
     pub own_network: Vec<String>,
+    /// Pods that could not be gated, with the reason.
+    pub failed: Vec<String>,
 }
 
 /// Makes the set of [`GateOrigin::Pod`] entries the cgroups of `pods`:
 /// listed pods found below `kubepods_root` are gated, pods gated before
 /// and no longer listed are ungated. Entries of other origins are left
-/// alone.
+/// alone. One pod that cannot be gated (outside the attach cgroup, a full
+/// table) is reported and does not stop the others.
 pub fn sync_pods(pin_dir: &PinDir, kubepods_root: &Path, pods: &[Pod]) -> Result<PodSync> {
     let attach = attach_cgroup(pin_dir)?;
     let root = fs::canonicalize(kubepods_root)
         .with_context(|| format!("--kubepods-root {}", kubepods_root.display()))?;
-    let cgroups = find_pod_cgroups(&root, pods);
+    let (cgroups, ambiguous) = find_pod_cgroups(&root, pods);
     let mut table = pin_dir.gated()?;
     let mut sync = PodSync::default();
-    let mut wanted = BTreeSet::new();
+    let mut wanted = Vec::new();
     for pod in pods {
+        if ambiguous.contains(&pod.uid) {
+            sync.failed
+                .push(format!("{}: two cgroups match its uid", pod.name));
+            continue;
+        }
         let Some(path) = cgroups.get(&pod.uid) else {
             sync.not_found.push(pod.name.clone());
             continue;
         };
-        let cgroup = identify(&attach, path)?;
-        wanted.insert(cgroup.id);
+        match identify(&attach, path) {
+            Ok(cgroup) => wanted.push((pod, cgroup)),
+            Err(e) => sync.failed.push(format!("{}: {e:#}", pod.name)),
+        }
+    }
+    // Ungate first: a full table must not keep gone pods gated.
+    let keep: BTreeSet<u64> = wanted.iter().map(|(_, c)| c.id).collect();
+    for (id, entry) in table.entries()? {
+        if entry.origin == GateOrigin::Pod as u32 && !keep.contains(&id) && table.ungate(id)? {
+            sync.ungated += 1;
+        }
+    }
+    for (pod, cgroup) in wanted {
         if !pod.host_network {
             sync.own_network.push(pod.name.clone());
         }
-        match table.get(cgroup.id)? {
-            Some(entry) if entry.origin != GateOrigin::Pod as u32 => {}
-            existing => {
+        let existing = table.get(cgroup.id)?;
+        if existing.is_some_and(|e| e.origin != GateOrigin::Pod as u32) {
+            sync.gated += 1;
+            continue;
+        }
+        match table.gate(cgroup.id, cgroup.level, GateOrigin::Pod) {
+            Ok(()) => {
+                sync.gated += 1;
                 if existing.is_none() {
                     sync.newly_gated += 1;
                 }
-                table.gate(cgroup.id, cgroup.level, GateOrigin::Pod)?;
             }
-        }
-        sync.gated += 1;
-    }
-    for (id, entry) in table.entries()? {
-        if entry.origin == GateOrigin::Pod as u32 && !wanted.contains(&id) && table.ungate(id)? {
-            sync.ungated += 1;
+            Err(e) => sync.failed.push(format!("{}: {e:#}", pod.name)),
         }
     }
     Ok(sync)

@@ -395,6 +395,7 @@ mod tests {
             .to_string_lossy()
             .starts_with("gw-"));
         assert_eq!(a.bootstrap().parent(), Some(a.dir()));
-        assert_eq!(a.admin_socket().parent(), Some(a.dir()));
+        assert_eq!(a.admin_socket().parent(), Some(a.envoy_dir().as_path()));
+        assert_eq!(a.envoy_dir().parent(), Some(a.dir()));
     }
 }

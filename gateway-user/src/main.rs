@@ -459,12 +459,21 @@ fn run(command: Command) -> Result<()> {
                 sync.ungated,
                 sync.not_found.join(", ")
             );
+            if !sync.failed.is_empty() {
+                log::error!("pods not gated: [{}]", sync.failed.join("; "));
+            }
             if !sync.own_network.is_empty() {
                 log::warn!(
                     "pods with their own network namespace are gated but not served (the kernel \
                      redirects only in the gateway's namespace; counted as foreign_netns_passed): \
                      [{}]; give them hostNetwork: true",
                     sync.own_network.join(", ")
+                );
+            }
+            if !sync.failed.is_empty() {
+                bail!(
+                    "{} pods could not be gated (see above); the others were",
+                    sync.failed.len()
                 );
             }
             Ok(())

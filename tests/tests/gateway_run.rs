@@ -633,6 +633,9 @@ fn the_metrics_listener_serves_prometheus_stats_and_nothing_else() -> Result<()>
         ("GET", "/config_dump"),
         ("POST", "/quitquitquit"),
         ("POST", "/stats/prometheus"),
+        ("HEAD", "/stats/prometheus"),
+        ("GET", "/stats/prometheus?filter=.*&format=json"),
+        ("GET", "/stats/prometheus/../../config_dump"),
         ("GET", "/stats"),
     ] {
         let (code, body) = get(method, path)?;

@@ -284,6 +284,8 @@ fn pods_of_a_pod_list_are_gated_by_uid_and_ungated_when_no_longer_listed() -> Re
     let cgroupfs_qos = kubepods.child("burstable")?;
     let pod_b = cgroupfs_qos.child(&format!("pod{uid_b}"))?;
     let pod_c = cgroupfs_qos.child("pod99999999-2222-3333-4444-555555555555")?;
+    // A container's own cgroup named like a listed pod cannot pass for it.
+    let decoy = pod_c.child(&format!("pod{uid_b}"))?;
     let answerer = Answerer::start()?;
     let pin_dir = std::path::PathBuf::from("/sys/fs/bpf").join(unique_name("gw-test"));
     let loader = Loader::attach_with_args(
@@ -369,7 +371,8 @@ fn pods_of_a_pod_list_are_gated_by_uid_and_ungated_when_no_longer_listed() -> Re
 
     drop(loader);
     tests::reset_pins(&pin_dir);
-    drop((container_a, pod_c));
+    drop((container_a, decoy));
+    drop(pod_c);
     drop((pod_a, pod_b));
     drop((qos, cgroupfs_qos, idle));
     Ok(())
