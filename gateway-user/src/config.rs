@@ -251,6 +251,25 @@ pub struct Config {
 }
 
 impl Config {
+    /// A digest of everything a running Envoy cannot take from a reload
+    /// (listeners, VIP range, tunnel settings, …): the configuration
+    /// without the reloadable fields, with IPv6 as detected. Carried in
+    /// the bootstrap's node metadata, so that a loader that restarts next
+    /// to a running Envoy can tell whether that Envoy matches it.
+    pub fn static_digest(&self) -> u64 {
+        let mut value = toml::Value::try_from(&self.file).unwrap_or(toml::Value::Boolean(false));
+        if let Some(table) = value.as_table_mut() {
+            for key in ["domains", "clusters", "gate"] {
+                table.remove(key);
+            }
+            if let Some(dns) = table.get_mut("dns").and_then(|d| d.as_table_mut()) {
+                dns.remove("fallback");
+            }
+            table.insert("ipv6 (detected)".into(), toml::Value::Boolean(self.ipv6));
+        }
+        gateway_common::pinned::fnv1a(value.to_string().as_bytes())
+    }
+
     /// The cgroup the programs are attached to, resolved.
     pub fn attach_cgroup(&self) -> Result<PathBuf> {
         crate::cgroup::resolve(&self.file.cgroup)

@@ -391,6 +391,9 @@ fn listeners(config: &Config, files: Option<&Instance>) -> Vec<Value> {
     all
 }
 
+/// Node metadata key of [`Config::static_digest`] in the bootstrap.
+pub const CONFIG_DIGEST_KEY: &str = "gateway_static_config_digest";
+
 /// The metrics listener's name.
 const METRICS_LISTENER: &str = "metrics";
 
@@ -485,7 +488,11 @@ const ADMIN_SOCKET_MODE: u32 = 0o600;
 /// watches; listeners never change, so no connection is drained.
 pub fn bootstrap(config: &Config, admin_socket: &Path, files: Option<&Instance>) -> Value {
     let mut bootstrap = json!({
-        "node": { "id": "dns-egress-gateway", "cluster": "dns-egress-gateway" },
+        "node": {
+            "id": "dns-egress-gateway",
+            "cluster": "dns-egress-gateway",
+            "metadata": { CONFIG_DIGEST_KEY: format!("{:016x}", config.static_digest()) },
+        },
         "admin": { "address": { "pipe": {
             "path": admin_socket.display().to_string(),
             "mode": files.map_or(ADMIN_SOCKET_MODE, |i| i.sharing().admin_socket_mode()),

@@ -116,6 +116,7 @@ pub fn envoy_exec(options: &EnvoyExecOptions) -> Result<()> {
         log_level: options.envoy_log_level.clone(),
         concurrency: options.concurrency,
         run_as: None,
+        config_digest: String::new(),
     };
     let mut notice = std::time::Instant::now();
     while std::fs::File::open(&envoy.bootstrap).is_err() {
@@ -324,6 +325,7 @@ pub async fn run(options: RunOptions) -> Result<()> {
             log_level: options.envoy_log_level.clone(),
             concurrency: options.concurrency,
             run_as: options.envoy_user.clone(),
+            config_digest: format!("{:016x}", config.static_digest()),
         },
     )
     .await;

@@ -49,6 +49,10 @@ pub struct EnvoyCommand {
     pub concurrency: u32,
     /// Run Envoy as this user instead of the gateway's own.
     pub run_as: Option<crate::addr::RunAs>,
+    /// The static-configuration digest the bootstrap carries (see
+    /// `Config::static_digest`): an external Envoy showing another one was
+    /// started from an older configuration.
+    pub config_digest: String,
 }
 
 impl EnvoyCommand {
@@ -271,6 +275,7 @@ const EXTERNAL_WAIT_NOTICE: Duration = Duration::from_secs(15);
 /// orchestrator brings it back.
 async fn watch_external(
     admin: &Path,
+    config_digest: &str,
     on_ready: impl FnOnce() -> Result<()>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
@@ -279,7 +284,20 @@ async fn watch_external(
     loop {
         let live = matches!(admin_get(admin, "/ready").await, Ok(body) if body.lines().any(|l| l.trim() == "LIVE"));
         if live {
-            break;
+            match running_digest(admin).await {
+                Some(digest) if digest == config_digest => break,
+                Some(digest) => {
+                    // Started from an older configuration that a reload
+                    // cannot bring in step (listeners, VIP range, …).
+                    log::error!(
+                        "the running Envoy was started from another configuration (digest {digest}, \
+                         this gateway's is {config_digest}): asking it to quit so that its \
+                         orchestrator starts it again on the current bootstrap"
+                    );
+                    let _ = admin_request(admin, "POST", "/quitquitquit").await;
+                }
+                None => {}
+            }
         }
         if notice.elapsed() > EXTERNAL_WAIT_NOTICE {
             log::info!(
@@ -321,6 +339,24 @@ async fn watch_external(
     }
 }
 
+/// The static-configuration digest in the running Envoy's node metadata
+/// (`/server_info`; the body may arrive chunked, so the value is found by
+/// its key rather than by parsing the whole document). `None` when it
+/// cannot be read; `Some("")` when that Envoy carries none.
+async fn running_digest(admin: &Path) -> Option<String> {
+    let body = admin_get(admin, "/server_info").await.ok()?;
+    let key = format!("\"{}\"", crate::envoy_bootstrap::CONFIG_DIGEST_KEY);
+    let Some(at) = body.find(&key) else {
+        return Some(String::new());
+    };
+    let rest = body[at + key.len()..]
+        .trim_start()
+        .strip_prefix(':')?
+        .trim_start();
+    let value = rest.strip_prefix('"')?;
+    Some(value[..value.find('"')?].to_owned())
+}
+
 /// Starts Envoy, waits until it is ready, then calls `on_ready` once and
 /// keeps Envoy running until `shutdown` completes. A first start that
 /// fails is an error (bad bootstrap, missing module, admin address taken);
@@ -333,7 +369,7 @@ pub async fn supervise(
     shutdown: impl Future<Output = ()>,
 ) -> Result<()> {
     if external {
-        return watch_external(&envoy.admin, on_ready, shutdown).await;
+        return watch_external(&envoy.admin, &envoy.config_digest, on_ready, shutdown).await;
     }
     tokio::pin!(shutdown);
     reap_leftover(&envoy.admin).await?;

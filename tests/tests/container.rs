@@ -218,50 +218,50 @@ fn the_image_runs_the_seed_scenario_with_three_capabilities_and_envoy_unprivileg
             .arg("-v")
             .arg(format!("{}:{CONFIG_IN}:ro", config_file.display()));
     };
-    let mut loader_cmd = podman();
-    loader_cmd
-        .args(["run", "--detach", "--name", &format!("gw-loader-{suffix}")])
-        .args(limit_args())
-        .args(["--cap-drop", "all"])
-        .args([
-            "--cap-add",
-            "BPF",
-            "--cap-add",
-            "PERFMON",
-            "--cap-add",
-            "NET_ADMIN",
-        ])
-        .args(["--group-add", "dns-gateway-envoy"])
-        .args(["--cgroupns", "host"])
-        .args(["-v", "/sys/fs/cgroup:/sys/fs/cgroup"]);
-    mounts(&mut loader_cmd);
-    loader_cmd.args([
-        IMAGE,
-        "run",
-        "--config",
-        CONFIG_IN,
-        "--envoy-user",
-        "dns-gateway-envoy",
-        "--external-envoy",
-        "--fallback",
-        FALLBACK,
-    ]);
-    run(&mut loader_cmd)?;
-    let loader = Container {
-        name: format!("gw-loader-{suffix}"),
+    let start_loader = |name: String| -> Result<Container> {
+        let mut cmd = podman();
+        cmd.args(["run", "--detach", "--name", &name])
+            .args(limit_args())
+            .args(["--cap-drop", "all"])
+            .args([
+                "--cap-add",
+                "BPF",
+                "--cap-add",
+                "PERFMON",
+                "--cap-add",
+                "NET_ADMIN",
+            ])
+            .args(["--group-add", "dns-gateway-envoy"])
+            .args(["--cgroupns", "host"])
+            .args(["-v", "/sys/fs/cgroup:/sys/fs/cgroup"]);
+        mounts(&mut cmd);
+        cmd.args([
+            IMAGE,
+            "run",
+            "--config",
+            CONFIG_IN,
+            "--envoy-user",
+            "dns-gateway-envoy",
+            "--external-envoy",
+            "--fallback",
+            FALLBACK,
+        ]);
+        run(&mut cmd)?;
+        Ok(Container { name })
     };
-    let mut envoy_cmd = podman();
-    envoy_cmd
-        .args(["run", "--detach", "--name", &format!("gw-envoy-{suffix}")])
-        .args(limit_args())
-        .args(["--user", "dns-gateway-envoy", "--cap-drop", "all"])
-        .args(["--security-opt", "no-new-privileges"]);
-    mounts(&mut envoy_cmd);
-    envoy_cmd.args([IMAGE, "envoy-exec", "--config", CONFIG_IN]);
-    run(&mut envoy_cmd)?;
-    let envoy = Container {
-        name: format!("gw-envoy-{suffix}"),
+    let start_envoy = |name: String| -> Result<Container> {
+        let mut cmd = podman();
+        cmd.args(["run", "--detach", "--name", &name])
+            .args(limit_args())
+            .args(["--user", "dns-gateway-envoy", "--cap-drop", "all"])
+            .args(["--security-opt", "no-new-privileges"]);
+        mounts(&mut cmd);
+        cmd.args([IMAGE, "envoy-exec", "--config", CONFIG_IN]);
+        run(&mut cmd)?;
+        Ok(Container { name })
     };
+    let loader = start_loader(format!("gw-loader-{suffix}"))?;
+    let envoy = start_envoy(format!("gw-envoy-{suffix}"))?;
 
     // Ready: the host's own gateway binary reads the pins the container
     // made, and the containers' health probe says so too.
@@ -371,6 +371,57 @@ fn the_image_runs_the_seed_scenario_with_three_capabilities_and_envoy_unprivileg
     run(podman().args(["stop", "--time", "15", &loader.name]))?;
     let status = tests::status_json(&pin_dir)?;
     assert_eq!(status["attached"], false, "{status}");
+
+    // A new loader on a configuration no reload could bring to the running
+    // Envoy (another VIP range) does not attach to that Envoy: it has it
+    // quit, and attaches to the one started on the new bootstrap.
+    std::fs::write(
+        &config_file,
+        config.replacen(
+            "vip_cidr = \"10.10.0.0/24\"",
+            "vip_cidr = \"10.11.0.0/24\"",
+            1,
+        ),
+    )?;
+    let loader_2 = start_loader(format!("gw-loader2-{suffix}"))?;
+    wait_for(
+        "the outdated Envoy to quit",
+        Duration::from_secs(30),
+        || {
+            let out = podman()
+                .args(["inspect", "--format", "{{.State.Running}}", &envoy.name])
+                .output()?;
+            Ok((String::from_utf8_lossy(&out.stdout).trim() == "false").then_some(()))
+        },
+    )
+    .with_context(|| format!("loader:\n{}", loader_2.logs()))?;
+    assert!(
+        loader_2
+            .logs()
+            .contains("started from another configuration"),
+        "{}",
+        loader_2.logs()
+    );
+    let envoy_2 = start_envoy(format!("gw-envoy2-{suffix}"))?;
+    wait_for("the new gateway to attach", Duration::from_secs(60), || {
+        let status = tests::status_json(&pin_dir);
+        Ok(status
+            .ok()
+            .filter(|s| s["attached"] == true && s["loader"]["alive"] == true)
+            .map(|_| ()))
+    })
+    .with_context(|| format!("loader:\n{}\nenvoy:\n{}", loader_2.logs(), envoy_2.logs()))?;
+    let vip = in_cgroup(
+        &cgroup,
+        "dig",
+        &["+short", "+tries=2", "+time=3", "three.s3.aws.com"],
+    )?;
+    assert!(
+        vip.trim().starts_with("10.11.0."),
+        "a VIP of the new range: {vip}"
+    );
+    run(podman().args(["stop", "--time", "15", &loader_2.name]))?;
+    drop((envoy_2, loader_2));
     drop(envoy);
     drop(loader);
     for dir in [&sibling, &child, &cgroup, &attach] {
