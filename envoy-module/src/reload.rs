@@ -202,7 +202,14 @@ fn acknowledge(ack: &Path, digest: u64, outcome: &str) {
     partial.push(".partial");
     let partial = PathBuf::from(partial);
     let _ = std::fs::remove_file(&partial);
+    // Readable by the gateway through Envoy's group, whatever the umask.
     let written = std::fs::write(&partial, format!("{digest:016x} {outcome}\n"))
+        .and_then(|()| {
+            std::fs::set_permissions(
+                &partial,
+                std::os::unix::fs::PermissionsExt::from_mode(0o640),
+            )
+        })
         .and_then(|()| std::fs::rename(&partial, ack));
     if let Err(e) = written {
         crate::log_fmt!(

@@ -293,6 +293,11 @@ pub struct GatewayConfig {
     /// gate` of the wrong cgroup, a labelled gateway pod) can send Envoy's
     /// own DNS back to itself. [`NO_EXEMPT_UID`] for none (never root).
     pub exempt_uid: u32,
+    /// Explicit padding. It also makes this layout's size differ from the
+    /// one before `exempt_uid`, so that an upgrade recreates the pinned
+    /// configuration map instead of handing the old programs a field they
+    /// would read with another meaning.
+    pub _pad: [u32; 2],
 }
 
 impl GatewayConfig {

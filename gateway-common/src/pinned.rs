@@ -77,7 +77,7 @@ fn from_bytes<T: Pod, const N: usize>(bytes: &[u8; N]) -> T {
 const _: () = assert!(SOCKADDR_SIZE == 20);
 const _: () = assert!(VIP_RECORD_SIZE == 260);
 const _: () = assert!(ORIG_DST_ENTRY_SIZE == 40);
-const _: () = assert!(CONFIG_SIZE == 120);
+const _: () = assert!(CONFIG_SIZE == 128);
 const _: () = assert!(LOADER_INFO_SIZE == 280);
 const _: () = assert!(size_of::<GateEntry>() == 8);
 

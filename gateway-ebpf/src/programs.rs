@@ -234,8 +234,8 @@ fn in_proxy_netns<C: EbpfContext>(ctx: &C, cfg: &GatewayConfig) -> bool {
 #[inline(always)]
 fn in_gated_cgroup(cfg: &GatewayConfig) -> bool {
     if cfg.exempt_uid != NO_EXEMPT_UID && cfg.exempt_uid != 0 {
-        // SAFETY: no arguments; the low 32 bits are the calling task's uid.
-        let uid = unsafe { bpf_get_current_uid_gid() } as u32;
+        // The low 32 bits are the calling task's uid.
+        let uid = bpf_get_current_uid_gid() as u32;
         if uid == cfg.exempt_uid {
             count(Counter::NotGatedPassed);
             return false;

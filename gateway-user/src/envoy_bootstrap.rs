@@ -430,6 +430,9 @@ fn metrics_listener(addr: std::net::SocketAddrV4) -> Value {
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                 "stat_prefix": "metrics",
+                // One request per connection at a time (no h2 streams
+                // multiplying admin work).
+                "codec_type": "HTTP1",
                 // Slow or idle scrapers are cut off quickly.
                 "request_headers_timeout": "5s",
                 "stream_idle_timeout": "10s",
@@ -468,6 +471,10 @@ fn admin_cluster(admin_socket: &Path) -> Value {
         "name": ADMIN_CLUSTER,
         "type": "STATIC",
         "connect_timeout": "1s",
+        // The admin runs on Envoy's main thread: a few scrapes at once.
+        "circuit_breakers": { "thresholds": [{
+            "max_connections": 2, "max_pending_requests": 4, "max_requests": 2,
+        }]},
         "load_assignment": {
             "cluster_name": ADMIN_CLUSTER,
             "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": {

@@ -310,6 +310,14 @@ pub fn sync_pods(pin_dir: &PinDir, kubepods_root: &Path, pods: &[Pod]) -> Result
     let attach = attach_cgroup(pin_dir)?;
     let root = fs::canonicalize(kubepods_root)
         .with_context(|| format!("--kubepods-root {}", kubepods_root.display()))?;
+    // An unreadable root must not read as "no pods" (which would ungate
+    // them all).
+    fs::read_dir(&root).with_context(|| {
+        format!(
+            "listing --kubepods-root {}; nothing changed",
+            root.display()
+        )
+    })?;
     let (cgroups, ambiguous) = find_pod_cgroups(&root, pods);
     let mut table = pin_dir.gated()?;
     let mut sync = PodSync::default();
@@ -329,11 +337,15 @@ pub fn sync_pods(pin_dir: &PinDir, kubepods_root: &Path, pods: &[Pod]) -> Result
             Err(e) => sync.failed.push(format!("{}: {e:#}", pod.name)),
         }
     }
-    // Ungate first: a full table must not keep gone pods gated.
+    // Ungate first (a full table must not keep gone pods gated), but not
+    // while a listed pod could not be resolved: its entry is not known and
+    // must not be taken for a gone pod's.
     let keep: BTreeSet<u64> = wanted.iter().map(|(_, c)| c.id).collect();
-    for (id, entry) in table.entries()? {
-        if entry.origin == GateOrigin::Pod as u32 && !keep.contains(&id) && table.ungate(id)? {
-            sync.ungated += 1;
+    if sync.failed.is_empty() {
+        for (id, entry) in table.entries()? {
+            if entry.origin == GateOrigin::Pod as u32 && !keep.contains(&id) && table.ungate(id)? {
+                sync.ungated += 1;
+            }
         }
     }
     for (pod, cgroup) in wanted {

@@ -133,7 +133,7 @@ impl Reloader<'_> {
             envoy_bootstrap::render(&new, &self.instance.admin_socket(), Some(self.instance))?;
         // From here on the new configuration is the one in force, even if
         // a step fails: a later reload writes everything again.
-        self.current = new;
+        let previous = std::mem::replace(&mut self.current, new);
         self.unsettled = true;
         let admin = self.instance.admin_socket();
         self.instance.write_clusters(&clusters_both)?;
@@ -146,8 +146,20 @@ impl Reloader<'_> {
             confirm_domains(&self.instance.domains_ack(), fnv1a(domains.as_bytes())).await
         {
             if e.to_string().contains("rejected") {
+                // Put the previous domains and clusters back, so that no
+                // file an Envoy (re)start would read holds what was refused.
+                let restored = envoy_bootstrap::domains_document(&previous)
+                    .and_then(|d| self.instance.write_domains(&d))
+                    .and_then(|()| {
+                        envoy_bootstrap::cds_document(&previous, &format!("{generation}.r"))
+                    })
+                    .and_then(|c| self.instance.write_clusters(&c));
+                if restored.is_ok() {
+                    self.current = previous;
+                    self.unsettled = false;
+                }
                 return Err(e.context(
-                    "the module refused the new domains (the previous ones stay in force)",
+                    "the module refused the new domains; the previous domains and clusters are back in force",
                 ));
             }
             unconfirmed.push(format!("{e:#}"));

@@ -154,9 +154,7 @@ async fn admin_request(admin: &Path, method: &str, path: &str) -> Result<String>
 }
 
 async fn admin_request_unbounded(admin: &Path, method: &str, path: &str) -> Result<String> {
-    let mut stream = UnixStream::connect(admin)
-        .await
-        .with_context(|| format!("connecting to Envoy's admin at {}", admin.display()))?;
+    let mut stream = connect_admin(admin).await?;
     stream
         .write_all(
             format!(
@@ -179,6 +177,36 @@ async fn admin_request_unbounded(admin: &Path, method: &str, path: &str) -> Resu
         bail!("admin {path}: {}", head.lines().next().unwrap_or_default());
     }
     Ok(body.to_owned())
+}
+
+/// Connects to Envoy's admin socket without following a link: the socket
+/// lives in the one directory Envoy's user may write, so the path is
+/// opened with `O_PATH | O_NOFOLLOW`, checked to be a socket, and
+/// connected to through that very descriptor.
+async fn connect_admin(admin: &Path) -> Result<UnixStream> {
+    use std::os::unix::{
+        fs::{FileTypeExt as _, OpenOptionsExt as _},
+        io::AsRawFd as _,
+    };
+    let flags = nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_NOFOLLOW;
+    let handle = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(flags.bits())
+        .open(admin)
+        .with_context(|| format!("opening Envoy's admin socket {}", admin.display()))?;
+    let meta = handle
+        .metadata()
+        .with_context(|| format!("inspecting {}", admin.display()))?;
+    if !meta.file_type().is_socket() {
+        bail!(
+            "{} is not a socket (a link or a file was put there); not connecting",
+            admin.display()
+        );
+    }
+    let via = format!("/proc/self/fd/{}", handle.as_raw_fd());
+    UnixStream::connect(&via)
+        .await
+        .with_context(|| format!("connecting to Envoy's admin at {}", admin.display()))
 }
 
 /// Stops an Envoy a previous gateway of this pin directory left running.

@@ -599,5 +599,21 @@ fn envoys_user_cannot_plant_anything_where_root_writes() -> Result<()> {
         as_envoy(&["touch", &own])?,
         "Envoy's user writes its own directory"
     );
+    // A link it puts where its admin socket was is not followed: root
+    // refuses to connect through it.
+    let admin = scenario.admin_socket().display().to_string();
+    assert!(as_envoy(&["mv", &admin, &format!("{admin}.moved")])?);
+    assert!(as_envoy(&["ln", "-s", &format!("{admin}.moved"), &admin])?);
+    let check = Command::new(tests::gateway_bin())
+        .args(["status", "--check", "--pin-dir"])
+        .arg(scenario.pin_dir())
+        .arg("--state-dir")
+        .arg(scenario.state_dir())
+        .output()?;
+    let text = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        !check.status.success() && text.contains("not a socket"),
+        "{text}"
+    );
     Ok(())
 }
