@@ -120,6 +120,43 @@ pub fn sync_configured(pin_dir: &PinDir, wanted: &[GatedCgroup]) -> Result<(usiz
     Ok((gated, ungated))
 }
 
+/// How often `gateway run` checks that its configured cgroups are still
+/// the ones gated (see [`regate_configured`]).
+pub const REGATE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Gates the configured cgroups again when one of them has a new id (it
+/// was removed and created again under the same path). `known` holds the
+/// ids seen last time; a cheap check (one `stat` per configured cgroup)
+/// unless something changed. Missing cgroups are skipped (gated again
+/// once they exist). Returns whether the gate table was updated.
+pub fn regate_configured(
+    pin_dir: &PinDir,
+    config: &crate::config::Config,
+    known: &mut Vec<u64>,
+) -> Result<bool> {
+    let attach = config.attach_cgroup()?;
+    let current: Vec<GatedCgroup> = config
+        .gated_cgroups()?
+        .iter()
+        .filter_map(|path| identify(&attach, path).ok())
+        .collect();
+    let ids: Vec<u64> = current.iter().map(|c| c.id).collect();
+    if ids == *known {
+        return Ok(false);
+    }
+    let first = known.is_empty();
+    sync_configured(pin_dir, &current)?;
+    if !first {
+        log::info!(
+            "configured cgroups changed identity (removed and created again?): gated again ({} of {})",
+            current.len(),
+            config.gated_cgroups()?.len()
+        );
+    }
+    *known = ids;
+    Ok(true)
+}
+
 /// The cgroup the programs in `pin_dir` are attached to, from the
 /// loader's record.
 pub fn attach_cgroup(pin_dir: &PinDir) -> Result<PathBuf> {

@@ -406,9 +406,28 @@ async fn run_with_cgroup(
     crate::reload::record_start(instance)?;
     let pins = gateway_common::pinned::PinDir::new(&config.file.pin_dir);
     let reloads = async {
-        while hangups.recv().await.is_some() {
-            log::info!("SIGHUP received: reading the configuration again");
-            reloader.reload(&pins).await;
+        // A configured cgroup that is removed and created again (a systemd
+        // service restarting, say) comes back with a new id: it is gated
+        // again within a tick, instead of staying ungated until a reload.
+        let mut regate = tokio::time::interval(crate::gate::REGATE_INTERVAL);
+        regate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut known = Vec::new();
+        loop {
+            tokio::select! {
+                signal = hangups.recv() => {
+                    if signal.is_none() {
+                        break;
+                    }
+                    log::info!("SIGHUP received: reading the configuration again");
+                    reloader.reload(&pins).await;
+                    known.clear();
+                }
+                _ = regate.tick() => {
+                    if let Err(e) = crate::gate::regate_configured(&pins, &reloader.current, &mut known) {
+                        log::warn!("cannot check the configured gates: {e:#}");
+                    }
+                }
+            }
         }
         std::future::pending::<()>().await
     };

@@ -668,3 +668,41 @@ fn printing_into_a_closed_pipe_is_not_a_panic() -> Result<()> {
     }
     Ok(())
 }
+
+/// A configured gated cgroup removed and created again (as systemd does
+/// when a service restarts) has a new id; `gateway run` gates it again
+/// within a second instead of leaving it ungated until a reload.
+#[test]
+fn a_configured_cgroup_created_again_is_gated_again() -> Result<()> {
+    let config = test_config()?.replacen("pin_dir = ", "gate = [\"app\"]\npin_dir = ", 1);
+    let Some(scenario) = start_isolated(config, &[], &TOOLS)? else {
+        return Ok(());
+    };
+    let app = scenario.cgroup().join("app");
+    let dig_in = |cgroup: &Path| -> Result<String> {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > '{}/cgroup.procs' && exec dig +short +tries=1 +time=1 one.s3.aws.com",
+                cgroup.display()
+            ))
+            .output()?;
+        Ok(stdout_of(out))
+    };
+    assert_eq!(dig_in(&app)?, "10.10.0.1", "the configured cgroup is gated");
+    std::fs::remove_dir(&app).context("removing the gated cgroup")?;
+    std::fs::create_dir(&app).context("creating it again")?;
+    let started = std::time::Instant::now();
+    wait_for(
+        "the new cgroup to be gated",
+        Duration::from_secs(10),
+        || Ok((dig_in(&app)? == "10.10.0.1").then_some(())),
+    )
+    .with_context(|| scenario.gateway_output())?;
+    eprintln!(
+        "measured: gated again {:?} after it was created",
+        started.elapsed()
+    );
+    assert!(scenario.gateway_output().contains("gated again"));
+    Ok(())
+}
