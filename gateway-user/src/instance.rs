@@ -49,6 +49,15 @@ impl Sharing {
 
     /// Mode of the directories and files only root writes: Envoy's group
     /// may read them, nobody but root may change them.
+    /// Envoy's uid when the gateway starts Envoy as that user: directories
+    /// it owned in an older layout are taken back from it.
+    fn envoy_uid(self) -> Option<u32> {
+        match self {
+            Sharing::EnvoyUser { uid, .. } => Some(uid),
+            _ => None,
+        }
+    }
+
     fn root_dir_mode(self) -> u32 {
         if self.group().is_some() {
             0o750
@@ -171,20 +180,30 @@ impl Instance {
                 parent.display()
             );
         }
-        let envoy_uid = match self.sharing {
-            Sharing::EnvoyUser { uid, .. } => Some(uid),
-            _ => None,
-        };
+        self.ensure_root_dir(&self.dir)?;
+        let (uid, gid, mode) = self.sharing.envoy_dir();
         ensure_dir(
-            &self.dir,
+            &self.envoy_dir(),
             me,
-            envoy_uid,
+            self.sharing.envoy_uid(),
+            uid,
+            gid,
+            mode,
+        )
+    }
+
+    /// Makes `path` one of root's directories of this gateway: owned by
+    /// root, readable by Envoy's group (see [`ensure_dir`]).
+    fn ensure_root_dir(&self, path: &Path) -> Result<()> {
+        let me = nix::unistd::geteuid().as_raw();
+        ensure_dir(
+            path,
+            me,
+            self.sharing.envoy_uid(),
             Some(me),
             self.sharing.group(),
             self.sharing.root_dir_mode(),
-        )?;
-        let (uid, gid, mode) = self.sharing.envoy_dir();
-        ensure_dir(&self.envoy_dir(), me, envoy_uid, uid, gid, mode)
+        )
     }
 
     /// The domains and their metadata (tokens inside, mode 0600), which
@@ -236,20 +255,7 @@ impl Instance {
     /// renamed into the watched directory, which is what makes Envoy read
     /// it.
     pub fn write_clusters(&self, clusters: &str) -> Result<()> {
-        let me = nix::unistd::geteuid().as_raw();
-        // Envoy's user owned it in an older layout: taken back.
-        let envoy_uid = match self.sharing {
-            Sharing::EnvoyUser { uid, .. } => Some(uid),
-            _ => None,
-        };
-        ensure_dir(
-            &self.cds_dir(),
-            me,
-            envoy_uid,
-            Some(me),
-            self.sharing.group(),
-            self.sharing.root_dir_mode(),
-        )?;
+        self.ensure_root_dir(&self.cds_dir())?;
         let staged = self.dir.join("clusters.json.staged");
         write_private(&staged, clusters, self.sharing)?;
         fs::rename(&staged, self.cds_file())

@@ -62,6 +62,25 @@ pub fn start_upstreams(log_dir: &Path) -> Result<Vec<Guarded>> {
     Ok(upstreams)
 }
 
+/// Starts the stub resolver at [`FALLBACK`] (answering [`FALLBACK_NAME`]
+/// with [`FALLBACK_ANSWER`]) and waits until it listens.
+pub fn start_fallback_resolver() -> Result<Guarded> {
+    let resolver = Guarded::spawn(
+        "stub resolver",
+        python(
+            "stub_resolver.py",
+            &[
+                "--port",
+                "5353",
+                "--record",
+                &format!("{FALLBACK_NAME}={FALLBACK_ANSWER}"),
+            ],
+        ),
+    )?;
+    crate::wait_for_listener(FALLBACK, Duration::from_secs(10))?;
+    Ok(resolver)
+}
+
 /// The built-in configuration with a cgroup and a pin directory of the
 /// caller's own (`<prefix>-<unique>`), so tests never share them.
 pub fn isolated_config(prefix: &str) -> Result<String> {
@@ -145,20 +164,7 @@ impl SeedScenario {
         let work_dir = std::env::temp_dir().join(unique_name("gw-scenario"));
         fs::create_dir_all(&work_dir)?;
         let upstreams = start_upstreams(&work_dir)?;
-        let resolver = Guarded::spawn(
-            "stub resolver",
-            python(
-                "stub_resolver.py",
-                &[
-                    "--port",
-                    "5353",
-                    "--record",
-                    &format!("{FALLBACK_NAME}={FALLBACK_ANSWER}"),
-                ],
-            ),
-        )?;
-
-        crate::wait_for_listener(FALLBACK, Duration::from_secs(10))?;
+        let resolver = start_fallback_resolver()?;
         let text = match &config_text {
             Some(t) => t.clone(),
             None => default_config_text()?,

@@ -19,9 +19,10 @@ use anyhow::{bail, Context as _, Result};
 use tests::{
     podman::{base_args, limit_args, IMAGE},
     scenario::{
-        isolated_config, python, start_upstreams, FALLBACK, FALLBACK_ANSWER, FALLBACK_NAME,
+        isolated_config, start_fallback_resolver, start_upstreams, FALLBACK, FALLBACK_ANSWER,
+        FALLBACK_NAME,
     },
-    target_dir, unique_name, wait_for, Guarded,
+    target_dir, unique_name, wait_for,
 };
 
 /// CAP_NET_ADMIN, CAP_PERFMON and CAP_BPF, as bits of /proc/<pid>/status.
@@ -160,19 +161,7 @@ fn the_image_runs_the_seed_scenario_with_three_capabilities_and_envoy_unprivileg
     let work = std::env::temp_dir().join(unique_name("gw-container"));
     std::fs::create_dir_all(work.join("state"))?;
     let _upstreams = start_upstreams(&work)?;
-    let _resolver = Guarded::spawn(
-        "stub resolver",
-        python(
-            "stub_resolver.py",
-            &[
-                "--port",
-                "5353",
-                "--record",
-                &format!("{FALLBACK_NAME}={FALLBACK_ANSWER}"),
-            ],
-        ),
-    )?;
-    tests::wait_for_listener(FALLBACK, Duration::from_secs(10))?;
+    let _resolver = start_fallback_resolver()?;
 
     // Attached to one cgroup, gating only its child `app`: the gate can
     // then be widened at run time and a sibling shown untouched.

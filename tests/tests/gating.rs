@@ -301,12 +301,10 @@ fn pods_of_a_pod_list_are_gated_by_uid_and_ungated_when_no_longer_listed() -> Re
             r#"{{"metadata":{{"namespace":"default","name":"{name}","uid":"{uid}"}},"spec":{{"hostNetwork":true}},"status":{{"phase":"Running"}}}}"#
         )
     };
-    let sync = |items: &[String]| -> Result<(bool, String)> {
+    // `gateway gate-pods` with `list` as the API server's answer.
+    let gate_pods = |list: &str| -> Result<(bool, String)> {
         let file = std::env::temp_dir().join(unique_name("gw-pods"));
-        std::fs::write(
-            &file,
-            format!(r#"{{"kind":"PodList","items":[{}]}}"#, items.join(",")),
-        )?;
+        std::fs::write(&file, list)?;
         let result = gateway(&[
             "gate-pods",
             "--pin-dir",
@@ -318,6 +316,12 @@ fn pods_of_a_pod_list_are_gated_by_uid_and_ungated_when_no_longer_listed() -> Re
         ]);
         let _ = std::fs::remove_file(&file);
         result
+    };
+    let sync = |items: &[String]| {
+        gate_pods(&format!(
+            r#"{{"kind":"PodList","items":[{}]}}"#,
+            items.join(",")
+        ))
     };
 
     assert!(!redirected(&container_a, &answerer)?, "nothing gated yet");
@@ -344,18 +348,7 @@ fn pods_of_a_pod_list_are_gated_by_uid_and_ungated_when_no_longer_listed() -> Re
     assert!(redirected(&pod_b, &answerer)?);
 
     // A failed API answer is not an empty list: nothing changes.
-    let file = std::env::temp_dir().join(unique_name("gw-pods"));
-    std::fs::write(&file, r#"{"kind":"Status","status":"Failure","code":403}"#)?;
-    let (ok, text) = gateway(&[
-        "gate-pods",
-        "--pin-dir",
-        &pin(&loader),
-        "--kubepods-root",
-        &kubepods.path().display().to_string(),
-        "--pod-list",
-        &file.display().to_string(),
-    ])?;
-    let _ = std::fs::remove_file(&file);
+    let (ok, text) = gate_pods(r#"{"kind":"Status","status":"Failure","code":403}"#)?;
     assert!(
         !ok && text.contains("expected a Kubernetes PodList"),
         "{text}"

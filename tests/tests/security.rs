@@ -617,3 +617,60 @@ fn envoys_user_cannot_plant_anything_where_root_writes() -> Result<()> {
     );
     Ok(())
 }
+
+/// Any other local user cannot widen, narrow or reload the gate: `gateway
+/// gate`, `ungate`, `gate-pods` and `reload` are refused (the pins and the
+/// state directory are root's), and the gate table is unchanged.
+#[test]
+fn other_local_users_cannot_change_the_gate_or_reload() -> Result<()> {
+    let Some(scenario) = start()? else {
+        return Ok(());
+    };
+    assert_eq!(dig(&scenario, "one.s3.aws.com")?, "10.10.0.1");
+    let before = tests::status_json(scenario.pin_dir())?["gated"].clone();
+    let outsider = scenario.cgroup().join("outsider");
+    std::fs::create_dir(&outsider)?;
+    let gateway = tests::gateway_bin().display().to_string();
+    let pin = scenario.pin_dir().display().to_string();
+    let state = scenario.state_dir().display().to_string();
+    let config = scenario
+        .config_path()
+        .context("the scenario has a file")?
+        .display()
+        .to_string();
+    let pods = std::env::temp_dir().join(tests::unique_name("gw-pods"));
+    std::fs::write(&pods, r#"{"kind":"PodList","items":[]}"#)?;
+    std::fs::set_permissions(&pods, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    let cgroup = scenario.cgroup().display().to_string();
+    let attempts: [&[&str]; 4] = [
+        &["gate", "--pin-dir", &pin, "outsider"],
+        &["ungate", "--pin-dir", &pin, &cgroup],
+        &[
+            "gate-pods",
+            "--pin-dir",
+            &pin,
+            "--kubepods-root",
+            &cgroup,
+            "--pod-list",
+            &pods.display().to_string(),
+        ],
+        &["reload", "--config", &config, "--state-dir", &state],
+    ];
+    for args in attempts {
+        let out = as_nobody(&gateway, args).output()?;
+        assert!(
+            !out.status.success(),
+            "nobody ran gateway {args:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let _ = std::fs::remove_file(&pods);
+    assert_eq!(tests::status_json(scenario.pin_dir())?["gated"], before);
+    assert_eq!(
+        dig(&scenario, "one.s3.aws.com")?,
+        "10.10.0.1",
+        "still gated"
+    );
+    std::fs::remove_dir(&outsider)?;
+    Ok(())
+}
